@@ -1,0 +1,1 @@
+"""artifacts: the bundle format (manifest.json + files) and the Triton repository writer."""

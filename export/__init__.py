@@ -1,0 +1,1 @@
+"""export: checkpoint -> ModelSpec -> torch decoder -> ONNX -> passes -> engine. See ../shared/DESIGN.md."""

@@ -1,0 +1,164 @@
+"""Find a checkpoint and read its safetensors lazily, tensor by tensor.
+
+What it does: resolves ``--model`` (a local directory, a preset name from :data:`PRESETS`, an HF repo id found in
+the local HF cache, or one of the embedded tiny models) to a directory; opens ``model.safetensors`` or the shards
+listed in ``model.safetensors.index.json``; exposes names, shapes and dtypes from the headers without reading data;
+reads one tensor at a time on request.
+
+What it does not do: it never downloads (the HF cache is searched offline) and never unpickles: a checkpoint that
+only has ``*.bin``/``*.pt``/``*.pth`` files is refused. Which tensors a model needs is decided in ``weights.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be found or is not usable (missing, corrupt, pickle-only, inconsistent)."""
+
+
+# Preset name -> Hugging Face repo id. One table; `--model` accepts either column.
+PRESETS: dict[str, str] = {
+    "qwen2-0.5b": "Qwen/Qwen2-0.5B",
+    "qwen2-1.5b": "Qwen/Qwen2-1.5B",
+    "qwen2-7b": "Qwen/Qwen2-7B",
+    "qwen2-72b": "Qwen/Qwen2-72B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen2.5-3b": "Qwen/Qwen2.5-3B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen2.5-14b": "Qwen/Qwen2.5-14B",
+    "qwen2.5-32b": "Qwen/Qwen2.5-32B",
+    "qwen2.5-72b": "Qwen/Qwen2.5-72B",
+    "qwen2.5-0.5b-instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "gemma-2-2b": "google/gemma-2-2b",
+    "gemma-2-9b": "google/gemma-2-9b",
+    "gemma-2-27b": "google/gemma-2-27b",
+    "gemma-2-2b-it": "google/gemma-2-2b-it",
+    "gemma-2-9b-it": "google/gemma-2-9b-it",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
+}
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def resolve_model(model: str) -> Path:
+    """Return the checkpoint directory for `model`, or raise CheckpointError saying what was looked for."""
+    from export import tiny  # local import: tiny imports this module
+
+    if model in tiny.TINY_MODELS:
+        return tiny.ensure_tiny(model)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    looked = [f"a local directory '{path}' (not found)"]
+    repo_id = PRESETS.get(model.lower(), model)
+    if model.lower() in PRESETS:
+        looked.append(f"preset '{model.lower()}' -> '{repo_id}'")
+    if "/" in repo_id and not path.exists():
+        cached = _from_hf_cache(repo_id)
+        if cached is not None:
+            return cached
+        looked.append(f"the HF cache (offline) for '{repo_id}' (not cached)")
+    elif model.lower() not in PRESETS:
+        looked.append(f"the presets ({', '.join(sorted(PRESETS))}) and tiny models ({', '.join(tiny.TINY_MODELS)})")
+    hint = repo_id if "/" in repo_id else "ORG/NAME"
+    raise CheckpointError(
+        f"model '{model}' not found. Looked for: " + "; ".join(looked) + ". "
+        f"Download it first, e.g. `huggingface-cli download {hint} --include '*.json' '*.safetensors'`, "
+        "or pass a local checkpoint directory."
+    )
+
+
+def _from_hf_cache(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class Checkpoint:
+    """The safetensors files of one checkpoint directory; headers read at open, data read per tensor."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: checkpoint directory does not exist")
+        self.files = self._files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        dtype = _DTYPES.get(sl.get_dtype())
+                        if dtype is None:
+                            raise CheckpointError(f"{file.name}: tensor '{name}' has unsupported dtype {sl.get_dtype()}")
+                        self.tensors[name] = TensorInfo(file, tuple(sl.get_shape()), dtype)
+            except SafetensorError as e:
+                raise CheckpointError(
+                    f"{file}: not a readable safetensors file (truncated or corrupt?): {e}"
+                ) from None
+        self._handles: dict[Path, object] = {}
+
+    def _files(self) -> list[Path]:
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted({self.dir / name for name in weight_map.values()})
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{index}: shard file(s) listed but missing: {missing}")
+            return files
+        if single.exists():
+            return [single]
+        others = sorted(self.dir.glob("*.safetensors"))
+        if others:
+            return others
+        pickles = sorted(p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{self.dir}: only pickle checkpoint files found ({', '.join(pickles)}). We load safetensors only "
+                "(pickle can run arbitrary code). Convert once with transformers: "
+                "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)`."
+            )
+        raise CheckpointError(f"{self.dir}: no model.safetensors, shard index or *.safetensors file found")
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(info.file, framework="pt")
+        try:
+            return handle.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor '{name}': {e}") from None
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)

@@ -1,0 +1,133 @@
+"""Which checkpoint tensors the decoder needs, and how each becomes one of its parameters.
+
+What it does: :func:`weight_plan` lists, for a :class:`ModelSpec`, every parameter of ``model.Decoder`` with the
+Hugging Face tensor names it comes from and one named transform (``copy``, ``norm`` = add the norm offset and keep
+fp32, ``stack_gate_up``/``stack`` = stack per-expert matrices). The rename table is the same Llama-style layout
+for all three families except where Gemma2's four norms sit. :func:`check_checkpoint` verifies presence, shape and
+dtype of every source tensor and reports unexpected ones; :func:`load_tensor` produces one parameter at a time so
+the whole model never has to be materialised twice.
+
+What it does not do: it does not read config.json (spec.py) or open files (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from export.checkpoint import Checkpoint, CheckpointError
+from export.spec import ModelSpec
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Weight:
+    name: str  # our parameter name (model.Decoder.state_dict key)
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]  # HF tensor names
+    transform: str  # copy | norm | stack | stack_gate_up
+    fp32: bool = False  # kept in fp32 whatever the precision (norms)
+
+
+def weight_plan(spec: ModelSpec) -> list[Weight]:
+    H, D, I = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    q_out, kv_out = spec.num_heads * D, spec.num_kv_heads * D
+    plan = [Weight("embed.weight", (spec.vocab_size, H), ("model.embed_tokens.weight",), "copy")]
+
+    def norm(ours: str, hf: str, size: int = H) -> Weight:
+        return Weight(ours, (size,), (hf,), "norm", fp32=True)
+
+    # Where each norm lives in HF naming: Qwen's post_attention_layernorm is the pre-MLP norm; Gemma2's is the
+    # norm applied to the attention output, and its pre-MLP norm is pre_feedforward_layernorm.
+    if spec.sandwich_norm:
+        norm_names = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                      "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}
+    else:
+        norm_names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+
+    for i, layer in enumerate(spec.layers):
+        p, hp = f"layers.{i}", f"model.layers.{i}"
+        for ours, hf in norm_names.items():
+            plan.append(norm(f"{p}.{ours}.weight", f"{hp}.{hf}.weight"))
+        for proj, out in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+            plan.append(Weight(f"{p}.attn.{proj}.weight", (out, H), (f"{hp}.self_attn.{proj}_proj.weight",), "copy"))
+            if spec.qkv_bias:
+                plan.append(Weight(f"{p}.attn.{proj}.bias", (out,), (f"{hp}.self_attn.{proj}_proj.bias",), "copy"))
+        plan.append(Weight(f"{p}.attn.o.weight", (H, q_out), (f"{hp}.self_attn.o_proj.weight",), "copy"))
+        if spec.qk_norm:
+            plan.append(norm(f"{p}.attn.q_norm.weight", f"{hp}.self_attn.q_norm.weight", D))
+            plan.append(norm(f"{p}.attn.k_norm.weight", f"{hp}.self_attn.k_norm.weight", D))
+        if layer.mlp == "dense":
+            for proj, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+                plan.append(Weight(f"{p}.mlp.{proj}.weight", shape, (f"{hp}.mlp.{proj}_proj.weight",), "copy"))
+        else:
+            E, MI = spec.num_experts, spec.moe_intermediate_size
+            ex = f"{hp}.mlp.experts"
+            plan.append(Weight(f"{p}.moe.router.weight", (E, H), (f"{hp}.mlp.gate.weight",), "copy"))
+            gate_up = tuple(n for e in range(E) for n in (f"{ex}.{e}.gate_proj.weight", f"{ex}.{e}.up_proj.weight"))
+            plan.append(Weight(f"{p}.moe.gate_up", (E, 2 * MI, H), gate_up, "stack_gate_up"))
+            plan.append(Weight(f"{p}.moe.down", (E, H, MI), tuple(f"{ex}.{e}.down_proj.weight" for e in range(E)),
+                               "stack"))
+    plan.append(norm("norm.weight", "model.norm.weight"))
+    lm_source = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
+    plan.append(Weight("lm_head.weight", (spec.vocab_size, H), (lm_source,), "copy"))
+    return plan
+
+
+def _source_shape(w: Weight) -> tuple[int, ...]:
+    if w.transform == "stack":
+        return w.shape[1:]
+    if w.transform == "stack_gate_up":
+        return (w.shape[1] // 2, w.shape[2])
+    return w.shape
+
+
+# Buffers that some checkpoints carry and that we recompute, so they are neither needed nor "unexpected".
+_IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def check_checkpoint(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight] | None = None) -> list[str]:
+    """Raise CheckpointError on a missing, misshapen or non-float tensor; return the unexpected tensor names."""
+    plan = plan or weight_plan(spec)
+    problems: list[str] = []
+    used: set[str] = set()
+    for w in plan:
+        want = _source_shape(w)
+        for src in w.sources:
+            used.add(src)
+            info = ckpt.tensors.get(src)
+            if info is None:
+                problems.append(f"missing tensor '{src}' (needed for {w.name})")
+            elif info.shape != want:
+                problems.append(f"tensor '{src}' has shape {list(info.shape)}, expected {list(want)} from config.json")
+            elif info.dtype not in FLOAT_DTYPES:
+                problems.append(f"tensor '{src}' has dtype {info.dtype}, expected a float type")
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise CheckpointError(f"{ckpt.dir}: checkpoint does not match config.json:\n  " + "\n  ".join(shown))
+    if spec.tie_embeddings:
+        used.add("lm_head.weight")  # a tied checkpoint may still store the (identical) head
+    return sorted(n for n in ckpt.tensors if n not in used and not n.endswith(_IGNORABLE_SUFFIXES))
+
+
+def load_tensor(w: Weight, ckpt: Checkpoint, dtype: torch.dtype, norm_offset: float) -> torch.Tensor:
+    """Read and transform the sources of one parameter; norms come back in fp32, the rest in `dtype`."""
+    if w.transform == "norm":
+        return ckpt.get(w.sources[0]).to(torch.float32) + norm_offset
+    if w.transform == "copy":
+        return ckpt.get(w.sources[0]).to(dtype)
+    if w.transform == "stack":
+        return torch.stack([ckpt.get(s).to(dtype) for s in w.sources])
+    if w.transform == "stack_gate_up":
+        pairs = zip(w.sources[0::2], w.sources[1::2])
+        return torch.stack([torch.cat([ckpt.get(g).to(dtype), ckpt.get(u).to(dtype)]) for g, u in pairs])
+    raise AssertionError(w.transform)
+
+
+def warn_unexpected(unexpected: list[str]) -> None:
+    if unexpected:
+        head = ", ".join(unexpected[:8]) + (f" ... (+{len(unexpected) - 8})" if len(unexpected) > 8 else "")
+        print(f"warning: {len(unexpected)} checkpoint tensor(s) not used by the model: {head}", file=sys.stderr)

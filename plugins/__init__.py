@@ -1,0 +1,1 @@
+"""plugins: one file per TensorRT plugin (spec, torch reference, kernels, registration). Never imports export."""
