@@ -39,8 +39,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    half = x.shape[-1] // 2  # slices, not chunk(): chunk exports as SplitToSequence
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -50,7 +50,7 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 class Norm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(size, dtype=torch.float32), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(size, dtype=torch.float32, device="meta"), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +147,8 @@ class MoE(nn.Module):
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         routing = torch.zeros_like(probs).scatter(1, top_i, top_w).to(x.dtype)  # [N,E]
         gate_up = torch.einsum("nh,eih->eni", xt, self.gate_up)  # [E,N,2I]
-        gate, up = gate_up.chunk(2, dim=-1)
+        half = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :half], gate_up[..., half:]
         y = torch.einsum("eni,ehi->enh", activation(gate, self.act) * up, self.down)  # [E,N,H]
         out = torch.einsum("enh,ne->nh", y, routing)
         return out.reshape(B, S, H)
@@ -218,7 +219,7 @@ class Decoder(nn.Module):
     def forward(self, input_ids, position_ids, attention_mask, *past):
         x = self.embed(input_ids)
         if self.spec.embed_scale is not None:
-            x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
+            x = x * self.spec.embed_scale  # a Python scalar: rounded to x's dtype, as HF does
         cos, sin = self.rope(position_ids)
         masks = self.masks(position_ids, attention_mask, past[0].shape[2] + (
             input_ids.shape[1] if self.kv_mode == "concat" else 0))

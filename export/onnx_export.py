@@ -1,0 +1,219 @@
+"""Export the decoder to one ONNX graph (prefill + decode) with explicit KV inputs/outputs, weights streamed.
+
+What it does: builds the ``Decoder`` with its parameters on the *meta* device (no weight memory), exports it with
+``torch.onnx.export(dynamo=True)`` using meta example inputs, then points every initializer at a lazy loader
+that reads its source tensors from the safetensors files only when the graph is written. Linear weights are
+stored pre-transposed (``[in, out]``) so no Transpose runs at inference. ``onnx_ir.save`` writes the external-data
+file tensor by tensor, so the model is never held in memory, let alone twice.
+
+Graph contract (DESIGN.md section 2; names as Optimum / onnxruntime-genai):
+inputs ``input_ids [batch, sequence] int64``, ``position_ids [batch, sequence] int64``, in concat mode
+``attention_mask [batch, total_sequence] int64``, and ``past_key_values.{i}.key|value [batch, kv_heads,
+past_sequence | max_cache_len, head_dim]``; outputs ``logits [batch, sequence, vocab] float32`` and
+``present.{i}.key|value``. Static mode has no attention_mask: position_ids are also the cache slots.
+
+What it does not do: fuse anything (graphs/ passes do) or write the artifact directory (build.py does).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from export.checkpoint import Checkpoint
+from export.model import Decoder
+from export.spec import ModelSpec
+from export.weights import Weight, load_tensor
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_TYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def io_names(spec: ModelSpec, kv_mode: str) -> tuple[list[str], list[str]]:
+    kv_in = [f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
+    kv_out = [f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
+    inputs = ["input_ids", "position_ids"] + (["attention_mask"] if kv_mode == "concat" else []) + kv_in
+    return inputs, ["logits"] + kv_out
+
+
+def io_description(spec: ModelSpec, kv_mode: str, dtype: torch.dtype) -> dict:
+    """Names, symbolic shapes and dtypes of the graph's inputs and outputs (for the manifest)."""
+    kv_len = "past_sequence" if kv_mode == "concat" else "max_cache_len"
+    out_len = "total_sequence" if kv_mode == "concat" else "max_cache_len"
+    kv_shape = lambda n: ["batch", spec.num_kv_heads, n, spec.head_dim]  # noqa: E731
+    ins, outs = io_names(spec, kv_mode)
+    desc = {"inputs": [], "outputs": []}
+    for name in ins:
+        if name.startswith("past_key_values"):
+            desc["inputs"].append({"name": name, "shape": kv_shape(kv_len), "dtype": ONNX_TYPE[dtype]})
+        elif name == "attention_mask":
+            desc["inputs"].append({"name": name, "shape": ["batch", "total_sequence"], "dtype": "int64"})
+        else:
+            desc["inputs"].append({"name": name, "shape": ["batch", "sequence"], "dtype": "int64"})
+    for name in outs:
+        if name == "logits":
+            desc["outputs"].append({"name": name, "shape": ["batch", "sequence", spec.vocab_size],
+                                    "dtype": "float32"})
+        else:
+            desc["outputs"].append({"name": name, "shape": kv_shape(out_len), "dtype": ONNX_TYPE[dtype]})
+    return desc
+
+
+class _ExportWrapper(torch.nn.Module):
+    """Fixed positional signature per KV mode (static mode takes no attention_mask)."""
+
+    def __init__(self, decoder: Decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids, position_ids, *rest):
+        if self.decoder.kv_mode == "concat":
+            return self.decoder(input_ids, position_ids, rest[0], *rest[1:])
+        return self.decoder(input_ids, position_ids, None, *rest)
+
+
+def trace_graph(spec: ModelSpec, kv_mode: str, dtype: torch.dtype):
+    """The exported graph (an onnx_ir Model) whose initializers still hold meta tensors."""
+    decoder = Decoder(spec, kv_mode, dtype)
+    if spec.tie_embeddings:
+        decoder.lm_head.weight = decoder.embed.weight
+    decoder.inv_freq = decoder.inv_freq.to("meta")
+    B, S, P = 2, 3, 5  # >= 2 each, or the exporter freezes the dims
+    meta = dict(device="meta")
+    ids = torch.zeros(B, S, dtype=torch.int64, **meta)
+    past = [torch.zeros(B, spec.num_kv_heads, P if kv_mode == "concat" else 8, spec.head_dim, dtype=dtype, **meta)
+            for _ in range(2 * spec.num_layers)]
+    D = torch.export.Dim.DYNAMIC
+    args = [ids, ids.clone()]
+    shapes: list = [{0: D, 1: D}, {0: D, 1: D}]
+    if kv_mode == "concat":
+        args.append(torch.ones(B, P + S, dtype=torch.int64, **meta))
+        shapes.append({0: D, 1: D})
+    args += past
+    shapes += [{0: D, 2: D}] * len(past)
+    ins, outs = io_names(spec, kv_mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _ExportWrapper(decoder), tuple(args), dynamo=True, optimize=False, verbose=False,
+            dynamic_shapes=(shapes[0], shapes[1], tuple(shapes[2:])), input_names=ins, output_names=outs,
+        )
+    return program.model
+
+
+def _name_dims(model, spec: ModelSpec, kv_mode: str) -> None:
+    """Give the exporter's symbolic dims (s10, s70, ...) the contract's names."""
+    import onnx_ir as ir
+
+    desc = io_description(spec, kv_mode, torch.float32)
+    by_name = {d["name"]: d["shape"] for d in desc["inputs"] + desc["outputs"]}
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        want = by_name[value.name]
+        value.shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in want])
+
+
+def _ir_tensor(t: torch.Tensor, name: str):
+    import onnx_ir as ir
+
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return ir.Tensor(t.view(torch.uint16).numpy(), dtype=ir.DataType.BFLOAT16, name=name)
+    return ir.Tensor(t.numpy(), name=name)
+
+
+def attach_weights(model, spec: ModelSpec, plan: list[Weight], ckpt: Checkpoint, dtype: torch.dtype) -> int:
+    """Replace each meta initializer by a lazy tensor read from the checkpoint; fold weight transposes.
+
+    Returns the number of Transpose nodes folded into pre-transposed weights."""
+    import onnx_ir as ir
+
+    by_name = {w.name: w for w in plan}  # tied: the exporter names the shared tensor after one of its users
+    folded = 0
+    for name, value in list(model.graph.initializers.items()):
+        if name == "decoder.inv_freq" or name.endswith("inv_freq"):
+            inv, _ = spec.rope.inv_freq_and_scale(spec.head_dim)
+            value.const_value = _ir_tensor(inv, name)
+            continue
+        key = name.removeprefix("decoder.")
+        if key not in by_name:
+            raise RuntimeError(f"exported graph has an initializer '{name}' that no checkpoint tensor fills")
+        w = by_name[key]
+        transpose = _sole_transpose(value)
+        if transpose is not None:  # store [in, out]; consumers of the Transpose read the weight directly
+            out = transpose.outputs[0]
+            out.replace_all_uses_with(value)
+            model.graph.remove(transpose, safe=True)
+            folded += 1
+        shape = tuple(value.shape) if value.shape is not None else w.shape
+        dtype_w = torch.float32 if w.fp32 else dtype
+
+        def load(w=w, name=name, transposed=transpose is not None):
+            t = load_tensor(w, ckpt, dtype_w_of(w, dtype), spec.norm_offset)
+            return _ir_tensor(t.t() if transposed else t, name)
+
+        if transpose is not None:
+            shape = (w.shape[1], w.shape[0])
+            value.shape = ir.Shape(shape)
+        value.const_value = ir.LazyTensor(load, dtype=_ir_dtype(dtype_w), shape=ir.Shape(shape), name=name)
+    return folded
+
+
+def dtype_w_of(w: Weight, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if w.fp32 else dtype
+
+
+def _ir_dtype(dtype: torch.dtype):
+    import onnx_ir as ir
+
+    return {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
+            torch.bfloat16: ir.DataType.BFLOAT16}[dtype]
+
+
+def _sole_transpose(value):
+    """The Transpose(perm=[1,0]) node that is the only consumer of a 2-D initializer, if any."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.shape is None or len(value.shape) != 2:
+        return None
+    node = uses[0].node if hasattr(uses[0], "node") else uses[0][0]
+    perm = node.attributes.get("perm")
+    if node.op_type == "Transpose" and perm is not None and list(perm.value) == [1, 0]:
+        return node
+    return None
+
+
+def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path: Path, kv_mode: str,
+                dtype: torch.dtype, progress: Callable[[int], None] | None = None) -> dict:
+    """Trace, attach lazy weights and write `out_path` + `out_path.data`. Returns facts for the manifest."""
+    import onnx_ir as ir
+
+    model = trace_graph(spec, kv_mode, dtype)
+    _name_dims(model, spec, kv_mode)
+    folded = attach_weights(model, spec, plan, ckpt, dtype)
+    model.producer_name = "llm-export"
+    callback = None
+    if progress is not None:
+        callback = lambda tensor, info: progress(tensor.nbytes)  # noqa: E731
+    ir.save(model, out_path, external_data=out_path.name + ".data", callback=callback, max_workers=1)
+    return {"transposes_folded": folded, "nodes": len(list(model.graph)),
+            "op_histogram": op_histogram(model)}
+
+
+def op_histogram(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        key = node.op_type if not node.domain else f"{node.domain}.{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def weight_bytes(plan: list[Weight], spec: ModelSpec, dtype: torch.dtype) -> int:
+    total = 0
+    for w in plan:
+        if w.name == "lm_head.weight" and spec.tie_embeddings:
+            continue
+        total += int(np.prod(w.shape)) * (4 if w.fp32 else torch.empty((), dtype=dtype).element_size())
+    return total
