@@ -1,4 +1,4 @@
-"""Command line: `python -m export {verify} ...`. Defaults are defined here, once."""
+"""Command line: `python -m export {build,verify} ...`. Defaults are defined here, once."""
 
 from __future__ import annotations
 
@@ -35,16 +35,44 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--kv-mode", choices=["concat", "static"], default="concat")
     v.add_argument("--json", action="store_true", help="print one JSON object last")
 
+    b = sub.add_parser("build", help="export a checkpoint to a deployable artifact directory")
+    b.add_argument("--model", required=True, help="checkpoint dir, preset name, HF repo id (cached) or tiny-*")
+    b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    b.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime")
+    b.add_argument("--kv-mode", choices=["static", "concat"], default="static",
+                   help="static: fixed-length KV buffer updated in place (fast); concat: present = past + new")
+    b.add_argument("--out", default=None, help="artifact directory (default: ~/.cache/llm-export/artifacts/...)")
+    b.add_argument("--max-seq-len", type=_positive, default=None, help="context length (default: the model's)")
+    b.add_argument("--max-batch", type=_positive, default=8)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    b.add_argument("--no-progress", action="store_true")
+
     args = parser.parse_args(argv)
+    from artifacts.bundle import ArtifactError
     from export.checkpoint import CheckpointError
     from export.spec import UnsupportedConfigError
 
     try:
         if args.command == "verify":
             return _verify(args)
-    except (CheckpointError, UnsupportedConfigError, FileNotFoundError, ValueError) as e:
+        if args.command == "build":
+            return _build(args)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except (ArtifactError, CheckpointError, UnsupportedConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _build(args) -> int:
+    from export.build import build
+
+    path = build(args.model, precision=args.precision, backend=args.backend, out=args.out, kv_mode=args.kv_mode,
+                 max_seq_len=args.max_seq_len, max_batch=args.max_batch, overwrite=args.overwrite,
+                 progress=not args.no_progress)
+    print(path)
     return 0
 
 

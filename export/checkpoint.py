@@ -77,8 +77,8 @@ def resolve_model(model: str) -> Path:
     hint = repo_id if "/" in repo_id else "ORG/NAME"
     raise CheckpointError(
         f"model '{model}' not found. Looked for: " + "; ".join(looked) + ". "
-        f"Download it first, e.g. `huggingface-cli download {hint} --include '*.json' '*.safetensors'`, "
-        "or pass a local checkpoint directory."
+        f"Download it first, e.g. `hf download {hint} --include '*.json' --include '*.safetensors'` "
+        "(`huggingface-cli download` with huggingface_hub < 1.0), or pass a local checkpoint directory."
     )
 
 
@@ -116,6 +116,9 @@ class Checkpoint:
                         dtype = _DTYPES.get(sl.get_dtype())
                         if dtype is None:
                             raise CheckpointError(f"{file.name}: tensor '{name}' has unsupported dtype {sl.get_dtype()}")
+                        if name in self.tensors:
+                            raise CheckpointError(
+                                f"tensor '{name}' is stored twice, in {self.tensors[name].file.name} and {file.name}")
                         self.tensors[name] = TensorInfo(file, tuple(sl.get_shape()), dtype)
             except SafetensorError as e:
                 raise CheckpointError(
@@ -129,8 +132,13 @@ class Checkpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: 'weight_map' is not an object of tensor name -> shard file")
+            bad = sorted({str(n) for n in weight_map.values() if not isinstance(n, str) or Path(n).name != n})
+            if bad:
+                raise CheckpointError(f"{index}: shard names must be plain file names in the directory, got {bad}")
             files = sorted({self.dir / name for name in weight_map.values()})
             missing = [f.name for f in files if not f.exists()]
             if missing:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -186,18 +184,26 @@ def _sole_transpose(value):
 
 
 def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path: Path, kv_mode: str,
-                dtype: torch.dtype, progress: Callable[[int], None] | None = None) -> dict:
+                dtype: torch.dtype, progress: bool = True) -> dict:
     """Trace, attach lazy weights and write `out_path` + `out_path.data`. Returns facts for the manifest."""
-    import onnx_ir as ir
+    import contextlib
+    import sys
 
-    model = trace_graph(spec, kv_mode, dtype)
+    import onnx_ir as ir
+    from tqdm import tqdm
+
+    if progress:
+        print("tracing the decoder (torch.export, meta weights) ...", file=sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):  # the exporter prints its own progress lines to stdout
+        model = trace_graph(spec, kv_mode, dtype)
     _name_dims(model, spec, kv_mode)
     folded = attach_weights(model, spec, plan, ckpt, dtype)
     model.producer_name = "llm-export"
-    callback = None
-    if progress is not None:
-        callback = lambda tensor, info: progress(tensor.nbytes)  # noqa: E731
-    ir.save(model, out_path, external_data=out_path.name + ".data", callback=callback, max_workers=1)
+    initializers = list(model.graph.initializers.values())
+    with tqdm(total=len(initializers), unit="tensor", desc="writing weights", disable=not progress,
+              file=sys.stderr) as bar:
+        ir.save(model, out_path, external_data=out_path.name + ".data", max_workers=1,
+                callback=lambda tensor, info: bar.update(1))
     return {"transposes_folded": folded, "nodes": len(list(model.graph)),
             "op_histogram": op_histogram(model)}
 

@@ -174,15 +174,18 @@ class _Fields:
 
 
 def _rope(f: _Fields) -> RopeSpec:
-    """RoPE from either layout: v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`."""
+    """RoPE from either layout: v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`.
+
+    Precedence is transformers v5's: a non-empty `rope_scaling` replaces `rope_parameters` wholesale (it is not
+    merged into it), then `rope_theta` comes from that dict, else the top-level field, else 10000."""
     params = dict(f.get("rope_parameters") or {})
     scaling = f.get("rope_scaling")
     theta = f.get("rope_theta")
     if scaling:
-        params.update(scaling)
+        params = dict(scaling)
     if theta is not None:
         params.setdefault("rope_theta", theta)
-    if "rope_theta" not in params:
+    if params.get("rope_theta") is None:
         params["rope_theta"] = 10000.0
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
@@ -202,7 +205,8 @@ def _rope(f: _Fields) -> RopeSpec:
         if factor is None:
             raise UnsupportedConfigError("config.json: linear rope scaling needs 'factor'")
         return dataclasses.replace(spec, factor=float(factor))
-    orig = params.pop("original_max_position_embeddings", None) or f.get("original_max_position_embeddings") or f.get(
+    # transformers gives a top-level `original_max_position_embeddings` priority over the one in the rope dict.
+    orig = f.get("original_max_position_embeddings") or params.pop("original_max_position_embeddings", None) or f.get(
         "max_position_embeddings")
     if factor is None:
         factor = f.get("max_position_embeddings") / orig
@@ -249,7 +253,21 @@ def _layer_windows(f: _Fields, n: int, sliding_window: int | None, default_types
     return windows
 
 
-def _common(f: _Fields) -> dict[str, Any]:
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _same_or_absent(f: _Fields, key: str, value: Any, used: str) -> None:
+    """Read an alias field that transformers ignores; refuse it when it contradicts the field actually used."""
+    other = f.get(key)
+    if other is not None and other != value:
+        raise UnsupportedConfigError(
+            f"config.json: '{key}' = {other!r} contradicts '{used}' = {value!r} (transformers uses '{used}'); "
+            "refusing to guess which one the checkpoint was trained with"
+        )
+
+
+def _common(f: _Fields, default_head_dim: int | None = None) -> dict[str, Any]:
     heads = f.req("num_attention_heads")
     hidden = f.req("hidden_size")
     kv = f.get("num_key_value_heads") or heads
@@ -260,7 +278,7 @@ def _common(f: _Fields) -> dict[str, Any]:
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv,
-        head_dim=f.get("head_dim") or hidden // heads,
+        head_dim=f.get("head_dim", default_head_dim) or hidden // heads,
         intermediate_size=f.req("intermediate_size"),
         rms_norm_eps=float(f.get("rms_norm_eps", 1e-6)),
         rope=_rope(f),
@@ -279,9 +297,13 @@ def _qwen2(f: _Fields) -> ModelSpec:
         raise UnsupportedConfigError("config.json: dual_chunk_attention_config is not supported")
     c = _common(f)
     n = f.req("num_hidden_layers")
-    window, use_window = f.get("sliding_window"), f.get("use_sliding_window", False)
+    # Defaults are transformers' Qwen2Config ones (sliding_window 4096, max_window_layers 28): a config that turns
+    # the window on without naming its size or first layer gets what transformers runs.
+    window, use_window = f.get("sliding_window", 4096), f.get("use_sliding_window", False)
     window = window if use_window else None
-    mwl = f.get("max_window_layers", n)
+    mwl = f.get("max_window_layers", 28)
+    if window and mwl is None:
+        raise UnsupportedConfigError("config.json: use_sliding_window is set but max_window_layers is null")
     default_types = ["sliding_attention" if window and i >= mwl else "full_attention" for i in range(n)]
     windows = _layer_windows(f, n, window, default_types)
     return ModelSpec(
@@ -294,14 +316,17 @@ def _qwen2(f: _Fields) -> ModelSpec:
 
 
 def _gemma2(f: _Fields) -> ModelSpec:
-    c = _common(f)
+    c = _common(f, default_head_dim=256)  # Gemma2Config defaults head_dim to 256, not hidden // heads
     c["tie_embeddings"] = bool(f.get("tie_word_embeddings", True))
     n = f.req("num_hidden_layers")
     default_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-    act_v5, act_v4 = f.get("hidden_activation"), f.get("hidden_act")  # gemma2 uses hidden_activation when set
-    act = act_v5 or act_v4 or "gelu_pytorch_tanh"
-    sliding_v5, sliding_old = f.get("sliding_window"), f.get("sliding_window_size")
-    sliding = sliding_v5 or sliding_old
+    # transformers' Gemma2 reads only `hidden_activation` (default gelu_pytorch_tanh) and only `sliding_window`
+    # (default 4096); the older `hidden_act` / `sliding_window_size` that some configs also carry are accepted
+    # when they agree and refused when they would say something different.
+    act = f.get("hidden_activation", "gelu_pytorch_tanh")
+    _same_or_absent(f, "hidden_act", act, "hidden_activation")
+    sliding = f.get("sliding_window", 4096)
+    _same_or_absent(f, "sliding_window_size", sliding, "sliding_window")
     windows = _layer_windows(f, n, sliding, default_types)
     if f.get("attention_bias", False):
         raise UnsupportedConfigError("config.json: attention_bias=true is not supported for gemma2")
@@ -313,8 +338,8 @@ def _gemma2(f: _Fields) -> ModelSpec:
         sandwich_norm=True,
         norm_offset=1.0,
         embed_scale=float(c["hidden_size"]) ** 0.5,
-        attn_softcap=f.get("attn_logit_softcapping"),
-        final_softcap=f.get("final_logit_softcapping"),
+        attn_softcap=_opt_float(f.get("attn_logit_softcapping", 50.0)),  # transformers' defaults when absent;
+        final_softcap=_opt_float(f.get("final_logit_softcapping", 30.0)),  # an explicit null turns a cap off
     )
 
 
@@ -323,13 +348,18 @@ def _qwen3_moe(f: _Fields) -> ModelSpec:
     n = f.req("num_hidden_layers")
     # transformers v5 applies the window to every layer when use_sliding_window is set (max_window_layers unused).
     f.get("max_window_layers")
-    window, use_window = f.get("sliding_window"), f.get("use_sliding_window", False)
+    window, use_window = f.get("sliding_window", 4096), f.get("use_sliding_window", False)
     window = window if use_window else None
     experts_v4, experts_v5 = f.get("num_experts"), f.get("num_local_experts")  # v5 renamed the field
-    experts = experts_v4 or experts_v5 or 0
+    if experts_v4 is not None and experts_v5 is not None and experts_v4 != experts_v5:
+        raise UnsupportedConfigError(
+            f"config.json: num_experts ({experts_v4}) and num_local_experts ({experts_v5}) disagree")
+    experts = 128 if experts_v4 is None and experts_v5 is None else (experts_v4 or experts_v5 or 0)  # HF default
     step = f.get("decoder_sparse_step", 1)
     mlp_only = set(f.get("mlp_only_layers") or [])
     mlps = ["moe" if (i not in mlp_only and experts > 0 and (i + 1) % step == 0) else "dense" for i in range(n)]
+    if not experts:  # no MoE layer: the expert fields are moot (read here so they are not reported as unknown)
+        f.get("num_experts_per_tok"), f.get("moe_intermediate_size")
     if f.get("attention_bias", False):
         raise UnsupportedConfigError("config.json: attention_bias=true is not supported for qwen3_moe")
     return ModelSpec(
@@ -361,6 +391,8 @@ def spec_from_config(config: dict[str, Any]) -> ModelSpec:
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"{model_dir}: checkpoint directory does not exist")
     path = Path(model_dir) / "config.json"
     try:
         config = json.loads(path.read_text())

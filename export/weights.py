@@ -105,12 +105,25 @@ def check_checkpoint(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight] | Non
                 problems.append(f"tensor '{src}' has shape {list(info.shape)}, expected {list(want)} from config.json")
             elif info.dtype not in FLOAT_DTYPES:
                 problems.append(f"tensor '{src}' has dtype {info.dtype}, expected a float type")
+    if spec.tie_embeddings and "lm_head.weight" in ckpt.tensors and not problems:
+        # A tied checkpoint may still store the head; it must be the embedding. transformers would silently untie
+        # (use the stored head) when it differs, while we use the embedding: refuse rather than disagree.
+        if not _same_tensor(ckpt, "lm_head.weight", "model.embed_tokens.weight"):
+            problems.append("config.json has tie_word_embeddings=true but the checkpoint's 'lm_head.weight' differs "
+                            "from 'model.embed_tokens.weight' (set tie_word_embeddings to false if the head is its own)")
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise CheckpointError(f"{ckpt.dir}: checkpoint does not match config.json:\n  " + "\n  ".join(shown))
     if spec.tie_embeddings:
         used.add("lm_head.weight")  # a tied checkpoint may still store the (identical) head
     return sorted(n for n in ckpt.tensors if n not in used and not n.endswith(_IGNORABLE_SUFFIXES))
+
+
+def _same_tensor(ckpt: Checkpoint, a: str, b: str) -> bool:
+    if ckpt.tensors[a].shape != ckpt.tensors[b].shape:
+        return False
+    x, y = ckpt.get(a), ckpt.get(b)
+    return torch.equal(x, y) if x.dtype == y.dtype else torch.equal(x.float(), y.float())
 
 
 def load_tensor(w: Weight, ckpt: Checkpoint, dtype: torch.dtype, norm_offset: float) -> torch.Tensor:

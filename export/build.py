@@ -1,0 +1,109 @@
+"""`python -m export build`: checkpoint -> artifact directory (ONNX graph + tokenizer + manifest).
+
+What it does: resolves the model, checks every tensor against config.json, exports the graph with weights
+streamed from safetensors (export/onnx_export.py), copies the tokenizer and generation config, runs
+``onnx.checker`` on the written graph (with its external data), writes ``manifest.json`` with sha256 of every file,
+and renames the staging directory into place only when everything above succeeded.
+
+What it does not do: fuse or lower the graph (graphs/, a later stage) or build TensorRT engines.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from artifacts.bundle import staging_dir, write_manifest
+from export.checkpoint import Checkpoint, resolve_model
+from export.onnx_export import DTYPES, export_onnx, io_description, weight_bytes
+from export.spec import load_spec
+from export.weights import check_checkpoint, warn_unexpected, weight_plan
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+GRAPH = "model.onnx"
+
+
+def default_out(model: str, precision: str, kv_mode: str) -> Path:
+    from export.tiny import cache_root
+
+    name = Path(model).name if Path(model).is_dir() else model.replace("/", "--")
+    return cache_root() / "artifacts" / f"{name}-{precision}-{kv_mode}"
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out: Path | None = None,
+          kv_mode: str = "static", max_seq_len: int | None = None, max_batch: int = 8, overwrite: bool = False,
+          progress: bool = True) -> Path:
+    if backend != "onnxruntime":
+        raise ValueError(f"--backend {backend}: only 'onnxruntime' is implemented so far")
+    dtype = DTYPES[precision]
+    model_dir = resolve_model(model)
+    spec = load_spec(model_dir)
+    ckpt = Checkpoint(model_dir)
+    plan = weight_plan(spec)
+    warn_unexpected(check_checkpoint(spec, ckpt, plan))
+    max_seq_len = max_seq_len or spec.max_position_embeddings
+    if not 2 <= max_seq_len <= spec.max_position_embeddings:
+        raise ValueError(f"--max-seq-len {max_seq_len}: must be in [2, {spec.max_position_embeddings}] "
+                         "(the model's max_position_embeddings)")
+    if max_batch < 1:
+        raise ValueError(f"--max-batch {max_batch}: must be >= 1")
+    out = Path(out) if out else default_out(model, precision, kv_mode)
+    t0 = time.perf_counter()
+    with staging_dir(out, overwrite=overwrite) as tmp:
+        total = weight_bytes(plan, spec, dtype)
+        print(f"exporting {spec.model_type} ({spec.num_layers} layers, {total / 2**20:.1f} MiB of weights, "
+              f"{precision}, kv {kv_mode}) from {model_dir}", file=sys.stderr)
+        facts = export_onnx(spec, ckpt, plan, tmp / GRAPH, kv_mode, dtype, progress=progress)
+        _check_graph(tmp / GRAPH)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).exists():
+                shutil.copy2(model_dir / name, tmp / name)
+        if not (tmp / "tokenizer.json").exists():
+            print(f"warning: {model_dir} has no tokenizer.json; generate will need --prompt-ids", file=sys.stderr)
+        manifest = {
+            "model": {"source": str(model_dir), "name": model, "model_type": spec.model_type},
+            "spec": spec.to_dict(),
+            "backend": backend,
+            "precision": precision,
+            "kv_mode": kv_mode,
+            "max_seq_len": max_seq_len,
+            "max_batch": max_batch,
+            "graphs": {"decoder": {"file": GRAPH, "lowering": "reference", **io_description(spec, kv_mode, dtype),
+                                   "op_histogram": facts["op_histogram"]}},
+            "sliding_window_cache": "full-length cache on every layer (windows are applied by the mask)",
+            "versions": _versions(),
+            "build": {"seconds": round(time.perf_counter() - t0, 2), "weight_bytes": total,
+                      "checkpoint_bytes": ckpt.size_bytes()},
+        }
+        write_manifest(tmp, manifest)
+        tmp.chmod(0o755)
+    return out.resolve()
+
+
+def _check_graph(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise RuntimeError(f"exported graph failed onnx.checker: {e}") from None
+
+
+def describe(path: Path) -> str:
+    m = json.loads((path / "manifest.json").read_text())
+    return f"{m['model']['model_type']} {m['precision']} kv={m['kv_mode']} max_seq_len={m['max_seq_len']}"

@@ -1,0 +1,152 @@
+"""Command line: `python -m runtime_py {generate,bench,chat} ARTIFACT ...`. Defaults are defined here, once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless --temperature etc.)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+
+
+def _params(args):
+    from runtime_py.sampling import SamplingParams
+
+    sampled = args.temperature is not None or args.top_k or args.top_p != 1.0
+    if args.greedy and sampled:
+        raise ValueError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    return SamplingParams(greedy=not sampled, temperature=args.temperature or 1.0, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime_py")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("artifact")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="raw text prompt")
+    src.add_argument("--prompt-ids", type=_ids, help="comma-separated token ids")
+    src.add_argument("--chat", help="one user message, rendered with the artifact's chat template")
+    _sampling_args(g)
+    g.add_argument("--logprobs", action="store_true", help="include chosen-token log-probs in --json output")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--json", action="store_true", help="print one JSON object last")
+
+    b = sub.add_parser("bench", help="time prefill and decode")
+    b.add_argument("artifact")
+    b.add_argument("--prompt-len", type=int, default=64)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("chat", help="interactive chat (streams)")
+    c.add_argument("artifact")
+    c.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(c)
+
+    args = parser.parse_args(argv)
+    from artifacts.bundle import ArtifactError
+
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "bench":
+            return _bench(args)
+        return _chat(args)
+    except (ArtifactError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _generate(args) -> int:
+    from runtime_py.generate import Generator
+
+    params = _params(args)
+    gen = Generator(args.artifact, threads=args.threads)
+    if args.prompt_ids is not None:
+        prompt = args.prompt_ids
+    elif args.chat is not None:
+        prompt = gen.encode_chat([{"role": "user", "content": args.chat}])
+    else:
+        prompt = gen.encode(args.prompt)
+    if args.stream:
+        gen.check_context([prompt], params)
+        for delta in gen.stream(prompt, params):
+            print(delta, end="", flush=True)
+        print()
+    result = gen.generate([prompt], params) if not args.stream or args.json else None
+    if result is not None and not args.stream:
+        print(result.texts[0] if gen.tokenizer else result.tokens[0])
+    if args.json:
+        row = result.rows[0]
+        out = {"tokens": row.tokens, "text": row.text, "ttft_s": result.ttft_s, "decode_tok_s": result.decode_tok_s,
+               "finish_reason": row.finish_reason}
+        if args.logprobs:
+            out["logprobs"] = row.logprobs
+        print(json.dumps(out))
+    return 0
+
+
+def _bench(args) -> int:
+    from runtime_py.bench import bench
+
+    r = bench(args.artifact, args.prompt_len, args.new_tokens, args.batch, threads=args.threads)
+    print(f"ttft {r['ttft_s'] * 1000:.1f} ms   decode {r['decode_tok_s']:.1f} tok/s   "
+          f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    if args.json:
+        print(json.dumps(r))
+    return 0
+
+
+def _chat(args) -> int:
+    from runtime_py.generate import Generator
+
+    params = _params(args)
+    gen = Generator(args.artifact, threads=args.threads)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            return 0
+        messages.append({"role": "user", "content": line})
+        prompt = gen.encode_chat(messages)
+        gen.check_context([prompt], params)
+        print("assistant> ", end="", flush=True)
+        reply = ""
+        for delta in gen.stream(prompt, params):
+            reply += delta
+            print(delta, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The generation loop: prefill, decode steps, sampling, stop conditions, streaming, batches.
+
+What it does: :class:`Generator` opens an artifact (checksums verified) and runs ``steps()``, one generator that
+yields after every model call; ``generate`` (a batch of prompts, different lengths allowed) and ``stream``
+(text deltas of one prompt) are thin consumers of it, so the streamed text equals the non-streamed text by
+construction. Batches are right-padded in static-buffer mode (cache slot == position) and left-padded with an
+attention mask in concat mode. Log-probs are of the raw model distribution.
+
+What it does not do: know the graph's internals (session.py) or render chat templates (chat.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from runtime_py.sampling import SamplingParams, logprobs_of, sample
+from runtime_py.session import OrtSession
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus max_new_tokens does not fit the artifact's context."""
+
+
+@dataclass
+class Row:
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "eos" | "stop" | "length"
+
+
+@dataclass
+class Result:
+    rows: list[Row]
+    ttft_s: float
+    decode_tok_s: float
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [r.tokens for r in self.rows]
+
+    @property
+    def texts(self) -> list[str]:
+        return [r.text for r in self.rows]
+
+
+class Generator:
+    def __init__(self, artifact: str | Path, threads: int | None = None):
+        self.session = OrtSession(artifact, threads=threads)
+        self.root = Path(artifact)
+        self.tokenizer = None
+        if (self.root / "tokenizer.json").exists():
+            from runtime_py.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer(self.root)
+        spec = self.session.manifest["spec"]
+        eos = set(spec.get("eos_token_ids") or [])
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_ids)
+        self.eos_ids = eos
+        self.pad_id = spec.get("pad_token_id") or (self.tokenizer.pad_id if self.tokenizer else None) or 0
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        self._need_tokenizer()
+        return self.tokenizer.encode(text)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        from runtime_py.chat import load_chat_template, render_chat
+
+        self._need_tokenizer()
+        template, specials = load_chat_template(self.root)
+        return self.tokenizer.encode(render_chat(template, messages, add_generation_prompt=True, **specials),
+                                     add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.root}: the artifact has no tokenizer.json; pass token ids instead of text")
+
+    def check_context(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        limit = self.session.max_seq_len
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + params.max_new_tokens > limit:
+                raise ContextLengthError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} that is "
+                    f"{len(p) + params.max_new_tokens} > the artifact's context length {limit}")
+            bad = [t for t in p if not 0 <= t < self.session.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, "
+                                 f"{self.session.vocab_size})")
+        if len(prompts) > self.session.manifest.get("max_batch", len(prompts)):
+            raise ValueError(f"batch of {len(prompts)} prompts > the artifact's max batch "
+                             f"{self.session.manifest['max_batch']}")
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[list[Row], float]]:
+        """Yield (rows, seconds since start) after the prefill and after every decode step."""
+        params.validate()
+        self.check_context(prompts, params)
+        rng = np.random.default_rng(params.seed)
+        rows = [Row(list(p)) for p in prompts]
+        B, lens = len(prompts), [len(p) for p in prompts]
+        S = max(lens)
+        static = self.session.kv_mode == "static"
+        ids = np.full((B, S), self.pad_id, dtype=np.int64)
+        mask = np.zeros((B, S), dtype=np.int64)
+        pos = np.zeros((B, S), dtype=np.int64)
+        for b, p in enumerate(prompts):
+            if static:  # right-pad; pad slots get positions past the prompt and are overwritten later
+                ids[b, :len(p)] = p
+                pos[b] = np.arange(S)
+            else:  # left-pad, masked
+                ids[b, S - len(p):] = p
+                mask[b, S - len(p):] = 1
+                pos[b, S - len(p):] = np.arange(len(p))
+        cache = self.session.new_cache(B, S + params.max_new_tokens)
+        last = np.array([n - 1 for n in lens]) if static else np.full(B, S - 1)
+        seen = [list(p) for p in prompts]
+        decoders = [self._stream_decoder() for _ in range(B)]
+        t0 = time.perf_counter()
+        for step in range(params.max_new_tokens):
+            logits = self.session.forward(ids, pos, mask if not static else None, cache)
+            logits = logits[np.arange(B), last]  # [B, V] at each row's last real token
+            chosen = sample(logits, params, rng, seen)
+            lps = logprobs_of(logits, chosen)
+            for b, row in enumerate(rows):
+                if row.finish_reason is not None:
+                    continue
+                tok = int(chosen[b])
+                if tok in self.eos_ids and not params.ignore_eos:
+                    row.finish_reason = "eos"
+                    self._flush(row, decoders[b])
+                    continue
+                row.tokens.append(tok)
+                row.logprobs.append(float(lps[b]))
+                seen[b].append(tok)
+                self._append_text(row, decoders[b], params)
+                if row.finish_reason is None and len(row.tokens) >= params.max_new_tokens:
+                    row.finish_reason = "length"
+                    self._flush(row, decoders[b])
+            yield rows, time.perf_counter() - t0
+            if all(r.finish_reason is not None for r in rows):
+                return
+            # next call: one token per row at its next position
+            ids = chosen.reshape(B, 1).astype(np.int64)
+            cur = np.array([lens[b] + step for b in range(B)])
+            pos = cur.reshape(B, 1)
+            if not static:
+                mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+            last = np.zeros(B, dtype=np.int64)
+        for row in rows:
+            row.finish_reason = row.finish_reason or "length"
+
+    def _stream_decoder(self):
+        if self.tokenizer is None:
+            return None
+        from runtime_py.tokenizer import StreamDecoder
+
+        return StreamDecoder(self.tokenizer)
+
+    @staticmethod
+    def _flush(row: Row, decoder) -> None:
+        if decoder is not None:
+            row.text += decoder.flush()
+
+    def _append_text(self, row: Row, decoder, params: SamplingParams) -> None:
+        if decoder is None:
+            return
+        row.text += decoder.push(row.tokens[-1])
+        for stop in params.stop:
+            at = row.text.find(stop)
+            if at >= 0:
+                row.text = row.text[:at]
+                row.finish_reason = "stop"
+                return
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Result:
+        ttft, elapsed = None, 0.0
+        for rows, elapsed in self.steps(prompts, params):
+            ttft = elapsed if ttft is None else ttft
+        decode_tokens = sum(max(len(r.tokens) - 1, 0) for r in rows)
+        decode_s = elapsed - ttft
+        return Result(rows, ttft, decode_tokens / decode_s if decode_s > 0 else 0.0)
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+        """Text deltas of one prompt as they are produced; "".join(...) equals generate(...).texts[0]."""
+        sent = 0
+        # Hold back the last few characters while they could still be the start of a stop string, which
+        # would be cut from the final text.
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        for rows, _ in self.steps([prompt], params):
+            row = rows[0]
+            end = len(row.text) if row.finish_reason is not None else max(len(row.text) - holdback, 0)
+            if end > sent:
+                yield row.text[sent:end]
+                sent = end
+        if len(row.text) > sent:
+            yield row.text[sent:]

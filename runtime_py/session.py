@@ -1,0 +1,95 @@
+"""ONNX Runtime session over an artifact's decoder graph, with I/O binding and preallocated KV buffers.
+
+What it does: opens ``manifest.json`` (checksums verified), creates one ``onnxruntime.InferenceSession`` and runs
+the graph through I/O binding. In static-buffer mode the KV cache is two preallocated sets of OrtValues
+``[B, KV, max_len, D]``: each call reads one set as ``past_key_values.*`` and writes the other as ``present.*``,
+then they swap (no allocation, no growing copies). In concat mode the presents ORT allocates are fed back as
+OrtValues without a round trip through numpy.
+
+What it does not do: sampling, tokenizing or batching policy (generate.py does), or TensorRT.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from artifacts.bundle import ArtifactError, open_artifact
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class KVCache:
+    """The per-layer KV tensors of one batch, as ORT values."""
+
+    def __init__(self, values: list, spare: list | None, length: int):
+        self.values = values  # inputs of the next call (past_key_values.*)
+        self.spare = spare  # static mode: the buffers the next call writes (present.*)
+        self.length = length  # concat: current past length; static: buffer length
+
+
+class OrtSession:
+    def __init__(self, artifact: str | Path, threads: int | None = None, verify: bool = True):
+        self.root = Path(artifact)
+        self.manifest = open_artifact(self.root, verify=verify)
+        if self.manifest["backend"] != "onnxruntime":
+            raise ArtifactError(f"{self.root}: backend '{self.manifest['backend']}' is not an ONNX Runtime artifact")
+        graph = self.manifest["graphs"]["decoder"]
+        spec = self.manifest["spec"]
+        self.kv_mode = self.manifest["kv_mode"]
+        self.max_seq_len = int(self.manifest["max_seq_len"])
+        self.vocab_size = spec["vocab_size"]
+        self.num_layers = len(spec["layers"])
+        self.kv_heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
+        kv_type = next(i["dtype"] for i in graph["inputs"] if i["name"].startswith("past_key_values"))
+        if kv_type not in NP_DTYPES:
+            raise ArtifactError(f"{self.root}: KV dtype {kv_type} has no ONNX Runtime CPU kernels; "
+                                "build with --precision fp32 or fp16 for the CPU")
+        self.kv_dtype = NP_DTYPES[kv_type]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.root / graph["file"]), options,
+                                            providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.kv_in = [n for n in self.input_names if n.startswith("past_key_values.")]
+        self.kv_out = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+
+    def _zeros(self, batch: int, length: int) -> list:
+        shape = (batch, self.kv_heads, length, self.head_dim)
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in self.kv_in]
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        if self.kv_mode == "static":
+            return KVCache(self._zeros(batch, max_len), self._zeros(batch, max_len), max_len)
+        return KVCache(self._zeros(batch, 0), None, 0)
+
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray | None,
+                cache: KVCache) -> np.ndarray:
+        """Run one prefill or decode call; updates `cache` in place and returns logits [B, S, V] fp32."""
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if self.kv_mode == "concat":
+            io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        for name, value in zip(self.kv_in, cache.values):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits")
+        if self.kv_mode == "static":
+            for name, value in zip(self.kv_out, cache.spare):
+                io.bind_ortvalue_output(name, value)
+        else:
+            for name in self.kv_out:
+                io.bind_output(name)
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        if self.kv_mode == "static":
+            cache.values, cache.spare = cache.spare, cache.values
+        else:
+            cache.values = list(outputs[1:])
+            cache.length += input_ids.shape[1]
+        return outputs[0].numpy()

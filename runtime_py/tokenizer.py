@@ -1,0 +1,170 @@
+"""Text <-> ids for the runtime, from the files a checkpoint or artifact ships: no transformers needed.
+
+What it does: :class:`Tokenizer` loads ``tokenizer.json`` with the ``tokenizers`` library and applies what
+``tokenizer_config.json`` changes on top of it, the way transformers' ``PreTrainedTokenizerFast`` does: named special
+tokens (``bos_token``, ``eos_token``, ``pad_token``, ... given as strings or ``{"content": ...}`` dicts) are added
+when the vocabulary lacks them; an explicit ``add_bos_token`` / ``add_eos_token`` replaces the post-processor; and
+``split_special_tokens`` is honoured. ``encode``/``decode`` then give the same ids and text as transformers.
+``eos_ids`` is the union of the config's ``eos_token`` and ``generation_config.json``'s ``eos_token_id``.
+:class:`StreamDecoder` turns ids arriving one at a time into text deltas that never split a UTF-8 character.
+:func:`load_tokenizer_config` / :func:`special_tokens_of` are the one place tokenizer_config.json is read
+(``chat.py`` uses them too).
+
+What it does not do: no slow (sentencepiece / tiktoken) tokenizers, batching, padding, truncation or offsets;
+``clean_up_tokenization_spaces`` is not applied (transformers skips it for BPE models, which every supported family
+uses). Chat templates live in ``chat.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import AddedToken, processors
+
+# The named special tokens transformers passes to chat templates (SPECIAL_TOKENS_ATTRIBUTES), in its order.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _token_str(value, where: str) -> str | None:
+    """A special token as saved by transformers: a string, or an AddedToken dict with a "content" key."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{where}: expected a string or a dict with a 'content' string, got {value!r}")
+
+
+def load_tokenizer_config(model_dir: str | Path) -> dict:
+    """tokenizer_config.json as a dict ({} when absent), with legacy special_tokens_map.json entries filling any
+    named special token the config does not set."""
+    d = Path(model_dir)
+    config = _read_json(d / "tokenizer_config.json")
+    legacy = _read_json(d / "special_tokens_map.json")
+    for name in SPECIAL_TOKEN_NAMES:
+        if config.get(name) is None and legacy.get(name) is not None:
+            config[name] = legacy[name]
+    return config
+
+
+def special_tokens_of(config: dict) -> dict[str, str]:
+    """{"bos_token": "<s>", ...}: the named special tokens that are set, as plain strings."""
+    out = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        token = _token_str(config.get(name), f"tokenizer_config.json {name}")
+        if token is not None:
+            out[name] = token
+    return out
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        d = Path(model_dir)
+        path = d / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: the runtime needs a fast-tokenizer tokenizer.json "
+                                    "(save the tokenizer with transformers to produce one)")
+        tok = tokenizers.Tokenizer.from_file(str(path))
+        tok.no_truncation()  # ids must be exact; length limits are the generation loop's business
+        tok.no_padding()
+        self.config = load_tokenizer_config(d)
+        self.special_tokens = special_tokens_of(self.config)
+
+        # transformers adds named special tokens the vocabulary lacks (new ids at the end); do the same so ids agree.
+        missing = [t for t in self.special_tokens.values() if tok.token_to_id(t) is None]
+        if missing:
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
+        tok.encode_special_tokens = bool(self.config.get("split_special_tokens", False))
+
+        # An explicit add_bos_token / add_eos_token overrides tokenizer.json's post-processor (transformers v5).
+        if "add_bos_token" in self.config or "add_eos_token" in self.config or tok.post_processor is None:
+            bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
+            add_bos = bool(self.config.get("add_bos_token")) and bos is not None
+            add_eos = bool(self.config.get("add_eos_token")) and eos is not None
+            single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+            pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+            specials = ([(bos, tok.token_to_id(bos))] if add_bos else []) + \
+                       ([(eos, tok.token_to_id(eos))] if add_eos else [])
+            tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+        self._tok = tok
+
+        gen = _read_json(d / "generation_config.json")
+        eos = gen.get("eos_token_id")
+        gen_eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        cfg_eos = [self.token_id(self.special_tokens["eos_token"])] if "eos_token" in self.special_tokens else []
+        self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in gen_eos + cfg_eos))
+        self.bos_id: int | None = (self.token_id(self.special_tokens["bos_token"])
+                                   if "bos_token" in self.special_tokens else None)
+        if "pad_token" in self.special_tokens:
+            self.pad_id: int | None = self.token_id(self.special_tokens["pad_token"])
+        elif gen.get("pad_token_id") is not None:
+            self.pad_id = int(gen["pad_token_id"])
+        else:  # what HF generate does without a pad token: pad with EOS
+            self.pad_id = self.eos_ids[0] if self.eos_ids else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise KeyError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of `text`. add_special_tokens=True applies the post-processor (e.g. a BOS when add_bos_token);
+        special-token strings inside `text` map to their ids either way. Chat prompts rendered by a template
+        already contain their BOS: encode them with add_special_tokens=False, as transformers does."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: push ids as they are generated, get the new text.
+
+    Decodes a short window (the ids since the last emitted boundary, plus the ids before it back to the previous
+    boundary, so decoders that treat a leading space specially see the same context both times) and emits only the
+    part past what that context already produced, and only when it does not end in U+FFFD (an incomplete UTF-8
+    sequence whose remaining bytes are still to come). flush() emits whatever is held back. The concatenation of
+    all deltas equals tokenizer.decode(all ids) for byte-level and SentencePiece-style decoders."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix_offset = 0  # window start: the boundary before the last emitted one
+        self._read_offset = 0  # ids before this have been emitted as text
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, new_ids: int | Iterable[int]) -> str:
+        """Add one id or several; return the text they complete ("" while a character is unfinished)."""
+        self.ids.extend([int(new_ids)] if isinstance(new_ids, int) else [int(i) for i in new_ids])
+        prefix_text = self._decode(self.ids[self._prefix_offset:self._read_offset])
+        new_text = self._decode(self.ids[self._prefix_offset:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """The held-back tail (possibly ending in U+FFFD when the ids end mid-character); call once at the end."""
+        prefix_text = self._decode(self.ids[self._prefix_offset:self._read_offset])
+        new_text = self._decode(self.ids[self._prefix_offset:])
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        return new_text[len(prefix_text):]

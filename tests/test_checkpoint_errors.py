@@ -1,0 +1,498 @@
+"""Every bad input gives a specific, clear error, never a traceback from deep inside torch or a silent mis-load.
+
+Covers the Python API (resolve_model, Checkpoint, load_spec, load_model) and the CLI (`export.__main__.main`, which
+must print `error: ...` and return 2; argparse rejections exit with status 2): missing directories, presets and HF
+repo ids (with a fake offline HF cache built under tmp_path), truncated/corrupt/pickle-only/inconsistent
+safetensors, configs we refuse (unknown model type, RoPE types, dual-chunk attention, unknown fields, missing or
+contradicting fields, bad JSON) and extra tensors (a warning naming them, loading still works).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from export.__main__ import main
+from export.checkpoint import Checkpoint, CheckpointError, resolve_model
+from export.model import load_model
+from export.spec import UnsupportedConfigError, load_spec
+from export.verify import run_ours
+from tests.test_parity import PROMPT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # 40-hex commit hash for the fake HF cache
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+
+def edit_config(path: Path, fn) -> Path:
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    fn(cfg)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def edit_tensors(path: Path, fn, file: str = "model.safetensors") -> Path:
+    tensors = load_file(str(path / file))
+    fn(tensors)
+    save_file(tensors, str(path / file), metadata={"format": "pt"})
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    capsys.readouterr()  # drop what fixtures printed (e.g. save_pretrained progress bars)
+    rc = main(["verify", *argv])
+    return rc, capsys.readouterr().err
+
+
+def cli_error(capsys, model: Path | str, *extra: str) -> str:
+    """Run `verify` on a bad model; assert the CLI contract (exit 2, one `error: ...` line) and return stderr."""
+    rc, err = run_cli(capsys, "--model", str(model), "--steps", "0", *extra)
+    assert rc == 2, err
+    assert err.startswith("error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+def fake_hf_cache(root: Path, repo_id: str, files_from: Path | None = None) -> Path:
+    """The offline HF hub cache layout: models--org--name/{refs/main, snapshots/<hash>/...}. Returns the snapshot."""
+    repo_dir = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo_dir / "snapshots" / SNAPSHOT
+    snap.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(SNAPSHOT)  # no trailing newline: the hub reads it verbatim
+    if files_from is not None:
+        for f in files_from.iterdir():
+            (snap / f.name).write_bytes(f.read_bytes())
+    return snap
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty HF cache, active for this test. huggingface_hub reads HF_HUB_CACHE once at import (into
+    `huggingface_hub.constants`), so the env var alone is too late in-process: patch both."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+# --------------------------------------------------------------------------------------------------------------
+# finding the model
+
+def test_missing_directory(tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(FileNotFoundError, match=r"no_such_model: checkpoint directory does not exist"):
+        load_model(missing)
+    with pytest.raises(FileNotFoundError, match="checkpoint directory does not exist"):
+        load_spec(missing)
+    with pytest.raises(CheckpointError, match="checkpoint directory does not exist"):
+        Checkpoint(missing)
+    with pytest.raises(CheckpointError, match=r"model '.*no_such_model' not found.*a local directory.*\(not found\)"):
+        resolve_model(str(missing))
+    err = cli_error(capsys, missing)
+    assert "no_such_model" in err and "not found" in err
+
+
+def test_directory_without_config(copy_checkpoint):
+    path = copy_checkpoint("qwen2_window")
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json not found in the checkpoint directory"):
+        load_model(path)
+
+
+def test_unknown_name_lists_presets_and_tiny(hf_cache, capsys):
+    with pytest.raises(CheckpointError, match=r"model 'not-a-model' not found.*presets \(.*qwen2-0\.5b.*tiny-qwen2"):
+        resolve_model("not-a-model")
+    err = cli_error(capsys, "not-a-model")
+    assert "not-a-model" in err and "hf download" in err
+
+
+def test_preset_not_in_hf_cache(hf_cache, capsys):
+    with pytest.raises(CheckpointError) as e:
+        resolve_model("qwen2-0.5b")
+    msg = str(e.value)
+    assert "preset 'qwen2-0.5b' -> 'Qwen/Qwen2-0.5B'" in msg
+    assert "HF cache (offline) for 'Qwen/Qwen2-0.5B' (not cached)" in msg
+    assert "hf download Qwen/Qwen2-0.5B --include '*.json' --include '*.safetensors'" in msg
+    err = cli_error(capsys, "Qwen2-0.5B".lower())
+    assert "Qwen/Qwen2-0.5B" in err and "hf download Qwen/Qwen2-0.5B" in err
+    # a repo id (not a preset) that is not cached: named the same way
+    with pytest.raises(CheckpointError, match=r"'someorg/missing-model' \(not cached\).*hf download someorg/missing"):
+        resolve_model("someorg/missing-model")
+
+
+def test_hf_repo_id_in_local_cache_resolves(hf_cache, checkpoints, capsys):
+    from huggingface_hub import snapshot_download
+
+    snap = fake_hf_cache(hf_cache, "someorg/tiny-qwen2", files_from=checkpoints("qwen2_window"))
+    # the layout really is what huggingface_hub finds offline
+    assert Path(snapshot_download("someorg/tiny-qwen2", local_files_only=True)) == snap
+    assert resolve_model("someorg/tiny-qwen2") == snap
+    model, spec = load_model(resolve_model("someorg/tiny-qwen2"))
+    assert spec.model_type == "qwen2" and spec.num_layers == 3
+    # a preset resolves through the cache under its repo id, case-insensitively
+    preset_snap = fake_hf_cache(hf_cache, "Qwen/Qwen2-0.5B", files_from=checkpoints("qwen2_window"))
+    assert resolve_model("qwen2-0.5b") == preset_snap == resolve_model("Qwen2-0.5B")
+    assert resolve_model("Qwen/Qwen2-0.5B") == preset_snap
+    rc, _ = run_cli(capsys, "--model", "someorg/tiny-qwen2", "--steps", "1")
+    assert rc == 0
+
+
+def test_hf_cache_env_var_in_a_fresh_process(tmp_path, checkpoints):
+    """End to end with the real env var (read at import): HF_HOME set before Python starts."""
+    fake_hf_cache(tmp_path / "home" / "hub", "someorg/envmodel", files_from=checkpoints("qwen2_window"))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    code = ("from export.checkpoint import resolve_model; print(resolve_model('someorg/envmodel')); "
+            "import sys\ntry:\n    resolve_model('someorg/other')\nexcept Exception as e:\n    print(type(e).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines == [str(tmp_path / "home" / "hub" / "models--someorg--envmodel" / "snapshots" / SNAPSHOT),
+                     "CheckpointError"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# broken safetensors
+
+def test_truncated_safetensors(copy_checkpoint, capsys):
+    path = copy_checkpoint("qwen2_window")
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file \(truncated or "
+                                              r"corrupt\?\).*incomplete metadata"):
+        load_model(path)
+    assert "not a readable safetensors file (truncated or corrupt?)" in cli_error(capsys, path)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "bad_json_header", "empty"])
+def test_corrupt_header(kind, copy_checkpoint, capsys):
+    path = copy_checkpoint("qwen2_window")
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    if kind == "garbage":
+        f.write_bytes(os.urandom(64) + data[64:])
+    elif kind == "bad_json_header":
+        n = struct.unpack("<Q", data[:8])[0]
+        f.write_bytes(data[:8] + b"{not json" + b" " * (n - 9) + data[8 + n:])
+    else:
+        f.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        Checkpoint(path)
+    assert "not a readable safetensors file" in cli_error(capsys, path)
+
+
+def test_missing_tensor(copy_checkpoint, capsys):
+    path = edit_tensors(copy_checkpoint("qwen2_window"),
+                        lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"checkpoint does not match config.json:\n  missing tensor "
+                                              r"'model\.layers\.1\.self_attn\.k_proj\.weight' \(needed for "
+                                              r"layers\.1\.attn\.k\.weight\)"):
+        load_model(path)
+    assert "missing tensor 'model.layers.1.self_attn.k_proj.weight'" in cli_error(capsys, path)
+
+
+def test_wrong_shape(copy_checkpoint):
+    def shrink(t):
+        t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:50].clone()
+
+    path = edit_tensors(copy_checkpoint("qwen2_window"), shrink)
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight' has shape \[50, 64\], "
+                                              r"expected \[96, 64\] from config.json"):
+        load_model(path)
+
+
+def test_many_problems_are_summarised(copy_checkpoint):
+    path = edit_tensors(copy_checkpoint("qwen2_window"),
+                        lambda t: [t.pop(k) for k in list(t) if k.startswith("model.layers.")])
+    with pytest.raises(CheckpointError, match=r"(?s)missing tensor .*\.\.\. and \d+ more"):
+        load_model(path)
+
+
+def test_non_float_dtype(copy_checkpoint):
+    def to_int(t):
+        t["model.norm.weight"] = t["model.norm.weight"].to(torch.int64)
+
+    path = edit_tensors(copy_checkpoint("qwen2_window"), to_int)
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' has dtype torch\.int64, expected a "
+                                              r"float type"):
+        load_model(path)
+
+
+def test_unsupported_dtype(copy_checkpoint):
+    def to_int16(t):
+        t["model.norm.weight"] = t["model.norm.weight"].to(torch.int16)
+
+    path = edit_tensors(copy_checkpoint("qwen2_window"), to_int16)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has unsupported "
+                                              r"dtype I16"):
+        Checkpoint(path)
+
+
+class _Boom:
+    """Unpickling this would create a file: proves the loader never unpickles."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_only_directory_is_refused(copy_checkpoint, tmp_path, capsys):
+    path = copy_checkpoint("qwen2_window")
+    marker = tmp_path / "unpickled"
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(pickle.dumps(_Boom(marker)))
+    with pytest.raises(CheckpointError, match=r"only pickle checkpoint files found \(pytorch_model\.bin\)\. We load "
+                                              r"safetensors only"):
+        load_model(path)
+    err = cli_error(capsys, path)
+    assert "safetensors only" in err and "save_pretrained" in err
+    assert not marker.exists()
+
+
+def test_directory_without_weights(copy_checkpoint):
+    path = copy_checkpoint("qwen2_window")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors, shard index or \\*.safetensors file found"):
+        load_model(path)
+
+
+def test_shard_index_lists_missing_shard(copy_checkpoint, capsys):
+    path = copy_checkpoint("qwen2_sharded")
+    shards = sorted(path.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors\.index\.json: shard file\(s\) listed but missing: "
+                                              rf"\['{shards[-1].name}'\]"):
+        load_model(path)
+    assert f"listed but missing: ['{shards[-1].name}']" in cli_error(capsys, path)
+
+
+@pytest.mark.parametrize("index, match", [
+    ("{not json", r"not a valid safetensors index"),
+    ('{"metadata": {}}', r"not a valid safetensors index \('weight_map'\)"),
+    ('{"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}', r"shard names must be plain file names"),
+])
+def test_bad_shard_index(index, match, copy_checkpoint):
+    path = copy_checkpoint("qwen2_sharded")
+    (path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=match):
+        Checkpoint(path)
+
+
+def test_tensor_stored_in_two_shards(copy_checkpoint):
+    path = copy_checkpoint("qwen2_sharded")
+    first, second = sorted(path.glob("model-*.safetensors"))[:2]
+    dup = next(iter(load_file(str(first))))
+    edit_tensors(path, lambda t: t.update({dup: torch.zeros(1)}), file=second.name)
+    with pytest.raises(CheckpointError, match=rf"tensor '{dup}' is stored twice"):
+        Checkpoint(path)
+
+
+def test_shard_index_naming_absent_tensor(copy_checkpoint):
+    """The index promises a tensor its shard lacks: reported as missing, by name."""
+    path = copy_checkpoint("qwen2_sharded")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = "model.layers.0.self_attn.q_proj.bias"
+    shard = index["weight_map"][name]
+    edit_tensors(path, lambda t: t.pop(name), file=shard)
+    with pytest.raises(CheckpointError, match=rf"missing tensor '{name}'"):
+        load_model(path)
+
+
+def test_extra_tensors_warn_but_load(copy_checkpoint, checkpoints, capsys):
+    extra = ["model.layers.0.self_attn.extra_proj.weight", "vision_tower.patch_embed.weight"]
+    path = edit_tensors(copy_checkpoint("qwen2_window"),
+                        lambda t: t.update({n: torch.ones(3, 4) for n in extra}))
+    model, _ = load_model(path)
+    err = capsys.readouterr().err
+    assert f"warning: 2 checkpoint tensor(s) not used by the model: {extra[0]}, {extra[1]}" in err
+    ref, _ = load_model(checkpoints("qwen2_window"))
+    assert torch.equal(run_ours(model, PROMPT, 0).logits[0], run_ours(ref, PROMPT, 0).logits[0])
+
+
+def test_rotary_inv_freq_buffers_are_not_reported(copy_checkpoint, capsys):
+    path = edit_tensors(copy_checkpoint("qwen2_window"),
+                        lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    load_model(path)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_tied_config_with_a_different_stored_head(copy_checkpoint, capsys):
+    """transformers would silently untie here (it keeps the stored head); we use the embedding, so we refuse."""
+    path = edit_config(copy_checkpoint("qwen2_window"), lambda c: c.update(tie_word_embeddings=True))
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=true but the checkpoint's 'lm_head\.weight' "
+                                              r"differs from 'model\.embed_tokens\.weight'"):
+        load_model(path)
+    # the same head stored twice (as some tied checkpoints do) is fine and not reported as unexpected
+    edit_tensors(path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    load_model(path)
+    assert "warning" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configs we refuse
+
+def _refused(path: Path, match: str, capsys=None) -> None:
+    with pytest.raises(UnsupportedConfigError, match=match):
+        load_spec(path)
+    with pytest.raises(UnsupportedConfigError, match=match):
+        load_model(path)
+    if capsys is not None:
+        assert cli_error(capsys, path)
+
+
+def test_unknown_model_type(copy_checkpoint, capsys):
+    path = edit_config(copy_checkpoint("qwen2_window"), lambda c: c.update(model_type="llama"))
+    _refused(path, r"model_type 'llama' is not supported; supported: \['gemma2', 'qwen2', 'qwen3_moe'\]")
+    assert "model_type 'llama' is not supported" in cli_error(capsys, path)
+
+
+def _v4_rope(c: dict, scaling: dict | None, theta: float = 10000.0) -> None:
+    c.pop("rope_parameters", None)
+    c["rope_theta"] = theta
+    c["rope_scaling"] = scaling
+
+
+@pytest.mark.parametrize("edit, rope_type", [
+    (lambda c: _v4_rope(c, {"type": "dynamic", "factor": 2.0}), "dynamic"),
+    (lambda c: _v4_rope(c, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 64}), "llama3"),
+    # a v4 rope_scaling next to a v5 rope_parameters: transformers uses rope_scaling, so must we
+    (lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0}), "dynamic"),
+    (lambda c: c.update(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                                         "long_factor": [2.0] * 8, "original_max_position_embeddings": 64}),
+     "longrope"),
+])
+def test_unsupported_rope_type(edit, rope_type, copy_checkpoint, capsys):
+    path = edit_config(copy_checkpoint("qwen2_window"), edit)
+    _refused(path, rf"rope type '{rope_type}' \(rope_parameters\.rope_type / rope_scaling\.type\) is not supported; "
+                   r"supported: default, linear, yarn")
+    assert f"rope type '{rope_type}'" in cli_error(capsys, path)
+
+
+def test_partial_rotary_factor(copy_checkpoint):
+    path = edit_config(copy_checkpoint("qwen2_window"),
+                       lambda c: c["rope_parameters"].update(partial_rotary_factor=0.5))
+    _refused(path, "partial_rotary_factor != 1 is not supported")
+
+
+def test_linear_rope_without_factor(copy_checkpoint):
+    path = edit_config(copy_checkpoint("qwen2_window"), lambda c: _v4_rope(c, {"type": "linear"}))
+    _refused(path, "linear rope scaling needs 'factor'")
+
+
+def test_dual_chunk_attention(copy_checkpoint, capsys):
+    path = edit_config(copy_checkpoint("qwen2_window"), lambda c: c.update(
+        dual_chunk_attention_config={"chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings":
+                                     262144}))
+    _refused(path, "dual_chunk_attention_config is not supported")
+    assert "dual_chunk_attention_config" in cli_error(capsys, path)
+
+
+def test_mrope(copy_checkpoint):
+    _refused(edit_config(copy_checkpoint("qwen2_window"), lambda c: c.update(use_mrope=True)),
+             r"use_mrope \(multimodal RoPE\) is not supported")
+
+
+@pytest.mark.parametrize("case, field, value", [
+    ("qwen2_window", "quantization_config", {"quant_method": "gptq", "bits": 4}),
+    ("gemma2", "quantization_config", {"quant_method": "awq", "bits": 4}),
+    ("qwen3_moe_mixed", "layer_types", ["full_attention"] * 4),  # qwen3_moe has no per-layer types
+    ("qwen2_window", "some_future_switch", True),
+])
+def test_unknown_field_that_may_matter(case, field, value, copy_checkpoint, capsys):
+    path = edit_config(copy_checkpoint(case), lambda c: c.update({field: value}))
+    _refused(path, rf"unsupported field\(s\) \['{field}'\]; refusing to export rather than ignore something")
+    assert f"unsupported field(s) ['{field}']" in cli_error(capsys, path)
+
+
+@pytest.mark.parametrize("case, field", [
+    ("qwen2_window", "hidden_size"), ("qwen2_window", "num_hidden_layers"), ("gemma2", "query_pre_attn_scalar"),
+    ("gemma2", "vocab_size"), ("qwen3_moe_mixed", "num_experts_per_tok"), ("qwen3_moe_mixed", "moe_intermediate_size"),
+    ("qwen3_moe_mixed", "max_position_embeddings"),
+])
+def test_missing_required_field(case, field, copy_checkpoint, capsys):
+    path = edit_config(copy_checkpoint(case), lambda c: c.pop(field))
+    _refused(path, rf"required field '{field}' is missing")
+    assert f"required field '{field}' is missing" in cli_error(capsys, path)
+
+
+def test_invalid_json_config(copy_checkpoint, capsys):
+    path = copy_checkpoint("qwen2_window")
+    (path / "config.json").write_text('{"model_type": "qwen2", ')
+    _refused(path, r"config.json: not valid JSON \(")
+    assert "not valid JSON" in cli_error(capsys, path)
+
+
+@pytest.mark.parametrize("case, edit, match", [
+    ("gemma2", lambda c: c.update(hidden_act="silu"),
+     r"'hidden_act' = 'silu' contradicts 'hidden_activation' = 'gelu_pytorch_tanh'"),
+    ("gemma2", lambda c: c.update(sliding_window_size=7), r"'sliding_window_size' = 7 contradicts 'sliding_window' = 5"),
+    ("qwen3_moe_mixed", lambda c: c.update(num_experts=4), r"num_experts \(4\) and num_local_experts \(8\) disagree"),
+    ("qwen2_window", lambda c: c.update(use_sliding_window=False),  # layer_types still says sliding
+     r"layer 1 is sliding_attention but sliding_window is unset"),
+    ("qwen2_window", lambda c: c.update(layer_types=["full_attention"] * 2), r"layer_types has 2 entries for 3 layers"),
+    ("gemma2", lambda c: c.update(layer_types=["full_attention", "chunked_attention", "full_attention"]),
+     r"layer_types\[1\] = 'chunked_attention' is not supported"),
+    ("qwen2_window", lambda c: c.update(hidden_act="gelu"), r"activation 'gelu' is not supported"),
+    ("qwen2_window", lambda c: c.update(num_key_value_heads=3), r"num_attention_heads 4 not a multiple of kv heads 3"),
+    ("gemma2", lambda c: c.update(attention_bias=True), r"attention_bias=true is not supported for gemma2"),
+    ("qwen3_moe_mixed", lambda c: c.update(attention_bias=True), r"attention_bias=true is not supported for qwen3_moe"),
+])
+def test_contradicting_or_unsupported_values(case, edit, match, copy_checkpoint):
+    _refused(edit_config(copy_checkpoint(case), edit), match)
+
+
+def test_agreeing_alias_fields_are_accepted(copy_checkpoint):
+    """Real Gemma2 configs carry hidden_act / sliding_window_size next to the fields transformers reads."""
+    path = edit_config(copy_checkpoint("gemma2"), lambda c: c.update(hidden_act="gelu_pytorch_tanh",
+                                                                     sliding_window_size=5))
+    assert load_spec(path).hidden_act == "gelu_tanh"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI argument values
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "-1"], "expected a non-negative integer, got '-1'"),
+    (["--steps", "two"], "expected a non-negative integer, got 'two'"),
+    (["--prompt-ids", "a,b"], "expected comma-separated integers, got 'a,b'"),
+    (["--kv-mode", "foo"], "invalid choice: 'foo'"),
+])
+def test_cli_bad_argument_values(args, message, checkpoints, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "--model", str(checkpoints("qwen2_window")), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_model_argument(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["verify"])
+    assert e.value.code == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_cli_prompt_ids_outside_vocab(checkpoints, capsys):
+    err = cli_error(capsys, checkpoints("qwen2_window"), "--prompt-ids", "5,256,-1")
+    assert "--prompt-ids: ids [256, -1] are outside the vocabulary [0, 256)" in err
