@@ -64,7 +64,10 @@ class Generator:
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_ids)
         self.eos_ids = eos
-        self.pad_id = spec.get("pad_token_id") or (self.tokenizer.pad_id if self.tokenizer else None) or 0
+        pad = spec.get("pad_token_id")
+        if pad is None and self.tokenizer is not None:
+            pad = self.tokenizer.pad_id
+        self.pad_id = 0 if pad is None else pad  # pad slots are masked (or overwritten), so any valid id works
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -18,13 +18,15 @@ uses). Chat templates live in ``chat.py``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken
 
 # The named special tokens transformers passes to chat templates (SPECIAL_TOKENS_ATTRIBUTES), in its order.
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece-style byte-fallback pieces
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -87,25 +89,25 @@ class Tokenizer:
             tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
         tok.encode_special_tokens = bool(self.config.get("split_special_tokens", False))
 
-        # An explicit add_bos_token / add_eos_token overrides tokenizer.json's post-processor (transformers v5).
-        if "add_bos_token" in self.config or "add_eos_token" in self.config or tok.post_processor is None:
-            bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
-            add_bos = bool(self.config.get("add_bos_token")) and bos is not None
-            add_eos = bool(self.config.get("add_eos_token")) and eos is not None
-            single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-            pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-            specials = ([(bos, tok.token_to_id(bos))] if add_bos else []) + \
-                       ([(eos, tok.token_to_id(eos))] if add_eos else [])
-            tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+        # tokenizer.json's post-processor decides which special tokens encode() adds (transformers v5 drops the
+        # config's add_bos_token/add_eos_token when a tokenizer.json exists). One exception, the transformers v4
+        # Llama/Gemma behaviour: add_bos_token=true while the post-processor adds no BOS means "prepend BOS".
+        bos = self.special_tokens.get("bos_token")
+        self.bos_id: int | None = tok.token_to_id(bos) if bos is not None else None
+        probe, plain = tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids
+        adds_bos = self.bos_id is not None and probe[:1] == [self.bos_id] and plain[:1] != [self.bos_id]
+        self._prepend_bos = bool(self.config.get("add_bos_token")) and self.bos_id is not None and not adds_bos
         self._tok = tok
+        self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        # Byte-fallback pieces: the decoder joins a run of them before UTF-8 decoding (StreamDecoder needs to know).
+        self.byte_ids = frozenset(i for t, i in tok.get_vocab().items() if _BYTE_TOKEN.fullmatch(t)) \
+            if getattr(tok.model, "byte_fallback", False) else frozenset()
 
         gen = _read_json(d / "generation_config.json")
         eos = gen.get("eos_token_id")
         gen_eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         cfg_eos = [self.token_id(self.special_tokens["eos_token"])] if "eos_token" in self.special_tokens else []
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in gen_eos + cfg_eos))
-        self.bos_id: int | None = (self.token_id(self.special_tokens["bos_token"])
-                                   if "bos_token" in self.special_tokens else None)
         if "pad_token" in self.special_tokens:
             self.pad_id: int | None = self.token_id(self.special_tokens["pad_token"])
         elif gen.get("pad_token_id") is not None:
@@ -127,7 +129,8 @@ class Tokenizer:
         """Ids of `text`. add_special_tokens=True applies the post-processor (e.g. a BOS when add_bos_token);
         special-token strings inside `text` map to their ids either way. Chat prompts rendered by a template
         already contain their BOS: encode them with add_special_tokens=False, as transformers does."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return [self.bos_id] + ids if add_special_tokens and self._prepend_bos else ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -139,8 +142,10 @@ class StreamDecoder:
     Decodes a short window (the ids since the last emitted boundary, plus the ids before it back to the previous
     boundary, so decoders that treat a leading space specially see the same context both times) and emits only the
     part past what that context already produced, and only when it does not end in U+FFFD (an incomplete UTF-8
-    sequence whose remaining bytes are still to come). flush() emits whatever is held back. The concatenation of
-    all deltas equals tokenizer.decode(all ids) for byte-level and SentencePiece-style decoders."""
+    sequence whose remaining bytes are still to come) nor in a byte-fallback piece (the decoder turns a whole run of
+    <0xXX> pieces into U+FFFDs when the run is not valid UTF-8, so a run is never split). flush() emits whatever is
+    held back. The concatenation of all deltas equals tokenizer.decode(all ids) for byte-level and
+    SentencePiece-style (Metaspace, ByteFallback, Fuse, Strip) decoders."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
@@ -155,12 +160,22 @@ class StreamDecoder:
     def push(self, new_ids: int | Iterable[int]) -> str:
         """Add one id or several; return the text they complete ("" while a character is unfinished)."""
         self.ids.extend([int(new_ids)] if isinstance(new_ids, int) else [int(i) for i in new_ids])
+        if self._in_byte_run():
+            return ""
         prefix_text = self._decode(self.ids[self._prefix_offset:self._read_offset])
         new_text = self._decode(self.ids[self._prefix_offset:])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
             return new_text[len(prefix_text):]
         return ""
+
+    def _in_byte_run(self) -> bool:
+        """Is the last id that reaches the decoder a byte-fallback piece (so the next id may extend its run)?"""
+        for i in reversed(self.ids[self._read_offset:]):
+            if self.skip_special_tokens and i in self.tokenizer.special_ids:
+                continue
+            return i in self.tokenizer.byte_ids
+        return False
 
     def flush(self) -> str:
         """The held-back tail (possibly ending in U+FFFD when the ids end mid-character); call once at the end."""

@@ -96,7 +96,7 @@ n={{ ns.n }} d={{ dict(a=1, b='<&>') | tojson }} year={{ strftime_now('%Y') }} t
 
 def _dir_with(tmp_path: Path, template, **config_overrides) -> Path:
     d = tmp_path / "tok"
-    d.mkdir(exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
     write_tokenizer(d, 256)
     config = json.loads((d / "tokenizer_config.json").read_text())
     config["chat_template"] = template
@@ -234,6 +234,5 @@ def test_missing_template_is_a_clear_error(tmp_path):
         load_chat_template(d)
     with pytest.raises(ValueError, match="non-empty list"):
         render_chat(CHATML_TEMPLATE, [])
-    d2 = _dir_with(tmp_path / "x", 42) if (tmp_path / "x").mkdir() is None else None
     with pytest.raises(ValueError, match="must be a string or a list"):
-        load_chat_template(d2)
+        load_chat_template(_dir_with(tmp_path / "bad", 42))

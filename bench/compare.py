@@ -1,0 +1,475 @@
+"""`python -m bench.compare`: our build + runtime against HF transformers (eager) and onnxruntime-genai on ONE checkpoint.
+
+What it does, with the same prompt ids (seeded random, ``--prompt-len`` of them) and exactly ``--new-tokens``
+greedy tokens for every peer:
+
+1. builds our artifact in a subprocess (``python -m export build ... --max-seq-len prompt+new``) and measures its
+   wall time and peak RSS (the child's rusage from ``os.wait4``), next to the checkpoint size (sum of
+   ``*.safetensors``);
+2. if ``onnxruntime_genai`` is importable, builds with its model builder from the same checkpoint directory
+   (offline: ``HF_HUB_OFFLINE=1``, cache dir inside the output dir), measured the same way;
+3. runs each peer (``ours``, ``hf-eager``, ``ort-genai``) in its own subprocess (bench/worker.py: load, warm-up,
+   measured run), alternating peers round by round for ``--runs`` rounds; TTFT, decode tokens/s, load time and
+   the process's peak RSS are reported as medians over the rounds;
+4. measures the machine's memory read bandwidth with numpy (1 GiB float32, best of 3 for a few read kernels, the
+   best is used) and reports the decode floor: weight bytes read per token / bandwidth, and each peer's decode
+   speed as a fraction of the speed that floor allows;
+5. prints a table and the ratios vs ours, writes ``results.json`` and ``results.png`` (matplotlib, Agg) into
+   ``--out`` (default ``~/.cache/llm-export/bench/<timestamp>``). Built models are deleted at the end unless
+   ``--keep-artifacts``.
+
+What it does not do: check output quality (with random weights the greedy tokens are only compared for
+agreement, as a sanity check), or run on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+PEERS = ("ours", "hf-eager", "ort-genai")
+HF_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# -- measuring child processes ------------------------------------------------------------------------------------
+def run_child(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run cmd to completion with stdout+stderr to `log`; its wall seconds and peak RSS (its own rusage, taken by
+    the small launcher bench/spawn.py so that this process's memory high-water mark does not leak into it)."""
+    usage_file = log.with_suffix(".rusage.json")
+    usage_file.unlink(missing_ok=True)
+    launcher = [sys.executable, "-S", str(Path(__file__).with_name("spawn.py")), str(usage_file)]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(launcher + cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+        try:
+            rc = proc.wait()
+        except BaseException:  # Ctrl-C: take the command down with the launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    if not usage_file.exists():
+        return {"rc": rc or 1, "wall_s": None, "peak_rss_bytes": None}
+    return json.loads(usage_file.read_text())
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.replace("\r", "\n").strip().splitlines()[-lines:])
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    root = str(Path(__file__).resolve().parent.parent)  # the repo, so `-m export` / `-m bench.worker` resolve
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+# -- machine facts --------------------------------------------------------------------------------------------------
+def measure_bandwidth(gib: float = 1.0, threads: int = 1, repeats: int = 3) -> dict:
+    """Memory read bandwidth in bytes/s: best of `repeats` for a few numpy read kernels over a float32 array."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(max(int(gib * 2**30) // 4, 1024), dtype=np.float32)  # ones: every page is really touched
+    half = a.size // 2
+    chunks = np.array_split(a, max(threads, 1))
+    kernels = {
+        "sum": lambda: a.sum(),
+        "dot": lambda: np.dot(a[:half], a[half:2 * half]),
+    }
+    pool = ThreadPoolExecutor(len(chunks)) if len(chunks) > 1 else None
+    if pool is not None:
+        kernels[f"sum x{len(chunks)} threads"] = lambda: list(pool.map(np.sum, chunks))
+    results = {}
+    try:
+        for name, fn in kernels.items():
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            nbytes = a.nbytes if name != "dot" else 2 * half * 4
+            results[name] = nbytes / best
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    del a, chunks
+    return {"bytes_per_s": max(results.values()), "kernels_bytes_per_s": results, "array_bytes": int(gib * 2**30)}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def genai_available() -> tuple[bool, str]:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        return False, f"onnxruntime-genai is not importable ({type(e).__name__}: {e})"
+    return True, ""
+
+
+# -- formatting -----------------------------------------------------------------------------------------------------
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def fmt_num(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+COLUMNS = [("build s", "build_s", lambda v: fmt_num(v, ".1f")),
+           ("build peak RSS", "build_peak_rss_bytes", fmt_bytes),
+           ("build RSS/ckpt", "build_rss_over_ckpt", lambda v: fmt_num(v, ".2f") + ("x" if v is not None else "")),
+           ("load s", "load_s", lambda v: fmt_num(v, ".2f")),
+           ("TTFT ms", "ttft_ms", lambda v: fmt_num(v, ".1f")),
+           ("decode tok/s", "decode_tok_s", lambda v: fmt_num(v, ".2f")),
+           ("run peak RSS", "run_peak_rss_bytes", fmt_bytes)]
+
+
+def table(peers: dict) -> str:
+    rows = [["peer"] + [c[0] for c in COLUMNS]]
+    for name in PEERS:
+        p = peers[name]
+        rows.append([name] + [fmt(p.get(key)) for _, key, fmt in COLUMNS])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        lines.append("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
+    return "\n".join(lines)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def ratio_lines(peers: dict) -> tuple[list[str], dict]:
+    """Ratios vs ours, each written so that > 1 means ours is better (faster or smaller)."""
+    ours = peers["ours"]
+    others = [p for p in PEERS if p != "ours"]
+    out: dict = {}
+    specs = [("decode tok/s", "decode_tok_s", True), ("TTFT", "ttft_ms", False), ("build time", "build_s", False),
+             ("build peak RSS", "build_peak_rss_bytes", False), ("run peak RSS", "run_peak_rss_bytes", False)]
+    lines = []
+    for label, key, higher_better in specs:
+        parts = []
+        for other in others:
+            a, b = ours.get(key), peers[other].get(key)
+            r = ratio(a, b) if higher_better else ratio(b, a)
+            name = f"ours/{other}" if higher_better else f"{other}/ours"
+            out[f"{key}: {name}"] = r
+            parts.append(f"{name} = {fmt_num(r, '.2f')}{'x' if r is not None else ''}")
+        lines.append(f"{label + ':':16s}" + ", ".join(parts))
+    return lines, out
+
+
+# -- the benchmark --------------------------------------------------------------------------------------------------
+def default_out() -> Path:
+    from export.tiny import cache_root
+
+    return cache_root() / "bench" / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def checkpoint_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def build_ours(ckpt: Path, out: Path, precision: str, max_seq_len: int, env: dict) -> tuple[dict, Path]:
+    art = out / "models" / "ours"
+    cmd = [sys.executable, "-m", "export", "build", "--model", str(ckpt), "--precision", precision, "--out", str(art),
+           "--overwrite", "--no-progress", "--max-seq-len", str(max_seq_len)]
+    r = run_child(cmd, out / "logs" / "build-ours.log", env)
+    return {**r, "cmd": cmd}, art
+
+
+def build_genai(ckpt: Path, out: Path, precision: str, env: dict) -> tuple[dict, Path]:
+    dest = out / "models" / "ort-genai"
+    cache = out / "models" / "ort-genai-cache"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(dest),
+           "-p", precision, "-e", "cpu", "-c", str(cache)]
+    r = run_child(cmd, out / "logs" / "build-ort-genai.log", env)
+    shutil.rmtree(cache, ignore_errors=True)
+    return {**r, "cmd": cmd}, dest
+
+
+def median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def run_benchmark(args) -> dict:
+    from bench.models import resolve_bench_model
+    from export.onnx_export import DTYPES, weight_bytes
+    from export.spec import load_spec
+    from export.weights import weight_plan
+
+    out = Path(args.out).expanduser() if args.out else default_out()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    threads = args.threads or os.cpu_count() or 1
+    env = child_env(threads)
+
+    print(f"checkpoint: resolving {args.model} ...", flush=True)
+    ckpt = resolve_bench_model(args.model).resolve()
+    spec = load_spec(ckpt)
+    ckpt_bytes = checkpoint_bytes(ckpt)
+    w_bytes = weight_bytes(weight_plan(spec), spec, DTYPES[args.precision])
+    rng = np.random.default_rng(args.seed)
+    prompt = rng.integers(0, spec.vocab_size, args.prompt_len).tolist()
+    prompt_file = out / "prompt_ids.json"
+    prompt_file.write_text(json.dumps(prompt))
+    max_seq_len = args.prompt_len + args.new_tokens
+    print(f"checkpoint: {ckpt} ({fmt_bytes(ckpt_bytes)} safetensors, {spec.model_type}, {spec.num_layers} layers)")
+    print(f"out: {out}")
+
+    peers: dict = {name: {"available": True, "note": None, "runs": []} for name in PEERS}
+    peers["hf-eager"]["build_note"] = "no build step"
+
+    # -- builds
+    print("build: ours ...", flush=True)
+    r, ours_art = build_ours(ckpt, out, args.precision, max_seq_len, env)
+    _record_build(peers["ours"], r, ckpt_bytes, out / "logs" / "build-ours.log")
+    ok, why = genai_available()
+    genai_dir = None
+    if not ok:
+        print(f"ort-genai: {why}; its cells are n/a (pip install -e '.[bench]')")
+        peers["ort-genai"].update(available=False, note=why)
+    elif args.precision != "fp32":
+        note = f"ort-genai's CPU builder has no {args.precision} target (fp32/int8/int4 only); skipped"
+        print(f"ort-genai: {note}")
+        peers["ort-genai"].update(available=False, note=note)
+    else:
+        print("build: ort-genai ...", flush=True)
+        r, genai_dir = build_genai(ckpt, out, args.precision, env)
+        _record_build(peers["ort-genai"], r, ckpt_bytes, out / "logs" / "build-ort-genai.log")
+
+    # -- bandwidth (before the runs, while nothing else is running)
+    print("bandwidth: measuring ...", flush=True)
+    bw = measure_bandwidth(args.bandwidth_gib, threads)
+    floor_s = w_bytes / bw["bytes_per_s"]
+
+    # -- runs, alternating peers
+    paths = {"ours": ours_art, "hf-eager": ckpt, "ort-genai": genai_dir}
+    if args.skip_hf:
+        peers["hf-eager"].update(available=False, note="skipped (--skip-hf)")
+    else:
+        try:
+            import transformers  # noqa: F401
+        except ImportError as e:
+            peers["hf-eager"].update(available=False, note=f"transformers is not importable ({e})")
+    for rnd in range(args.runs):
+        for name in PEERS:
+            p = peers[name]
+            if not p["available"]:
+                continue
+            print(f"run {rnd + 1}/{args.runs}: {name} ...", flush=True)
+            res_file = out / "logs" / f"run-{name}-{rnd}.json"
+            log = out / "logs" / f"run-{name}-{rnd}.log"
+            cmd = [sys.executable, "-m", "bench.worker", name, str(paths[name]), "--prompt-file", str(prompt_file),
+                   "--new-tokens", str(args.new_tokens), "--threads", str(threads), "--result", str(res_file),
+                   "--dtype", HF_DTYPES[args.precision]]
+            r = run_child(cmd, log, env)
+            if r["rc"] != 0 or not res_file.exists():
+                p.update(available=False, note=f"run failed (exit {r['rc']}); see {log}:\n{_tail(log)}")
+                print(f"  {name} failed (exit {r['rc']}):\n{_tail(log)}", file=sys.stderr)
+                continue
+            res = json.loads(res_file.read_text())
+            res["peak_rss_bytes"] = r["peak_rss_bytes"]
+            res["wall_s"] = r["wall_s"]
+            p["runs"].append(res)
+            print(f"  ttft {res['ttft_s'] * 1000:.1f} ms, decode {res['decode_tok_s']:.2f} tok/s, "
+                  f"peak RSS {fmt_bytes(r['peak_rss_bytes'])}", flush=True)
+
+    for name in PEERS:
+        p = peers[name]
+        runs = p["runs"]
+        if runs:
+            p["ttft_ms"] = median([r["ttft_s"] * 1000 for r in runs])
+            p["decode_tok_s"] = median([r["decode_tok_s"] for r in runs])
+            p["load_s"] = median([r["load_s"] for r in runs])
+            p["run_peak_rss_bytes"] = median([r["peak_rss_bytes"] for r in runs])
+            p["floor_fraction"] = p["decode_tok_s"] * floor_s if p["decode_tok_s"] else None
+    agreement = {}
+    if peers["ours"]["runs"]:
+        ref = peers["ours"]["runs"][-1]["tokens"]
+        for name in PEERS[1:]:
+            if peers[name]["runs"]:
+                toks = peers[name]["runs"][-1]["tokens"]
+                same = 0
+                for a, b in zip(ref, toks):
+                    if a != b:
+                        break
+                    same += 1
+                agreement[name] = {"common_prefix": same, "of": len(ref)}
+
+    lines, ratios = ratio_lines(peers)
+    result = {
+        "model": args.model,
+        "checkpoint": str(ckpt),
+        "config": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": args.runs,
+                   "threads": threads, "precision": args.precision, "seed": args.seed, "max_seq_len": max_seq_len},
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": versions(),
+        "checkpoint_bytes": ckpt_bytes,
+        "weight_bytes_per_token": w_bytes,
+        "bandwidth": bw,
+        "floor": {"s_per_token": floor_s, "tok_s": 1 / floor_s},
+        "peers": peers,
+        "ratios": ratios,
+        "token_agreement_vs_ours": agreement,
+        "out": str(out),
+    }
+    result["text"] = report_text(result, lines)
+    return result
+
+
+def _record_build(p: dict, r: dict, ckpt_bytes: int, log: Path) -> None:
+    p["build_cmd"] = " ".join(r["cmd"])
+    if r["rc"] != 0:
+        p.update(available=False, note=f"build failed (exit {r['rc']}); see {log}:\n{_tail(log)}")
+        print(f"  build failed (exit {r['rc']}):\n{_tail(log)}", file=sys.stderr)
+        return
+    p["build_s"] = r["wall_s"]
+    p["build_peak_rss_bytes"] = r["peak_rss_bytes"]
+    p["build_rss_over_ckpt"] = r["peak_rss_bytes"] / ckpt_bytes if ckpt_bytes else None
+    print(f"  {r['wall_s']:.1f} s, peak RSS {fmt_bytes(r['peak_rss_bytes'])}", flush=True)
+
+
+def report_text(res: dict, ratio_text: list[str]) -> str:
+    c, m, peers = res["config"], res["machine"], res["peers"]
+    bw = res["bandwidth"]["bytes_per_s"]
+    head = (f"model {res['model']} ({fmt_bytes(res['checkpoint_bytes'])} safetensors), {c['precision']}, prompt "
+            f"{c['prompt_len']} + {c['new_tokens']} new tokens, greedy, batch 1, {c['threads']} threads, "
+            f"median of {c['runs']} run(s)\nmachine: {m['cpu']}, {m['cores']} cores")
+    floor = res["floor"]
+    fl = [f"memory-bandwidth floor: {res['weight_bytes_per_token'] / 1e6:.1f} MB of weights read per token / "
+          f"{bw / 1e9:.2f} GB/s measured read bandwidth = {floor['s_per_token'] * 1000:.3g} ms/token "
+          f"({floor['tok_s']:.3g} tok/s at best)"]
+    parts = [f"{n} {peers[n]['floor_fraction'] * 100:.0f}%" for n in PEERS if peers[n].get("floor_fraction")]
+    if parts:
+        fl.append("decode speed as a fraction of that floor: " + ", ".join(parts))
+    agree = res["token_agreement_vs_ours"]
+    notes = [f"{n}: {peers[n]['note'].splitlines()[0]}" for n in PEERS if peers[n].get("note")]
+    out = [head, "", table(peers), "", *ratio_text, "", *fl]
+    if agree:
+        out.append("greedy tokens, common prefix with ours: " +
+                   ", ".join(f"{n} {a['common_prefix']}/{a['of']}" for n, a in agree.items()))
+    if notes:
+        out += ["", *notes]
+    return "\n".join(out)
+
+
+def plot(res: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    peers = res["peers"]
+    names = list(PEERS)
+    colors = ["tab:blue", "tab:orange", "tab:green"]
+    panels = [("TTFT (ms, lower is better)", "ttft_ms", 1), ("decode tok/s (higher is better)", "decode_tok_s", 1),
+              ("run peak RSS (GiB)", "run_peak_rss_bytes", 2**30), ("build s", "build_s", 1),
+              ("build peak RSS (GiB)", "build_peak_rss_bytes", 2**30)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for ax, (title, key, scale) in zip(axes, panels):
+        vals = [(peers[n].get(key) or 0) / scale for n in names]
+        bars = ax.bar(names, vals, color=colors)
+        for b, v, n in zip(bars, vals, names):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}" if peers[n].get(key) else "n/a",
+                    ha="center", va="bottom", fontsize=8)
+        if key == "decode_tok_s":
+            ax.axhline(res["floor"]["tok_s"], color="red", linestyle="--", label="bandwidth floor")
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    c = res["config"]
+    fig.suptitle(f"{res['model']}: {c['precision']}, prompt {c['prompt_len']} + {c['new_tokens']} new, "
+                 f"{c['threads']} threads, median of {c['runs']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2-0.5b-random",
+                   help="checkpoint dir, preset, HF repo id (cached), tiny-* or qwen2-0.5b-random (default)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3, help="rounds; each round runs every peer once, alternating")
+    p.add_argument("--out", default=None, help="results dir (default: ~/.cache/llm-export/bench/<timestamp>)")
+    p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: all cores)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt ids")
+    p.add_argument("--bandwidth-gib", type=float, default=1.0, help="array size of the bandwidth measurement")
+    p.add_argument("--skip-hf", action="store_true", help="leave out HF transformers")
+    p.add_argument("--keep-artifacts", action="store_true", help="keep the built models under OUT/models")
+    args = p.parse_args(argv)
+    if args.prompt_len < 1 or args.new_tokens < 2 or args.runs < 1:
+        p.error("--prompt-len >= 1, --new-tokens >= 2 and --runs >= 1 are required")
+
+    res = run_benchmark(args)
+    out = Path(res["out"])
+    print("\n" + res["text"])
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    png = out / "results.png"
+    if plot(res, png):
+        print(f"\nwrote {out / 'results.json'} and {png}")
+    else:
+        print(f"\nwrote {out / 'results.json'} (no plot: matplotlib is not installed; pip install -e '.[bench]')")
+    if not args.keep_artifacts:
+        shutil.rmtree(out / "models", ignore_errors=True)
+    return 0 if res["peers"]["ours"].get("decode_tok_s") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

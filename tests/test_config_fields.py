@@ -1,0 +1,389 @@
+"""A test per config field: flip it and show the output changes (no field is silently ignored).
+
+Maths fields (same weight shapes): copy a checkpoint, edit config.json, and require both that our prefill logits on
+the fixed prompt move by more than 1e-3 and that the flipped model still matches transformers loaded from the
+flipped directory within 1e-4 (the field is honoured correctly, not just changed). Structural fields (which tensors
+exist, and their shapes): the spec / weight plan changes and loading the unflipped weights with the flipped config
+raises a CheckpointError naming a tensor. Token ids land in the spec. A last test checks that every field any
+adapter reads is covered here or in test_checkpoint_errors.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from transformers import AutoConfig
+
+from export.checkpoint import CheckpointError
+from export.model import load_model
+from export.spec import ADAPTERS, IGNORED, _Fields, load_spec, spec_from_config
+from export.verify import compare, run_hf, run_ours
+from export.weights import weight_plan
+from tests.conftest import CASES, VOCAB
+from tests.test_parity import PROMPT
+
+STEPS = 2  # prefill + 2 decode steps against HF (the decode path honours the field too)
+BITE = 1e-3  # the flip must move our prefill logits by more than this
+MATCH = 1e-4  # and we must still agree with transformers within this
+
+
+def edit_config(path: Path, fn) -> Path:
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    fn(cfg)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def _set(**kv):
+    return lambda c: c.update(kv)
+
+
+def _drop(*keys, **kv):
+    def fn(c):
+        for k in keys:
+            c.pop(k, None)
+        c.update(kv)
+
+    return fn
+
+
+def _rope(**kv):
+    return lambda c: c["rope_parameters"].update(kv)
+
+
+def _v4_rope(theta: float = 10000.0, scaling: dict | None = None):
+    """Rewrite the rope fields into the transformers v4 layout (top-level rope_theta + rope_scaling)."""
+    return _drop("rope_parameters", rope_theta=theta, rope_scaling=scaling)
+
+
+def _untie(tensors: dict) -> None:
+    tensors.pop("lm_head.weight")
+
+
+# (case, field label, config edit, tensor edit or None)
+FLIPS = [
+    # --- qwen2
+    ("qwen2_window", "rms_norm_eps", _set(rms_norm_eps=1.0), None),
+    ("qwen2_window", "rope_theta (v4 top-level)", _v4_rope(theta=100.0), None),
+    ("qwen2_window", "rope_parameters.rope_theta (v5)", _rope(rope_theta=100.0), None),
+    ("qwen2_window", "rope_scaling (v4, linear) next to rope_parameters",
+     _set(rope_scaling={"type": "linear", "factor": 4.0}), None),
+    ("qwen2_mqa_tied_linear", "rope_parameters.factor (linear)", _rope(factor=1.5), None),
+    ("qwen2_mqa_tied_linear", "rope_scaling.factor (v4, linear)",
+     _v4_rope(scaling={"type": "linear", "factor": 2.0}), None),
+    ("qwen2_mqa_tied_linear", "rope_scaling.rope_type (v4 key spelling)",
+     _v4_rope(scaling={"rope_type": "linear", "factor": 2.0}), None),
+    ("qwen2_yarn", "yarn factor", _rope(factor=2.0), None),
+    ("qwen2_yarn", "yarn original_max_position_embeddings", _rope(original_max_position_embeddings=16), None),
+    ("qwen2_yarn", "yarn top-level original_max_position_embeddings", _set(original_max_position_embeddings=16),
+     None),
+    ("qwen2_yarn", "yarn beta_fast", _rope(beta_fast=2.0), None),
+    ("qwen2_yarn", "yarn beta_slow", _rope(beta_slow=8.0), None),
+    ("qwen2_yarn", "yarn attention_factor", _rope(attention_factor=2.0), None),
+    ("qwen2_yarn", "yarn mscale / mscale_all_dim", _rope(mscale=3.0, mscale_all_dim=0.5), None),
+    ("qwen2_yarn", "yarn truncate", _rope(truncate=False, beta_fast=6.0, beta_slow=1.5), None),
+    ("qwen2_yarn", "yarn without factor (max_position_embeddings / original)",
+     _rope(factor=None, original_max_position_embeddings=32), None),
+    ("qwen2_yarn", "yarn via v4 rope_scaling",
+     _v4_rope(scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}), None),
+    ("qwen2_window", "use_sliding_window", _drop("layer_types", use_sliding_window=False), None),
+    ("qwen2_window", "sliding_window", _set(sliding_window=3), None),
+    ("qwen2_window", "sliding_window absent (transformers default 4096)", _drop("layer_types", "sliding_window"), None),
+    ("qwen2_window", "max_window_layers", _drop("layer_types", max_window_layers=2), None),
+    ("qwen2_window", "max_window_layers absent (transformers default 28)", _drop("layer_types", "max_window_layers"),
+     None),
+    ("qwen2_window", "layer_types", _set(layer_types=["sliding_attention", "full_attention", "full_attention"]), None),
+    ("qwen2_window", "tie_word_embeddings", _set(tie_word_embeddings=True), _untie),
+    ("qwen2_window", "hidden_act", _set(hidden_act="gelu_pytorch_tanh"), None),
+    ("qwen2_window", "num_attention_heads with num_key_value_heads (same shapes)",
+     _set(num_attention_heads=8, num_key_value_heads=4), None),
+    # --- gemma2
+    ("gemma2", "query_pre_attn_scalar", _set(query_pre_attn_scalar=64), None),
+    ("gemma2", "attn_logit_softcapping", _set(attn_logit_softcapping=1.0), None),
+    ("gemma2", "attn_logit_softcapping null", _set(attn_logit_softcapping=None), None),
+    ("gemma2", "final_logit_softcapping", _set(final_logit_softcapping=2.0), None),
+    ("gemma2", "final_logit_softcapping null", _set(final_logit_softcapping=None), None),
+    ("gemma2", "softcappings absent (transformers defaults 50 / 30)",
+     _drop("attn_logit_softcapping", "final_logit_softcapping"), None),
+    ("gemma2", "sliding_window", _set(sliding_window=3), None),
+    ("gemma2", "layer_types", _set(layer_types=["full_attention", "sliding_attention", "sliding_attention"]), None),
+    ("gemma2", "layer_types absent (default: even layers slide) with sliding_window 2",
+     _drop("layer_types", sliding_window=2), None),
+    ("gemma2", "hidden_activation", _set(hidden_activation="silu"), None),
+    ("gemma2", "rms_norm_eps", _set(rms_norm_eps=1.0), None),
+    ("gemma2", "rope_parameters.rope_theta", _rope(rope_theta=100.0), None),
+    ("gemma2", "rope_theta (v4 top-level)", _v4_rope(theta=100.0), None),
+    ("gemma2", "rope_scaling (v4, linear)", _v4_rope(scaling={"type": "linear", "factor": 3.0}), None),
+    ("gemma2_mqa_untied", "tie_word_embeddings", _set(tie_word_embeddings=True), _untie),
+    # --- qwen3_moe
+    ("qwen3_moe_mixed", "norm_topk_prob", _set(norm_topk_prob=False), None),
+    ("qwen3_moe_nonorm", "norm_topk_prob", _set(norm_topk_prob=True), None),
+    ("qwen3_moe_mixed", "num_experts_per_tok", _set(num_experts_per_tok=3), None),
+    ("qwen3_moe_mixed", "rms_norm_eps", _set(rms_norm_eps=1.0), None),
+    ("qwen3_moe_mixed", "use_sliding_window + sliding_window", _set(use_sliding_window=True, sliding_window=4), None),
+    ("qwen3_moe_mixed", "hidden_act", _set(hidden_act="gelu_pytorch_tanh"), None),
+    ("qwen3_moe_mixed", "rope_parameters.rope_theta", _rope(rope_theta=100.0), None),
+    ("qwen3_moe_mixed", "rope_scaling (v4, yarn)",
+     _v4_rope(scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}), None),
+    ("qwen3_moe_mixed", "tie_word_embeddings", _set(tie_word_embeddings=True), _untie),
+]
+
+
+def hf_view(cfg) -> dict:
+    """What transformers' config object says about the fields we turn into the spec (defaults applied by it)."""
+    family = cfg.model_type
+    n = cfg.num_hidden_layers
+    if family == "qwen3_moe":  # no layer_types: the window (if any) is on every layer
+        windows = (cfg.sliding_window,) * n
+    else:
+        windows = tuple(cfg.sliding_window if t == "sliding_attention" else None for t in cfg.layer_types)
+    rope = cfg.rope_parameters
+    view = dict(windows=windows, head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                eps=cfg.rms_norm_eps, tie=cfg.tie_word_embeddings, rope_type=rope["rope_type"],
+                theta=float(rope["rope_theta"]), kv=cfg.num_key_value_heads,
+                act={"gelu_pytorch_tanh": "gelu_tanh", "swish": "silu"}.get(
+                    *(2 * [cfg.hidden_activation if family == "gemma2" else cfg.hidden_act])))
+    if family == "gemma2":
+        view.update(attn_scale=cfg.query_pre_attn_scalar ** -0.5, attn_softcap=cfg.attn_logit_softcapping,
+                    final_softcap=cfg.final_logit_softcapping)
+    if family == "qwen3_moe":
+        view.update(experts=cfg.num_experts, top_k=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+                    sparse=tuple(i for i in range(n) if i not in cfg.mlp_only_layers and cfg.num_experts > 0
+                                 and (i + 1) % cfg.decoder_sparse_step == 0))
+    if rope["rope_type"] != "default":  # yarn without a factor: transformers derives it as below
+        view["factor"] = rope.get("factor") or cfg.max_position_embeddings / rope["original_max_position_embeddings"]
+    return view
+
+
+def our_view(spec) -> dict:
+    view = dict(windows=tuple(layer.window for layer in spec.layers), head_dim=spec.head_dim, eps=spec.rms_norm_eps,
+                tie=spec.tie_embeddings, rope_type=spec.rope.rope_type, theta=spec.rope.theta,
+                kv=spec.num_kv_heads, act=spec.hidden_act)
+    if spec.model_type == "gemma2":
+        view.update(attn_scale=spec.attn_scale, attn_softcap=spec.attn_softcap, final_softcap=spec.final_softcap)
+    if spec.model_type == "qwen3_moe":
+        view.update(experts=spec.num_experts, top_k=spec.top_k, norm_topk_prob=spec.norm_topk_prob,
+                    sparse=spec.sparse_layers)
+    if spec.rope.rope_type != "default":
+        view["factor"] = spec.rope.factor
+    return view
+
+
+# num_key_value_heads is given: when absent, transformers' defaults (32 / 4 / 4) differ from ours (= heads), but it is
+# structural, so the k/v projection shapes decide (a disagreement is a CheckpointError, see STRUCTURAL).
+_REQUIRED = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, max_position_embeddings=256,
+                 num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
+
+
+@pytest.mark.parametrize("family, fields", [
+    ("qwen2", {}),
+    ("qwen2", dict(use_sliding_window=True, num_hidden_layers=30)),  # window 4096 from layer 28 on (HF defaults)
+    ("qwen2", dict(use_sliding_window=True, sliding_window=7, max_window_layers=2)),
+    ("qwen2", dict(use_sliding_window=False, sliding_window=7, max_window_layers=0)),
+    ("qwen2", dict(num_key_value_heads=None, rope_theta=5e5, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                                            "original_max_position_embeddings": 64})),
+    ("gemma2", dict(query_pre_attn_scalar=16)),  # head_dim 256, caps 50 / 30, window 4096 on even layers
+    ("gemma2", dict(query_pre_attn_scalar=16, head_dim=24, sliding_window=9, attn_logit_softcapping=None,
+                    layer_types=["full_attention", "sliding_attention"] * 2)),
+    ("qwen3_moe", dict(num_experts_per_tok=2, moe_intermediate_size=32)),  # 128 experts, no window
+    ("qwen3_moe", dict(num_experts_per_tok=2, moe_intermediate_size=32, use_sliding_window=True,
+                       num_experts=8, decoder_sparse_step=2, mlp_only_layers=[1])),
+])
+def test_spec_agrees_with_transformers_config(family, fields):
+    """Defaults and derived values that only bite beyond a tiny model (windows of 4096, layer 28 on, head_dim
+    256) checked against transformers' own config objects rather than by running them."""
+    from tests.conftest import hf_config
+
+    cfg = dict(_REQUIRED, **fields)
+    hf = hf_config(family, {k: v for k, v in cfg.items()})
+    assert our_view(spec_from_config(dict(cfg, model_type=family))) == hf_view(hf)
+
+
+@pytest.fixture(scope="module")
+def baseline(checkpoints):
+    """Callable: case -> our prefill logits on PROMPT for the unflipped checkpoint (computed once)."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(case: str) -> torch.Tensor:
+        if case not in cache:
+            model, _ = load_model(checkpoints(case))
+            cache[case] = run_ours(model, PROMPT, steps=0).logits[0]
+        return cache[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case, field, edit, tensors", FLIPS, ids=[f"{c}-{f}" for c, f, _, _ in FLIPS])
+def test_flip_changes_output_and_matches_hf(case, field, edit, tensors, copy_checkpoint, baseline):
+    path = edit_config(copy_checkpoint(case), edit)
+    if tensors is not None:
+        weights = load_file(str(path / "model.safetensors"))
+        tensors(weights)
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model, spec = load_model(path)
+    assert our_view(spec) == hf_view(AutoConfig.from_pretrained(str(path), local_files_only=True)), field
+    ours = run_ours(model, PROMPT, steps=STEPS)
+    moved = float((ours.logits[0] - baseline(case)).abs().max())
+    assert moved > BITE, f"{field}: flipping it moved the logits by only {moved:.2e}"
+    r = compare(ours, run_hf(path, PROMPT, steps=STEPS))
+    assert r["max_logit_diff"] < MATCH, (field, r)
+    assert r["max_logprob_diff"] < MATCH, (field, r)
+
+
+def test_v4_and_v5_rope_layouts_are_the_same_model(copy_checkpoint, baseline):
+    """The v4 spelling of the same RoPE gives bit-identical logits (the flips above compare against the v5 one)."""
+    for case, edit in [("qwen2_window", _v4_rope()),
+                       ("qwen2_mqa_tied_linear", _v4_rope(scaling={"type": "linear", "factor": 4.0})),
+                       ("qwen2_yarn", _v4_rope(scaling={"type": "yarn", "factor": 4.0,
+                                                        "original_max_position_embeddings": 64}))]:
+        model, _ = load_model(edit_config(copy_checkpoint(case), edit))
+        assert torch.equal(run_ours(model, PROMPT, steps=0).logits[0], baseline(case)), case
+
+
+# --------------------------------------------------------------------------------------------------------------
+# structural fields: they decide which tensors exist and their shapes
+
+
+def _plan(spec) -> dict:
+    return {w.name: (w.shape, w.sources) for w in weight_plan(spec)}
+
+
+STRUCTURAL = [
+    # (case, field label, config edit, a tensor name the load error must name)
+    ("qwen3_moe_mixed", "decoder_sparse_step", _set(decoder_sparse_step=1), "model.layers.0.mlp.gate.weight"),
+    ("qwen3_moe_mixed", "mlp_only_layers (sparse layer forced dense)", _set(mlp_only_layers=[1, 3]),
+     "model.layers.1.mlp.gate_proj.weight"),
+    ("qwen3_moe_mixed", "mlp_only_layers (dense layer made sparse)", _set(mlp_only_layers=[]),
+     "model.layers.3.mlp.gate.weight"),
+    ("qwen3_moe_mixed", "num_local_experts (fewer)", _set(num_local_experts=4), "model.layers.1.mlp.gate.weight"),
+    ("qwen3_moe_mixed", "num_experts (v4 name, more)", _drop("num_local_experts", num_experts=16),
+     "model.layers.1.mlp.experts.8.gate_proj.weight"),
+    ("qwen3_moe_mixed", "num_experts 0 (all dense)", _drop("num_local_experts", num_experts=0),
+     "model.layers.1.mlp.gate_proj.weight"),
+    ("qwen3_moe_mixed", "moe_intermediate_size", _set(moe_intermediate_size=16),
+     "model.layers.1.mlp.experts.0.gate_proj.weight"),
+    ("qwen3_moe_mixed", "intermediate_size (dense layers)", _set(intermediate_size=128),
+     "model.layers.0.mlp.gate_proj.weight"),
+    ("qwen3_moe_mixed", "head_dim", _set(head_dim=32), "model.layers.0.self_attn.q_proj.weight"),
+    ("qwen3_moe_mixed", "num_key_value_heads", _set(num_key_value_heads=1), "model.layers.0.self_attn.k_proj.weight"),
+    ("qwen3_moe_mixed", "num_hidden_layers", _set(num_hidden_layers=5), "model.layers.4.input_layernorm.weight"),
+    ("qwen3_moe_mixed", "num_attention_heads", _set(num_attention_heads=8), "model.layers.0.self_attn.q_proj.weight"),
+    ("qwen3_moe_mixed", "vocab_size", _set(vocab_size=128), "model.embed_tokens.weight"),
+    ("qwen3_moe_mixed", "hidden_size", _set(hidden_size=32), "model.embed_tokens.weight"),
+    ("qwen2_window", "num_key_value_heads", _set(num_key_value_heads=4), "model.layers.0.self_attn.k_proj.weight"),
+    ("qwen2_window", "head_dim (explicit, != hidden / heads)", _set(head_dim=32),
+     "model.layers.0.self_attn.q_proj.weight"),
+    ("qwen2_window", "num_attention_heads", _set(num_attention_heads=8), "model.layers.0.self_attn.k_proj.weight"),
+    ("qwen2_window", "intermediate_size", _set(intermediate_size=128), "model.layers.0.mlp.gate_proj.weight"),
+    ("qwen2_window", "vocab_size", _set(vocab_size=300), "model.embed_tokens.weight"),
+    ("qwen2_window", "hidden_size", _set(hidden_size=128), "model.embed_tokens.weight"),
+    ("qwen2_window", "num_hidden_layers", _set(num_hidden_layers=4, layer_types=None),
+     "model.layers.3.self_attn.q_proj.weight"),
+    ("qwen2_mqa_tied_linear", "tie_word_embeddings (tied -> untied)", _set(tie_word_embeddings=False),
+     "lm_head.weight"),
+    ("gemma2", "num_attention_heads", _set(num_attention_heads=8), "model.layers.0.self_attn.q_proj.weight"),
+    ("gemma2", "head_dim", _set(head_dim=16), "model.layers.0.self_attn.q_proj.weight"),
+    ("gemma2", "head_dim absent (transformers default 256)", _drop("head_dim"),
+     "model.layers.0.self_attn.q_proj.weight"),
+    ("gemma2", "hidden_size", _set(hidden_size=96), "model.embed_tokens.weight"),
+    ("gemma2", "intermediate_size", _set(intermediate_size=64), "model.layers.0.mlp.gate_proj.weight"),
+    ("gemma2", "num_key_value_heads", _set(num_key_value_heads=4), "model.layers.0.self_attn.k_proj.weight"),
+    ("gemma2", "num_hidden_layers", _set(num_hidden_layers=4, layer_types=None), "model.layers.3.mlp.up_proj.weight"),
+    ("gemma2", "vocab_size", _set(vocab_size=512), "model.embed_tokens.weight"),
+]
+
+
+@pytest.mark.parametrize("case, field, edit, tensor", STRUCTURAL, ids=[f"{c}-{f}" for c, f, _, _ in STRUCTURAL])
+def test_structural_flip_changes_plan_and_is_caught(case, field, edit, tensor, checkpoints, copy_checkpoint):
+    base = load_spec(checkpoints(case))
+    path = edit_config(copy_checkpoint(case), edit)
+    spec = load_spec(path)
+    assert spec.layers != base.layers or _plan(spec) != _plan(base), field
+    with pytest.raises(CheckpointError, match=rf"checkpoint does not match config.json:(?s:.*)'{tensor}'"):
+        load_model(path)
+
+
+def test_structural_spec_values(checkpoints):
+    """The MoE layout fields land where the plan reads them."""
+    cfg = json.loads((checkpoints("qwen3_moe_mixed") / "config.json").read_text())
+    assert spec_from_config(cfg).sparse_layers == (1,)  # step 2 -> 1, 3; mlp_only_layers removes 3
+    assert spec_from_config(dict(cfg, decoder_sparse_step=1)).sparse_layers == (0, 1, 2)
+    assert spec_from_config(dict(cfg, mlp_only_layers=[])).sparse_layers == (1, 3)
+    assert spec_from_config(dict(cfg, mlp_only_layers=None)).sparse_layers == (1, 3)
+    assert spec_from_config(dict(cfg, num_local_experts=0)).sparse_layers == ()
+    no_experts = {k: v for k, v in cfg.items() if k != "num_local_experts"}
+    assert spec_from_config(no_experts).num_experts == 128  # transformers' Qwen3MoeConfig default
+    moe = spec_from_config(dict(cfg, num_experts_per_tok=3, moe_intermediate_size=48, num_local_experts=6))
+    assert (moe.top_k, moe.moe_intermediate_size, moe.num_experts) == (3, 48, 6)
+    qwen2 = json.loads((checkpoints("qwen2_window") / "config.json").read_text())
+    assert spec_from_config(dict(qwen2, head_dim=32)).head_dim == 32  # explicit head_dim honoured for qwen2 too
+
+
+def test_fewer_layers_than_stored_warns_and_names_them(copy_checkpoint, capsys):
+    """num_hidden_layers below what is stored only drops layers: allowed, but every unused tensor is reported."""
+    path = edit_config(copy_checkpoint("qwen3_moe_mixed"), _set(num_hidden_layers=3, mlp_only_layers=[]))
+    capsys.readouterr()
+    _, spec = load_model(path)
+    err = capsys.readouterr().err
+    assert spec.num_layers == 3
+    assert "warning: " in err and "model.layers.3.input_layernorm.weight" in err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# token ids
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(bos_token_id=1, eos_token_id=2, pad_token_id=0), (1, (2,), 0)),
+    (dict(bos_token_id=None, eos_token_id=[2, 7], pad_token_id=None), (None, (2, 7), None)),
+    (dict(bos_token_id=5, eos_token_id=None, pad_token_id=9), (5, (), 9)),
+])
+@pytest.mark.parametrize("case", ["qwen2_window", "gemma2", "qwen3_moe_mixed"])
+def test_token_ids_land_in_spec(case, fields, expected, checkpoints):
+    cfg = json.loads((checkpoints(case) / "config.json").read_text())
+    spec = spec_from_config(dict(cfg, **fields))
+    assert (spec.bos_token_id, spec.eos_token_ids, spec.pad_token_id) == expected
+    again = type(spec).from_dict(json.loads(json.dumps(spec.to_dict())))  # survives the JSON round trip
+    assert again == spec
+
+
+# --------------------------------------------------------------------------------------------------------------
+# coverage: every field an adapter reads is exercised somewhere
+
+# Fields whose only effect is a refusal, tested in test_checkpoint_errors.py.
+REFUSAL_FIELDS = {"use_mrope", "dual_chunk_attention_config", "attention_bias", "hidden_act", "sliding_window_size"}
+# Fields read but by design without effect on the maths for that family (as in transformers; see spec.py).
+MOOT_FIELDS = {("qwen3_moe", "max_window_layers"),  # the window covers every layer
+               ("gemma2", "max_position_embeddings"), ("qwen3_moe", "max_position_embeddings")}  # only yarn reads it
+TOKEN_FIELDS = {"bos_token_id", "eos_token_id", "pad_token_id"}  # test_token_ids_land_in_spec
+
+
+def _covered(family: str, field: str) -> bool:
+    """A flip or structural test of this family names the field as a whole word in its label."""
+    pattern = re.compile(rf"(?<!\w){re.escape(field)}(?!\w)")
+    return any(CASES[case][0] == family and pattern.search(label) for case, label, _, _ in FLIPS + STRUCTURAL)
+
+
+def test_every_read_field_is_covered():
+    """Each field an adapter reads (on every case's config, v4 spellings included) is flipped by a test of the
+    same family, is a token id, only ever leads to a refusal (test_checkpoint_errors.py) or is moot there."""
+    from tests.conftest import hf_config
+
+    uncovered = set()
+    for case, (family, fields) in CASES.items():
+        cfg = hf_config(family, fields).to_dict()
+        cfg.update(rope_theta=10000.0, rope_scaling=None, original_max_position_embeddings=None)
+        f = _Fields(cfg)
+        ADAPTERS[family](f)
+        for field in f.read - IGNORED.difference(TOKEN_FIELDS):
+            if field in TOKEN_FIELDS | REFUSAL_FIELDS or (family, field) in MOOT_FIELDS or _covered(family, field):
+                continue
+            uncovered.add((family, field))
+    assert not uncovered, f"fields read by an adapter but flipped by no test: {sorted(uncovered)}"
