@@ -198,6 +198,8 @@ def ratio_lines(peers: dict) -> tuple[list[str], dict]:
     for label, key, higher_better in specs:
         parts = []
         for other in others:
+            if key.startswith("build") and other == "hf-eager":
+                continue  # nothing to build
             a, b = ours.get(key), peers[other].get(key)
             r = ratio(a, b) if higher_better else ratio(b, a)
             name = f"ours/{other}" if higher_better else f"{other}/ours"
