@@ -47,10 +47,11 @@ def _versions() -> dict:
 
 def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out: Path | None = None,
           kv_mode: str = "static", max_seq_len: int | None = None, max_batch: int = 8, overwrite: bool = False,
-          progress: bool = True) -> Path:
+          progress: bool = True, lowering: str | None = None) -> Path:
     if backend != "onnxruntime":
         raise ValueError(f"--backend {backend}: only 'onnxruntime' is implemented so far")
     dtype = DTYPES[precision]
+    lowering = lowering or ("ort" if kv_mode == "static" else "reference")
     model_dir = resolve_model(model)
     spec = load_spec(model_dir)
     ckpt = Checkpoint(model_dir)
@@ -68,7 +69,10 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
         total = weight_bytes(plan, spec, dtype)
         print(f"exporting {spec.model_type} ({spec.num_layers} layers, {total / 2**20:.1f} MiB of weights, "
               f"{precision}, kv {kv_mode}) from {model_dir}", file=sys.stderr)
-        facts = export_onnx(spec, ckpt, plan, tmp / GRAPH, kv_mode, dtype, progress=progress)
+        facts = export_onnx(spec, ckpt, plan, tmp / GRAPH, kv_mode, dtype, progress=progress, lowering=lowering,
+                            max_seq_len=max_seq_len)
+        for line in facts["fusion"]["skipped"]:
+            print(f"note: left unfused: {line}", file=sys.stderr)
         _check_graph(tmp / GRAPH)
         for name in TOKENIZER_FILES:
             if (model_dir / name).exists():
@@ -83,8 +87,11 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
             "kv_mode": kv_mode,
             "max_seq_len": max_seq_len,
             "max_batch": max_batch,
-            "graphs": {"decoder": {"file": GRAPH, "lowering": "reference", **io_description(spec, kv_mode, dtype),
-                                   "op_histogram": facts["op_histogram"]}},
+            "graphs": {"decoder": {"file": GRAPH, "lowering": lowering, **io_description(spec, kv_mode, dtype),
+                                   "op_histogram": facts["op_histogram"], "fusion": facts["fusion"],
+                                   # GQA updates the KV buffer in place: present must be bound to past's memory
+                                   "kv_binding": "in_place" if facts["fusion"].get("GroupQueryAttention")
+                                   else ("swap" if kv_mode == "static" else "grow")}},
             "sliding_window_cache": "full-length cache on every layer (windows are applied by the mask)",
             "versions": _versions(),
             "build": {"seconds": round(time.perf_counter() - t0, 2), "weight_bytes": total,

@@ -67,24 +67,42 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, window: int | None, kv_mode: str, dtype: torch.dtype):
         super().__init__()
         H, D = spec.hidden_size, spec.head_dim
-        self.n_heads, self.n_kv, self.head_dim = spec.num_heads, spec.num_kv_heads, D
-        self.window, self.kv_mode = window, kv_mode
-        self.scale, self.cap = spec.attn_scale, spec.attn_softcap
-        self.q = _linear(H, self.n_heads * D, spec.qkv_bias, dtype)
-        self.k = _linear(H, self.n_kv * D, spec.qkv_bias, dtype)
-        self.v = _linear(H, self.n_kv * D, spec.qkv_bias, dtype)
-        self.o = _linear(self.n_heads * D, H, False, dtype)
+        self.window = window
+        self.q = _linear(H, spec.num_heads * D, spec.qkv_bias, dtype)
+        self.k = _linear(H, spec.num_kv_heads * D, spec.qkv_bias, dtype)
+        self.v = _linear(H, spec.num_kv_heads * D, spec.qkv_bias, dtype)
+        self.o = _linear(spec.num_heads * D, H, False, dtype)
         self.q_norm = Norm(D, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = Norm(D, spec.rms_norm_eps) if spec.qk_norm else None
+        self.core = AttentionCore(spec, window, kv_mode)
 
     def forward(self, x, cos, sin, mask, write_index, past_k, past_v):
-        B, S, _ = x.shape
+        qn = self.q_norm.weight if self.q_norm is not None else None
+        kn = self.k_norm.weight if self.k_norm is not None else None
+        out, k_all, v_all = self.core(self.q(x), self.k(x), self.v(x), qn, kn, cos, sin, mask, write_index,
+                                      past_k, past_v)
+        return self.o(out), k_all, v_all
+
+
+class AttentionCore(nn.Module):
+    """Everything between the q/k/v projections and the output projection: q/k norm, RoPE, KV update, masked
+    (windowed, softcapped) attention. It is a module of its own so the exported nodes carry its name scope and
+    graphs/fuse.py can replace the whole region by one fused node."""
+
+    def __init__(self, spec: ModelSpec, window: int | None, kv_mode: str):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.window, self.kv_mode, self.eps = window, kv_mode, spec.rms_norm_eps
+        self.scale, self.cap = spec.attn_scale, spec.attn_softcap
+
+    def forward(self, q, k, v, q_norm_w, k_norm_w, cos, sin, mask, write_index, past_k, past_v):
+        B, S, _ = q.shape
         G = self.n_heads // self.n_kv
-        q = self.q(x).view(B, S, self.n_heads, self.head_dim)  # [B,S,nH,D]
-        k = self.k(x).view(B, S, self.n_kv, self.head_dim)  # [B,S,KV,D]
-        v = self.v(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B,KV,S,D]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim)  # [B,S,nH,D]
+        k = k.view(B, S, self.n_kv, self.head_dim)  # [B,S,KV,D]
+        v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # [B,KV,S,D]
+        if q_norm_w is not None:
+            q, k = rms_norm(q, q_norm_w, self.eps), rms_norm(k, k_norm_w, self.eps)
         q = q.transpose(1, 2)  # [B,nH,S,D]
         k = k.transpose(1, 2)  # [B,KV,S,D]
         q = q * cos + rotate_half(q) * sin
@@ -104,7 +122,7 @@ class Attention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(v_all.dtype)
         out = torch.matmul(probs, v_all.unsqueeze(2))  # [B,KV,G,S,D]
         out = out.reshape(B, self.n_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, -1)
-        return self.o(out), k_all, v_all
+        return out, k_all, v_all
 
 
 class MLP(nn.Module):

@@ -184,7 +184,8 @@ def _sole_transpose(value):
 
 
 def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path: Path, kv_mode: str,
-                dtype: torch.dtype, progress: bool = True) -> dict:
+                dtype: torch.dtype, progress: bool = True, lowering: str = "reference",
+                max_seq_len: int = 4096) -> dict:
     """Trace, attach lazy weights and write `out_path` + `out_path.data`. Returns facts for the manifest."""
     import contextlib
     import sys
@@ -198,6 +199,10 @@ def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path:
         model = trace_graph(spec, kv_mode, dtype)
     _name_dims(model, spec, kv_mode)
     folded = attach_weights(model, spec, plan, ckpt, dtype)
+    from graphs.lower import lower
+
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(dtype, np.float32)
+    lowered = lower(model, spec, lowering, kv_mode, max_seq_len, np_dtype)
     model.producer_name = "llm-export"
     initializers = list(model.graph.initializers.values())
     with tqdm(total=len(initializers), unit="tensor", desc="writing weights", disable=not progress,
@@ -205,7 +210,7 @@ def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path:
         ir.save(model, out_path, external_data=out_path.name + ".data", max_workers=1,
                 callback=lambda tensor, info: bar.update(1))
     return {"transposes_folded": folded, "nodes": len(list(model.graph)),
-            "op_histogram": op_histogram(model)}
+            "op_histogram": op_histogram(model), "fusion": lowered}
 
 
 def op_histogram(model) -> dict[str, int]:

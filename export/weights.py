@@ -110,7 +110,8 @@ def check_checkpoint(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight] | Non
         # (use the stored head) when it differs, while we use the embedding: refuse rather than disagree.
         if not _same_tensor(ckpt, "lm_head.weight", "model.embed_tokens.weight"):
             problems.append("config.json has tie_word_embeddings=true but the checkpoint's 'lm_head.weight' differs "
-                            "from 'model.embed_tokens.weight' (set tie_word_embeddings to false if the head is its own)")
+                            "from 'model.embed_tokens.weight' (set tie_word_embeddings to false if the head is its "
+                            "own)")
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise CheckpointError(f"{ckpt.dir}: checkpoint does not match config.json:\n  " + "\n  ".join(shown))

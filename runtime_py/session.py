@@ -1,9 +1,10 @@
 """ONNX Runtime session over an artifact's decoder graph, with I/O binding and preallocated KV buffers.
 
 What it does: opens ``manifest.json`` (checksums verified), creates one ``onnxruntime.InferenceSession`` and runs
-the graph through I/O binding. In static-buffer mode the KV cache is two preallocated sets of OrtValues
-``[B, KV, max_len, D]``: each call reads one set as ``past_key_values.*`` and writes the other as ``present.*``,
-then they swap (no allocation, no growing copies). In concat mode the presents ORT allocates are fed back as
+the graph through I/O binding. In static-buffer mode the KV cache is preallocated OrtValues
+``[B, KV, max_len, D]``: with the ``ort`` lowering (GroupQueryAttention) ``present.*`` is bound to the same
+memory as ``past_key_values.*`` and updated in place; with the reference graph each call reads one set and
+writes a second, then they swap (no allocation, no growing copies). In concat mode the presents ORT allocates are fed back as
 OrtValues without a round trip through numpy.
 
 What it does not do: sampling, tokenizing or batching policy (generate.py does), or TensorRT.
@@ -40,6 +41,7 @@ class OrtSession:
         graph = self.manifest["graphs"]["decoder"]
         spec = self.manifest["spec"]
         self.kv_mode = self.manifest["kv_mode"]
+        self.in_place = graph.get("kv_binding") == "in_place"
         self.max_seq_len = int(self.manifest["max_seq_len"])
         self.vocab_size = spec["vocab_size"]
         self.num_layers = len(spec["layers"])
@@ -65,22 +67,26 @@ class OrtSession:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if self.kv_mode == "static":
-            return KVCache(self._zeros(batch, max_len), self._zeros(batch, max_len), max_len)
+            spare = None if self.in_place else self._zeros(batch, max_len)
+            return KVCache(self._zeros(batch, max_len), spare, max_len)
         return KVCache(self._zeros(batch, 0), None, 0)
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray | None,
                 cache: KVCache) -> np.ndarray:
         """Run one prefill or decode call; updates `cache` in place and returns logits [B, S, V] fp32."""
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        # bind_cpu_input does not own the array: keep every bound array alive until the run has finished.
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                 "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)}
         if self.kv_mode == "concat":
-            io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+            feeds["attention_mask"] = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        for name, array in feeds.items():
+            io.bind_cpu_input(name, array)
         for name, value in zip(self.kv_in, cache.values):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits")
         if self.kv_mode == "static":
-            for name, value in zip(self.kv_out, cache.spare):
+            for name, value in zip(self.kv_out, cache.values if self.in_place else cache.spare):
                 io.bind_ortvalue_output(name, value)
         else:
             for name in self.kv_out:
@@ -88,7 +94,8 @@ class OrtSession:
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
         if self.kv_mode == "static":
-            cache.values, cache.spare = cache.spare, cache.values
+            if not self.in_place:  # in place: the buffers already hold the update
+                cache.values, cache.spare = cache.spare, cache.values
         else:
             cache.values = list(outputs[1:])
             cache.length += input_ids.shape[1]

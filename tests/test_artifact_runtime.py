@@ -224,3 +224,15 @@ def test_existing_output_not_overwritten(artifacts, checkpoints):
     path = artifacts("qwen2_window")
     with pytest.raises(ArtifactError, match="already exists"):
         build(str(checkpoints("qwen2_window")), out=path, progress=False)
+
+
+def test_chat_cli_streams_a_reply(artifacts):
+    import subprocess
+    import sys
+
+    path = artifacts("qwen2_window")
+    proc = subprocess.run([sys.executable, "-m", "runtime_py", "chat", str(path), "--max-new-tokens", "6",
+                           "--ignore-eos", "--seed", "1"], input="hello\nand again\n\n", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2

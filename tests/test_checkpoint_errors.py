@@ -189,7 +189,7 @@ def test_corrupt_header(kind, copy_checkpoint, capsys):
     f = path / "model.safetensors"
     data = f.read_bytes()
     if kind == "garbage":
-        f.write_bytes(os.urandom(64) + data[64:])
+        f.write_bytes(b"\xde\xad\xbe\xef" * 16 + data[64:])
     elif kind == "bad_json_header":
         n = struct.unpack("<Q", data[:8])[0]
         f.write_bytes(data[:8] + b"{not json" + b" " * (n - 9) + data[8 + n:])
@@ -447,7 +447,8 @@ def test_invalid_json_config(copy_checkpoint, capsys):
 @pytest.mark.parametrize("case, edit, match", [
     ("gemma2", lambda c: c.update(hidden_act="silu"),
      r"'hidden_act' = 'silu' contradicts 'hidden_activation' = 'gelu_pytorch_tanh'"),
-    ("gemma2", lambda c: c.update(sliding_window_size=7), r"'sliding_window_size' = 7 contradicts 'sliding_window' = 5"),
+    ("gemma2", lambda c: c.update(sliding_window_size=7),
+     r"'sliding_window_size' = 7 contradicts 'sliding_window' = 5"),
     ("qwen3_moe_mixed", lambda c: c.update(num_experts=4), r"num_experts \(4\) and num_local_experts \(8\) disagree"),
     ("qwen2_window", lambda c: c.update(use_sliding_window=False),  # layer_types still says sliding
      r"layer 1 is sliding_attention but sliding_window is unset"),
