@@ -3,7 +3,7 @@
 Why it exists: on Linux a process's ru_maxrss starts from the high-water mark of the address space it exec'd
 from, so a command started directly by the benchmark (a big process: torch imported, a 1 GiB bandwidth array)
 would report at least the benchmark's own peak. This stdlib-only script starts small, spawns the command, waits
-for it with os.wait4 and writes {"rc", "wall_s", "peak_rss_bytes"} of that command alone to RESULT.json. Its
+for it with os.wait4 and writes {"rc", "wall_s", "peak_rss_bytes", "cpu_s"} of that command alone to RESULT.json. Its
 stdout/stderr are the command's.
 """
 
@@ -21,7 +21,8 @@ def main() -> int:
     wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
     with open(result, "w") as f:
-        json.dump({"rc": rc, "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}, f)  # Linux: KiB
+        json.dump({"rc": rc, "wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux: KiB
+                   "cpu_s": usage.ru_utime + usage.ru_stime}, f)
     return rc
 
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m export {build,verify} ...`. Defaults are defined here, once."""
+"""Command line: `python -m export {build,verify,inspect} ...`. Defaults are defined here, once."""
 
 from __future__ import annotations
 
@@ -44,8 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default=None, help="artifact directory (default: ~/.cache/llm-export/artifacts/...)")
     b.add_argument("--max-seq-len", type=_positive, default=None, help="context length (default: the model's)")
     b.add_argument("--max-batch", type=_positive, default=8)
+    b.add_argument("--lowering", choices=["reference", "ort", "trt-plugin"], default=None,
+                   help="graph lowering (default: ort for --kv-mode static, reference for concat)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     b.add_argument("--no-progress", action="store_true")
+
+    i = sub.add_parser("inspect", help="op histogram and fusion counts of an artifact's graphs")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true")
 
     args = parser.parse_args(argv)
     from artifacts.bundle import ArtifactError
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(args)
         if args.command == "build":
             return _build(args)
+        if args.command == "inspect":
+            return _inspect(args)
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
@@ -71,8 +79,26 @@ def _build(args) -> int:
 
     path = build(args.model, precision=args.precision, backend=args.backend, out=args.out, kv_mode=args.kv_mode,
                  max_seq_len=args.max_seq_len, max_batch=args.max_batch, overwrite=args.overwrite,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, lowering=args.lowering)
     print(path)
+    return 0
+
+
+def _inspect(args) -> int:
+    from export.inspect import inspect_artifact
+
+    report = inspect_artifact(args.artifact)
+    for name, g in report["graphs"].items():
+        print(f"graph {name}: {g['file']}  lowering={g['lowering']}  nodes={sum(g['ops'].values())}")
+        for op, n in sorted(g["ops"].items(), key=lambda kv: -kv[1]):
+            print(f"  {n:6d}  {op}")
+        f = g["fusion"]
+        print(f"  fusion: attention {f.get('attention_fused', 0)}/{report['layers']}, "
+              f"MoE {f.get('moe_fused', 0)}/{report['sparse_layers']}")
+        for line in f.get("skipped", []):
+            print(f"  unfused: {line}")
+    if args.json:
+        print(json.dumps(report))
     return 0
 
 

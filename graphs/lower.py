@@ -8,7 +8,8 @@ Targets (DESIGN.md section 3):
   past; RoPE from the cos/sin caches inside the op; softcap; ``local_window_size = window``, which matches
   transformers' window measured against it), preceded by
   a per-head RMSNorm on q/k for Qwen3 (the CPU kernel ignores GQA's own q/k norm inputs);
-  MoE -> ``com.microsoft.MoE`` (router logits in, SwiGLU with gate/up interleaved, ``swiglu_fusion=1``).
+  MoE -> ``com.microsoft.MoE`` on the flattened tokens (router logits in, SwiGLU with gate/up interleaved,
+  ``swiglu_fusion=1``).
   Concat-mode attention (left padding + attention mask) has no GQA form: those regions stay unfused, reported.
 * ``trt-plugin``: every fused node becomes a TensorRT plugin node: op_type = plugin name, attributes
   ``plugin_namespace``/``plugin_version`` plus the node's own fields (names from plugins/).
@@ -43,6 +44,8 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 def _ort_supports(attrs: dict) -> str | None:
     if attrs["kv_mode"] != "static":
         return "GroupQueryAttention needs the static KV buffer (build with --kv-mode static)"
+    if attrs["head_dim"] % 16:
+        return f"GroupQueryAttention (CPU) needs head_dim % 16 == 0, got {attrs['head_dim']}"
     return None
 
 
@@ -154,12 +157,16 @@ def _moe_to_ort(graph: ir.Graph, node: ir.Node) -> None:
     x2 = ir.node("Reshape", [hidden, flat], name=f"{node.name}.flat")
     logits = ir.node("MatMul", [x2.outputs[0], router], name=f"{node.name}.router")
     fc1 = _interleaved(graph, gate_up)
-    moe = ir.node("MoE", [hidden, logits.outputs[0], fc1, None, down],
+    # The 2-D (token-major) form: with a 3-D input, ORT 1.31's CPU MoE gave wrong results downstream in a full
+    # graph (the residual add after it), while the same op on the flattened tokens is exact.
+    moe = ir.node("MoE", [x2.outputs[0], logits.outputs[0], fc1, None, down],
                   {"k": a["top_k"], "activation_type": "swiglu", "swiglu_fusion": 1,
                    "normalize_routing_weights": a["norm_topk_prob"], "activation_alpha": 1.0,
                    "activation_beta": 0.0},
                   domain=MS, num_outputs=1, name=f"{node.name}.ort")
-    _swap(graph, node, [x2, logits, moe], moe.outputs)
+    shape = ir.node("Shape", [hidden], name=f"{node.name}.shape")
+    back = ir.node("Reshape", [moe.outputs[0], shape.outputs[0]], name=f"{node.name}.unflat")
+    _swap(graph, node, [x2, logits, moe, shape, back], back.outputs)
 
 
 def _interleaved(graph: ir.Graph, gate_up: ir.Value) -> ir.Value:

@@ -135,3 +135,24 @@ def hf_model():
         return cache[path]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def artifacts(checkpoints, tmp_path_factory):
+    """Callable: (case, kv_mode, precision, lowering) -> built artifact dir (made once per session).
+
+    lowering None means the build default (ort for static KV, reference for concat)."""
+    from export.build import build
+
+    root = tmp_path_factory.mktemp("artifacts")
+    made = {}
+
+    def get(case: str, kv_mode: str = "static", precision: str = "fp32", lowering: str | None = None):
+        key = (case, kv_mode, precision, lowering)
+        if key not in made:
+            made[key] = build(str(checkpoints(case)), precision=precision, kv_mode=kv_mode, lowering=lowering,
+                              out=root / "-".join([case, kv_mode, precision, lowering or "default"]),
+                              max_seq_len=128, progress=False)
+        return made[key]
+
+    return get

@@ -27,21 +27,6 @@ FP16_LOGPROB_BOUND = 0.01  # measured (2026-11-23): max |logprob(fp16 artifact) 
 # 8/8 greedy tokens equal, on qwen2_window, gemma2, qwen3_moe_mixed, qwen2_yarn
 
 
-@pytest.fixture(scope="module")
-def artifacts(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    made = {}
-
-    def get(case: str, kv_mode: str = "static", precision: str = "fp32"):
-        key = (case, kv_mode, precision)
-        if key not in made:
-            made[key] = build(str(checkpoints(case)), precision=precision, kv_mode=kv_mode,
-                              out=root / f"{case}-{kv_mode}-{precision}", max_seq_len=128, progress=False)
-        return made[key]
-
-    return get
-
-
 def _hf_greedy(hf, prompt, n=32):
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

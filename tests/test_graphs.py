@@ -1,0 +1,162 @@
+"""Graph passes: fusion counts, the ort lowering against the unfused graph, the trt-plugin graph's attributes,
+and regions that cannot be matched.
+
+The unfused (reference) graph is the exporter's standard-op graph; every lowering ONNX Runtime can execute must
+give logits within 1e-4 of it (prefill and decode steps) and the same greedy tokens as HF.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.checkpoint import Checkpoint
+from export.onnx_export import attach_weights, trace_graph
+from export.spec import load_spec
+from export.weights import weight_plan
+from graphs import fuse
+from graphs.lower import PLUGIN_DOMAIN, lower
+from plugins import attention as attn_plugin
+from plugins import moe as moe_plugin
+from runtime_py.session import OrtSession
+from tests.conftest import CASES
+from tests.test_parity import PROMPT
+
+
+def _run_steps(session: OrtSession, steps: int = 6) -> list[np.ndarray]:
+    """Prefill PROMPT then feed a fixed token sequence; logits of every call (same inputs for every graph)."""
+    cache = session.new_cache(1, len(PROMPT) + steps + 1)
+    n = len(PROMPT)
+    mask = np.ones((1, n), dtype=np.int64)
+    out = [session.forward(np.array([PROMPT]), np.arange(n)[None], mask, cache)[0]]
+    for step, tok in enumerate([7, 99, 3, 250, 18, 41][:steps]):
+        mask = np.ones((1, n + step + 1), dtype=np.int64)
+        out.append(session.forward(np.array([[tok]]), np.array([[n + step]]), mask, cache)[0])
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ort_lowering_matches_unfused(case, artifacts):
+    ref = OrtSession(artifacts(case, "static", lowering="reference"), threads=2)
+    ort_ = OrtSession(artifacts(case, "static", lowering="ort"), threads=2)
+    spec = load_spec(ref.manifest["model"]["source"])
+    fusion = ort_.manifest["graphs"]["decoder"]["fusion"]
+    if spec.head_dim % 16 == 0:
+        assert fusion["GroupQueryAttention"] == spec.num_layers
+        assert ort_.manifest["graphs"]["decoder"]["kv_binding"] == "in_place"
+    else:  # the CPU kernel's limit: left unfused, each layer reported
+        assert fusion["GroupQueryAttention"] == 0
+        assert len(fusion["skipped"]) == spec.num_layers and "head_dim % 16" in fusion["skipped"][0]
+    assert fusion["MoE"] == len(spec.sparse_layers)
+    for a, b in zip(_run_steps(ref), _run_steps(ort_)):
+        assert np.abs(a - b).max() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe_mixed", "gemma2"])
+def test_ort_lowering_concat_mode(case, artifacts):
+    """Concat KV has no GQA form: attention stays unfused (reported), MoE is still fused; results unchanged."""
+    ref = OrtSession(artifacts(case, "concat", lowering="reference"), threads=2)
+    low = OrtSession(artifacts(case, "concat", lowering="ort"), threads=2)
+    fusion = low.manifest["graphs"]["decoder"]["fusion"]
+    spec = load_spec(ref.manifest["model"]["source"])
+    assert fusion["attention_fused"] == 0
+    assert len(fusion["skipped"]) == spec.num_layers and "static" in fusion["skipped"][0]
+    assert fusion["MoE"] == len(spec.sparse_layers)
+    for a, b in zip(_run_steps(ref), _run_steps(low)):
+        assert np.abs(a - b).max() < 1e-4
+
+
+def _plugin_nodes(path):
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.domain == PLUGIN_DOMAIN]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    for a in attrs:
+        a.update({k: v.decode() for k, v in a.items() if isinstance(v, bytes)})
+    return nodes, attrs
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trt_plugin_graph(case, artifacts):
+    path = artifacts(case, "static", lowering="trt-plugin")
+    spec = load_spec(json.loads((path / "manifest.json").read_text())["model"]["source"])
+    nodes, attrs = _plugin_nodes(path)
+    att = [(n, a) for n, a in zip(nodes, attrs) if n.op_type == attn_plugin.PLUGIN_NAME]
+    moe = [(n, a) for n, a in zip(nodes, attrs) if n.op_type == moe_plugin.PLUGIN_NAME]
+    assert len(att) == spec.num_layers and len(moe) == len(spec.sparse_layers)
+    for i, (node, a) in enumerate(att):
+        assert node.name == f"layers.{i}.attention"
+        assert a["plugin_namespace"] == attn_plugin.PLUGIN_NAMESPACE
+        assert a["plugin_version"] == attn_plugin.PLUGIN_VERSION
+        assert a["window"] == (spec.layers[i].window or 0)
+        assert a["softcap"] == pytest.approx(spec.attn_softcap or 0.0)
+        assert a["scale"] == pytest.approx(spec.attn_scale)
+        assert (a["num_heads"], a["num_kv_heads"], a["head_dim"]) == (spec.num_heads, spec.num_kv_heads,
+                                                                       spec.head_dim)
+        assert a["kv_mode"] == "static" and a["qk_norm"] == int(spec.qk_norm)
+        assert set(a) == set(attn_plugin.ATTRS) | {"plugin_namespace", "plugin_version"}
+        assert list(node.input)[3:5] == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        assert list(node.output)[1:] == [f"present.{i}.key", f"present.{i}.value"]
+    for (node, a), i in zip(moe, spec.sparse_layers):
+        assert node.name == f"layers.{i}.moe"
+        assert (a["top_k"], a["num_experts"], a["norm_topk_prob"]) == (spec.top_k, spec.num_experts,
+                                                                        int(spec.norm_topk_prob))
+        assert a["plugin_namespace"] == moe_plugin.PLUGIN_NAMESPACE
+    # nothing of the decomposed attention is left: no Softmax outside the MoE router, no ScatterElements
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert "ScatterElements" not in ops and "Softmax" not in ops
+
+
+def _traced(case, checkpoints):
+    path = checkpoints(case)
+    spec = load_spec(path)
+    model = trace_graph(spec, "static", torch.float32)
+    attach_weights(model, spec, weight_plan(spec), Checkpoint(path), torch.float32)
+    return model, spec
+
+
+def test_unmatchable_region_left_untouched_and_reported(checkpoints):
+    model, spec = _traced("qwen3_moe_mixed", checkpoints)
+    # Break layer 2's attention region: move one of its inner nodes out of the scope, so the region leaks a
+    # float value to a node outside it.
+    inner = [n for n in fuse.region_nodes(model.graph, "decoder.layers.2.attn.core") if n.op_type == "Softmax"][0]
+    inner.metadata_props[fuse.SCOPES_KEY] = "['', 'decoder', 'elsewhere']"
+    before = len(fuse.region_nodes(model.graph, "decoder.layers.2.attn.core"))
+    report = fuse.fuse_attention(model, spec, "static", 64, np.float32)
+    assert report.fused == spec.num_layers - 1
+    assert len(report.skipped) == 1 and report.skipped[0].startswith("layer 2:")
+    assert len(fuse.region_nodes(model.graph, "decoder.layers.2.attn.core")) == before  # untouched
+    with pytest.raises(fuse.FusionError, match="attention fusion: fused 3 region"):
+        report.require(spec.num_layers)
+
+
+def test_trt_plugin_build_fails_when_a_region_cannot_fuse(checkpoints):
+    model, spec = _traced("qwen2_window", checkpoints)
+    for n in fuse.region_nodes(model.graph, "decoder.layers.1.attn.core"):
+        if n.op_type == "Softmax":
+            n.metadata_props[fuse.SCOPES_KEY] = "[]"
+    with pytest.raises(fuse.FusionError, match="layer 1"):
+        lower(model, spec, "trt-plugin", "static", 64, np.float32)
+
+
+def test_moe_count_mismatch_fails(checkpoints):
+    model, spec = _traced("qwen3_moe_mixed", checkpoints)
+    for n in fuse.region_nodes(model.graph, "decoder.layers.1.moe"):
+        n.metadata_props[fuse.SCOPES_KEY] = "[]"
+    with pytest.raises(fuse.FusionError, match="MoE fusion: fused 0 region"):
+        lower(model, spec, "ort", "static", 64, np.float32)
+
+
+def test_inspect_cli(artifacts, capsys):
+    from export.__main__ import main
+
+    path = artifacts("qwen3_moe_mixed")
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ops = report["graphs"]["decoder"]["ops"]
+    assert ops["com.microsoft.GroupQueryAttention"] == 4 and ops["com.microsoft.MoE"] == 1
+    assert report["graphs"]["decoder"]["fusion"]["attention_fused"] == 4
