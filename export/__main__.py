@@ -38,13 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="export a checkpoint to a deployable artifact directory")
     b.add_argument("--model", required=True, help="checkpoint dir, preset name, HF repo id (cached) or tiny-*")
     b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    b.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime")
+    b.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="tensorrt: also build an engine (full TensorRT or TensorRT-RTX, ahead of time)")
     b.add_argument("--kv-mode", choices=["static", "concat"], default="static",
                    help="static: fixed-length KV buffer updated in place (fast); concat: present = past + new")
     b.add_argument("--out", default=None, help="artifact directory (default: ~/.cache/llm-export/artifacts/...)")
     b.add_argument("--max-seq-len", type=_positive, default=None, help="context length (default: the model's)")
     b.add_argument("--max-batch", type=_positive, default=8)
-    b.add_argument("--lowering", choices=["reference", "ort", "trt-plugin"], default=None,
+    b.add_argument("--lowering", choices=["reference", "ort", "trt-plugin", "trt-native"], default=None,
                    help="graph lowering (default: ort for --kv-mode static, reference for concat)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     b.add_argument("--no-progress", action="store_true")
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from artifacts.bundle import ArtifactError
     from export.checkpoint import CheckpointError
+    from export.engine import EngineError
     from export.spec import UnsupportedConfigError
 
     try:
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    except (ArtifactError, CheckpointError, UnsupportedConfigError, FileNotFoundError, ValueError) as e:
+    except (ArtifactError, CheckpointError, UnsupportedConfigError, FileNotFoundError, ValueError,
+            EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -28,6 +28,8 @@ from export.weights import check_checkpoint, warn_unexpected, weight_plan
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 GRAPH = "model.onnx"
+ENGINE = "model.engine"
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def default_out(model: str, precision: str, kv_mode: str) -> Path:
@@ -48,9 +50,16 @@ def _versions() -> dict:
 def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out: Path | None = None,
           kv_mode: str = "static", max_seq_len: int | None = None, max_batch: int = 8, overwrite: bool = False,
           progress: bool = True, lowering: str | None = None) -> Path:
-    if backend != "onnxruntime":
-        raise ValueError(f"--backend {backend}: only 'onnxruntime' is implemented so far")
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend}: choose from {BACKENDS}")
     dtype = DTYPES[precision]
+    if backend == "tensorrt":
+        from export.engine import load_tensorrt
+
+        load_tensorrt()  # fail before any work when TensorRT is missing
+        lowering = lowering or "trt-native"
+        if lowering not in ("trt-native", "trt-plugin", "reference"):
+            raise ValueError(f"--lowering {lowering} is for ONNX Runtime; TensorRT takes trt-native or trt-plugin")
     lowering = lowering or ("ort" if kv_mode == "static" else "reference")
     model_dir = resolve_model(model)
     spec = load_spec(model_dir)
@@ -74,6 +83,12 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
         for line in facts["fusion"]["skipped"]:
             print(f"note: left unfused: {line}", file=sys.stderr)
         _check_graph(tmp / GRAPH)
+        engine = None
+        if backend == "tensorrt":
+            from export.engine import build_engine
+
+            print("building the TensorRT engine ...", file=sys.stderr)
+            engine = build_engine(tmp / GRAPH, tmp / ENGINE, kv_mode, max_batch, max_seq_len, precision)
         for name in TOKENIZER_FILES:
             if (model_dir / name).exists():
                 shutil.copy2(model_dir / name, tmp / name)
@@ -93,6 +108,7 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
                                    "kv_binding": "in_place" if facts["fusion"].get("GroupQueryAttention")
                                    else ("swap" if kv_mode == "static" else "grow")}},
             "sliding_window_cache": "full-length cache on every layer (windows are applied by the mask)",
+            **({"engine": engine} if engine else {}),
             "versions": _versions(),
             "build": {"seconds": round(time.perf_counter() - t0, 2), "weight_bytes": total,
                       "checkpoint_bytes": ckpt.size_bytes()},

@@ -203,6 +203,7 @@ def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path:
 
     np_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(dtype, np.float32)
     lowered = lower(model, spec, lowering, kv_mode, max_seq_len, np_dtype)
+    _fold_constants(model)
     model.producer_name = "llm-export"
     initializers = list(model.graph.initializers.values())
     with tqdm(total=len(initializers), unit="tensor", desc="writing weights", disable=not progress,
@@ -211,6 +212,19 @@ def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path:
                 callback=lambda tensor, info: bar.update(1))
     return {"transposes_folded": folded, "nodes": len(list(model.graph)),
             "op_histogram": op_histogram(model), "fusion": lowered}
+
+
+def _fold_constants(model) -> None:
+    """Constant folding and dead-code removal (onnxscript's optimizer). Only small tensors are folded
+    (input_size_limit), so the lazy weights are never read here. TensorRT's parser needs it: it wants e.g.
+    ReduceMean axes as constants, not as a Reshape of constants."""
+    import logging
+
+    import onnxscript.optimizer
+
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    onnxscript.optimizer.optimize_ir(model, num_iterations=2, input_size_limit=1024, output_size_limit=1 << 16,
+                                     inline=False)
 
 
 def op_histogram(model) -> dict[str, int]:

@@ -13,6 +13,8 @@ Targets (DESIGN.md section 3):
   Concat-mode attention (left padding + attention mask) has no GQA form: those regions stay unfused, reported.
 * ``trt-plugin``: every fused node becomes a TensorRT plugin node: op_type = plugin name, attributes
   ``plugin_namespace``/``plugin_version`` plus the node's own fields (names from plugins/).
+* ``trt-native``: opset-23 ``Attention``/``RotaryEmbedding``/``RMSNormalization`` that TensorRT builds itself,
+  decomposed fallback for softcap layers and MoE (graphs/native.py).
 
 Each lowering returns a dict of counts; the build records them in the manifest.
 
@@ -28,7 +30,7 @@ from graphs import fuse
 from plugins import attention as attn_plugin
 from plugins import moe as moe_plugin
 
-LOWERINGS = ("reference", "ort", "trt-plugin")
+LOWERINGS = ("reference", "ort", "trt-plugin", "trt-native")
 MS = "com.microsoft"
 
 
@@ -55,18 +57,24 @@ def lower(model: ir.Model, spec, lowering: str, kv_mode: str, max_seq_len: int, 
         raise ValueError(f"unknown lowering {lowering!r}; choose from {LOWERINGS}")
     if lowering == "reference":
         return {"lowering": "reference", "attention_fused": 0, "moe_fused": 0, "skipped": []}
-    supports = _ort_supports if lowering == "ort" else (lambda attrs: None)
+    from graphs import native
+
+    supports = {"ort": _ort_supports, "trt-native": native.supports}.get(lowering, lambda attrs: None)
     att = fuse.fuse_attention(model, spec, kv_mode, max_seq_len, np_dtype, supports=supports)
-    moe = fuse.fuse_moe(model, spec)
     if lowering == "trt-plugin":  # the plugin handles every form: anything left unfused is a bug
         att.require(spec.num_layers)
-    moe.require(len(spec.sparse_layers))
+    moe = fuse.Report("MoE fusion")
+    if lowering != "trt-native":  # TensorRT has no native MoE layer: the expert loop stays decomposed
+        moe = fuse.fuse_moe(model, spec)
+        moe.require(len(spec.sparse_layers))
     counts = {"lowering": lowering, "attention_fused": att.fused, "moe_fused": moe.fused,
               "skipped": att.skipped + moe.skipped}
     if lowering == "ort":
         counts.update(_lower_ort(model, spec))
-    else:
+    elif lowering == "trt-plugin":
         counts.update(_lower_trt_plugin(model))
+    else:
+        counts.update(native.lower_trt_native(model))
     fuse.remove_unused(model)
     _strip_debug_metadata(model)
     return counts

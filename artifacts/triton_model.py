@@ -1,0 +1,207 @@
+"""The Triton python-backend model that streams runtime_py generations (copied as ``NAME/1/model.py``).
+
+What it does: :class:`TritonPythonModel` is a *decoupled* model. ``initialize`` opens the artifact copied next to
+this file (``./artifact``, checksums verified) with :class:`runtime_py.generate.Generator`; the runtime packages it
+imports are the copies the repository writer put in ``./runtime`` (first on ``sys.path``), so the repository runs
+the runtime that was current when it was written, not whatever is installed. ``execute`` parses each request on the
+backend's thread (:func:`parse_request`: the inputs in :data:`INPUTS` -> prompt + :class:`SamplingParams`, with the
+same rules as ``python -m runtime_py generate``), returns at once, and streams the generation on a worker thread:
+one response per text delta of ``Generator.stream`` (so the concatenated deltas equal runtime_py's text for the same
+seed and parameters), then an empty response flagged FINAL. At most ``max_concurrency`` generations run at once per
+instance (more wait their turn). A malformed request, bad sampling values or a prompt too long for the context get
+one error response (flagged FINAL); the model keeps serving. A cancelled request stops at the next delta.
+
+What it does not do: batch requests together (each generation has its own RNG, so seeded output does not depend on
+what else is in flight), log-probs, or TensorRT engines (the runtime opens ONNX Runtime artifacts).
+
+Importable without Triton (pb_utils is None then): the writer reads :data:`INPUTS`/:data:`OUTPUTS` from here and the
+tests call :func:`parse_request` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+_HERE = Path(__file__).resolve().parent
+_RUNTIME = _HERE / "runtime"  # runtime_py/ + artifacts/ sources, copied by artifacts.triton.write_repository
+if _RUNTIME.is_dir() and str(_RUNTIME) not in sys.path:
+    sys.path.insert(0, str(_RUNTIME))
+
+try:  # only inside the Triton python backend stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:
+    pb_utils = None
+
+# name -> (Triton data type, dims, optional). One request is one prompt: no batch dim (max_batch_size 0).
+INPUTS: dict[str, tuple[str, list[int], bool]] = {
+    "text_input": ("TYPE_STRING", [1], True),  # a raw prompt (tokenized with the artifact's tokenizer)
+    "messages": ("TYPE_STRING", [1], True),  # or a JSON list of chat messages (the artifact's chat template)
+    "max_tokens": ("TYPE_INT32", [1], True),
+    "temperature": ("TYPE_FP32", [1], True),
+    "top_p": ("TYPE_FP32", [1], True),
+    "top_k": ("TYPE_INT32", [1], True),
+    "repetition_penalty": ("TYPE_FP32", [1], True),
+    "seed": ("TYPE_INT64", [1], True),
+    "stop": ("TYPE_STRING", [-1], True),
+    "ignore_eos": ("TYPE_BOOL", [1], True),
+}
+OUTPUTS: dict[str, tuple[str, list[int]]] = {
+    "text_output": ("TYPE_STRING", [1]),  # one text delta per response
+}
+DEFAULT_MAX_TOKENS = 32  # the runtime_py CLI's --max-new-tokens default
+DEFAULTS = {"max_concurrency": "8", "default_max_tokens": str(DEFAULT_MAX_TOKENS), "ort_threads": "0",
+            "artifact": "artifact"}
+
+
+class RequestError(ValueError):
+    """The request cannot be served as sent (the client gets this message)."""
+
+
+def _one(name: str, array: np.ndarray):
+    flat = np.asarray(array).reshape(-1)
+    if flat.size != 1:
+        raise RequestError(f"input '{name}' must hold exactly one value, got shape {list(np.shape(array))}")
+    return flat[0]
+
+
+def _text(name: str, value) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"input '{name}' is not valid UTF-8 ({e})") from None
+    if isinstance(value, str):
+        return value
+    raise RequestError(f"input '{name}' must be a string, got {type(value).__name__}")
+
+
+def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+    """(prompt, params) from one request. `get(name)` returns the input as a numpy array or None when absent.
+
+    prompt is ("text", str) or ("messages", list[dict]). Sampling follows ``python -m runtime_py generate``: greedy
+    unless temperature, top_k > 0 or top_p != 1 is sent; SamplingParams checks the values (ValueError)."""
+    from runtime_py.sampling import SamplingParams
+
+    text, messages = get("text_input"), get("messages")
+    if (text is None) == (messages is None):
+        raise RequestError("send exactly one of 'text_input' (a prompt) or 'messages' (a JSON list of chat messages)")
+    if text is not None:
+        prompt = ("text", _text("text_input", _one("text_input", text)))
+        if not prompt[1]:
+            raise RequestError("'text_input' is empty")
+    else:
+        raw = _text("messages", _one("messages", messages))
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"'messages' is not valid JSON ({e})") from None
+        if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+            raise RequestError("'messages' must be a JSON list of {\"role\": ..., \"content\": ...} objects")
+        prompt = ("messages", value)
+
+    def scalar(name, cast):
+        a = get(name)
+        return None if a is None else cast(_one(name, a))
+
+    max_tokens = scalar("max_tokens", int)
+    temperature = scalar("temperature", float)
+    top_p = scalar("top_p", float)
+    top_k = scalar("top_k", int)
+    penalty = scalar("repetition_penalty", float)
+    seed = scalar("seed", int)
+    ignore_eos = scalar("ignore_eos", bool)
+    stop_arr = get("stop")
+    stop = () if stop_arr is None else tuple(_text("stop", s) for s in np.asarray(stop_arr).reshape(-1))
+    sampled = temperature is not None or bool(top_k) or (top_p is not None and top_p != 1.0)
+    params = SamplingParams(greedy=not sampled, temperature=1.0 if temperature is None else temperature,
+                            top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
+                            repetition_penalty=1.0 if penalty is None else penalty, seed=seed,
+                            max_new_tokens=default_max_tokens if max_tokens is None else max_tokens, stop=stop,
+                            ignore_eos=bool(ignore_eos))
+    return prompt, params
+
+
+def _error(message: str):
+    try:
+        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    except (AttributeError, TypeError):  # older backends: message only
+        return pb_utils.TritonError(message)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from runtime_py.generate import Generator
+
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+        p = {**DEFAULTS, **{k: v for k, v in params.items() if v}}
+        artifact = Path(p["artifact"])
+        artifact = artifact if artifact.is_absolute() else _HERE / artifact
+        self.generator = Generator(artifact, threads=int(p["ort_threads"]) or None)
+        self.default_max_tokens = int(p["default_max_tokens"])
+        self.slots = threading.BoundedSemaphore(max(1, int(p["max_concurrency"])))
+        self.closing = threading.Event()
+        self.lock = threading.Lock()
+        self.workers: set[threading.Thread] = set()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+
+            def get(name, request=request):
+                t = pb_utils.get_input_tensor_by_name(request, name)
+                return None if t is None else t.as_numpy()
+
+            try:
+                job = parse_request(get, self.default_max_tokens)
+            except Exception as e:  # noqa: BLE001 - every bad request becomes an error response
+                self._fail(sender, e)
+                continue
+            worker = threading.Thread(target=self._run, args=(sender, *job), daemon=True)
+            with self.lock:
+                self.workers.add(worker)
+            worker.start()
+        return None  # decoupled: responses go through the senders
+
+    def _run(self, sender, prompt, params):
+        try:
+            with self.slots:
+                if self.closing.is_set():
+                    raise RuntimeError("the model is being unloaded")
+                gen = self.generator
+                kind, value = prompt
+                ids = gen.encode(value) if kind == "text" else gen.encode_chat(value)
+                gen.check_context([ids], params)
+                cancelled = getattr(sender, "is_cancelled", lambda: False)
+                for delta in gen.stream(ids, params):
+                    if cancelled() or self.closing.is_set():
+                        break
+                    out = pb_utils.Tensor("text_output", np.array([delta.encode("utf-8")], dtype=np.object_))
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as e:  # noqa: BLE001
+            self._fail(sender, e)
+        finally:
+            with self.lock:
+                self.workers.discard(threading.current_thread())
+
+    @staticmethod
+    def _fail(sender, e: Exception):
+        message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        try:
+            sender.send(pb_utils.InferenceResponse(error=_error(message)),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001 - the client is gone; nothing to tell
+            pass
+
+    def finalize(self):
+        self.closing.set()
+        with self.lock:
+            workers = list(self.workers)
+        for w in workers:
+            w.join(timeout=10)

@@ -1,0 +1,130 @@
+"""TensorRT engine build from an exported ONNX graph, with full TensorRT or TensorRT-RTX.
+
+What it does: imports ``tensorrt`` or ``tensorrt_rtx_bindings`` lazily (a clear :class:`EngineError` names the
+packages when neither is installed), parses the graph (external data next to it), marks TensorRT's attention
+layers decomposable (so shapes without a dedicated fused kernel, e.g. fp32 or tiny head sizes, still build),
+builds a strongly typed engine (precision comes from the graph's dtypes) with two optimization profiles (prefill:
+sequence 1..max_seq_len; decode: sequence 1) over batch 1..max_batch and cache length 1..max_seq_len, saves the
+timing cache beside it (full TensorRT; TensorRT-RTX has none), and returns the facts the manifest records: flavour and version, compute-capability
+targets, profiles, and the network's I/O as TensorRT sees it. TensorRT-RTX builds ahead of time on a machine with
+no GPU (it targets RTX GPUs: SM 80/86/89/120, plus 75 for fp16); running an engine needs a GPU.
+
+What it does not do: run engines (runtime_py) or register plugins (plugins/); the trt-plugin lowering needs full
+TensorRT with our plugins registered.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+class EngineError(RuntimeError):
+    """TensorRT is missing, the graph does not parse, or the build failed."""
+
+
+INSTALL_HINT = ("install full TensorRT (`pip install tensorrt`, needs NVIDIA's index) or TensorRT-RTX "
+                "(`pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings`)")
+
+
+def load_tensorrt():
+    """(module, flavour): full TensorRT when importable, else TensorRT-RTX."""
+    try:
+        import tensorrt as trt
+
+        return trt, "tensorrt"
+    except ImportError:
+        pass
+    try:
+        import tensorrt_rtx_bindings as trt
+
+        return trt, "tensorrt_rtx"
+    except ImportError:
+        raise EngineError(f"no TensorRT found: {INSTALL_HINT}") from None
+
+
+# TensorRT-RTX compiles for these when the build machine has no GPU to ask. Turing (SM75) has no fp32 or bf16
+# GEMM in TensorRT-RTX, so it is a target only for fp16 engines.
+RTX_TARGETS = ("SM80", "SM86", "SM89", "SM120")
+
+
+def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: int, max_seq_len: int,
+                 precision: str = "fp32", opt_seq_len: int = 128) -> dict:
+    trt, flavour = load_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineError(f"{flavour} could not parse {onnx_path.name}:\n  " + "\n  ".join(errors[:5]))
+    decomposable = _allow_decomposed_attention(trt, network)
+
+    config = builder.create_builder_config()
+    targets = []
+    if flavour == "tensorrt_rtx":
+        targets = (["SM75"] if precision == "fp16" else []) + list(RTX_TARGETS)
+        config.num_compute_capabilities = len(targets)
+        for i, name in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, name), i)
+    opt_seq = min(opt_seq_len, max_seq_len)
+    profiles = {
+        "prefill": {"batch": [1, max_batch, max_batch], "sequence": [1, opt_seq, max_seq_len],
+                    "cache": [1, max_seq_len, max_seq_len]},
+        "decode": {"batch": [1, max_batch, max_batch], "sequence": [1, 1, 1],
+                   "cache": [1, max_seq_len, max_seq_len]},
+    }
+    for ranges in profiles.values():
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            t = network.get_input(i)
+            shapes = _input_shapes(t.name, tuple(t.shape), ranges, kv_mode)
+            profile.set_shape(t.name, *shapes)
+        config.add_optimization_profile(profile)
+    if flavour == "tensorrt":  # TensorRT-RTX has no timing cache (its runtime cache lives at load time)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"{flavour} engine build failed (see the TensorRT errors above)")
+    engine_path.write_bytes(bytes(serialized))
+    timing_file = None
+    if flavour == "tensorrt":
+        timing_file = engine_path.with_suffix(".timing.cache")
+        timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+    io = {"inputs": [_tensor_fact(network.get_input(i)) for i in range(network.num_inputs)],
+          "outputs": [_tensor_fact(network.get_output(i)) for i in range(network.num_outputs)]}
+    return {"file": engine_path.name, "flavour": flavour, "version": trt.__version__,
+            "compute_capabilities": targets or ["the build machine's GPU"], "profiles": profiles, "io": io,
+            "attention_layers_decomposable": decomposable, "build_seconds": round(time.perf_counter() - t0, 2),
+            "timing_cache": timing_file.name if timing_file else None}
+
+
+def _allow_decomposed_attention(trt, network) -> int:
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == getattr(trt.LayerType, "ATTENTION_OUTPUT", None):
+            layer.__class__ = trt.IAttentionBoundaryLayer
+            layer.attention.decomposable = True
+            count += 1
+    return count
+
+
+def _input_shapes(name: str, shape: tuple, r: dict, kv_mode: str):
+    """(min, opt, max) for one input from the profile's ranges."""
+    if name in ("input_ids", "position_ids"):
+        return tuple((r["batch"][i], r["sequence"][i]) for i in range(3))
+    if name == "attention_mask":  # concat: past + new
+        return tuple((r["batch"][i], r["cache"][i]) for i in range(3))
+    _, heads, _, dim = shape  # past_key_values.*: [B, KV, cache, D]; concat prefill starts from an empty past
+    cache = [0 if kv_mode == "concat" and i == 0 else r["cache"][i] for i in range(3)]
+    return tuple((r["batch"][i], heads, cache[i], dim) for i in range(3))
+
+
+def _tensor_fact(t) -> dict:
+    return {"name": t.name, "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)}

@@ -1,0 +1,54 @@
+"""`python -m export triton ARTIFACT --out REPO [--name NAME] [--instances N] [--max-batch B] [--overwrite]`.
+
+Writes a Triton model repository (artifacts/triton.py): a decoupled python-backend model NAME streaming runtime_py
+generations, the raw graph model NAME_graph, and a README with launch and client commands. Every config.pbtxt is
+validated against Triton's ModelConfig protobuf before the repository appears; prints its path last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    t = subparsers.add_parser("triton", help="write a Triton Inference Server model repository for an artifact",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("artifact", help="artifact directory (python -m export build)")
+    t.add_argument("--out", required=True, help="model repository directory to create")
+    t.add_argument("--name", default="llm", help="name of the streaming model (the graph model is NAME_graph)")
+    t.add_argument("--instances", type=_count, default=1, help="instances of each model (instance_group count)")
+    t.add_argument("--max-batch", type=_count, default=8,
+                   help="generations one instance of the streaming model runs at once (more requests wait)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing repository directory")
+    t.set_defaults(func=run)
+    return t
+
+
+def run(args) -> int:
+    from artifacts.bundle import ArtifactError
+    from artifacts.triton import RepositoryError, write_repository
+
+    try:
+        path = write_repository(args.artifact, args.out, name=args.name, instances=args.instances,
+                                max_batch=args.max_batch, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except (ArtifactError, RepositoryError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"models: {args.name} (python, decoupled streaming), {args.name}_graph (onnxruntime); see {path}/README.md",
+          file=sys.stderr)
+    print(path)
+    return 0

@@ -1,0 +1,114 @@
+"""TensorRT engines built ahead of time with TensorRT-RTX (no GPU needed to build), and the trt-native graph.
+
+Every family's tiny checkpoint is built with `--backend tensorrt` (trt-native lowering); the tests check that the
+build succeeds and that the network's I/O names, dtypes and profile ranges recorded in the manifest equal the
+graph contract. Running an engine needs a GPU (TensorRT-RTX cannot deserialize without one): not done here.
+The trt-native graph itself runs on ONNX Runtime and must match the unfused graph.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from export.build import build
+from export.engine import EngineError, load_tensorrt
+from export.spec import load_spec
+from runtime_py.session import OrtSession
+from tests.test_graphs import _run_steps
+
+try:
+    load_tensorrt()
+    HAVE_TRT = True
+except EngineError:
+    HAVE_TRT = False
+needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="neither tensorrt nor tensorrt_rtx_bindings is installed")
+
+FAMILY_CASES = ["qwen2_window", "gemma2_mqa_untied", "qwen3_moe_mixed"]
+ONNX_TO_TRT = {"int64": "int64", "float32": "float", "float16": "half"}
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    made = {}
+
+    def get(case, precision="fp32"):
+        if (case, precision) not in made:
+            made[case, precision] = build(str(checkpoints(case)), precision=precision, backend="tensorrt",
+                                          out=root / f"{case}-{precision}", max_seq_len=64, max_batch=4,
+                                          progress=False)
+        return made[case, precision]
+
+    return get
+
+
+@needs_trt
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_engine_build_matches_graph_contract(case, engines):
+    path = engines(case)
+    m = json.loads((path / "manifest.json").read_text())
+    engine = m["engine"]
+    assert (path / engine["file"]).stat().st_size > 0 and engine["file"] in m["files"]
+    graph = m["graphs"]["decoder"]
+    assert graph["lowering"] == "trt-native"
+    for ours, trt in ((graph["inputs"], engine["io"]["inputs"]), (graph["outputs"], engine["io"]["outputs"])):
+        assert [t["name"] for t in ours] == [t["name"] for t in trt]
+        for a, b in zip(ours, trt):
+            assert ONNX_TO_TRT[a["dtype"]] == b["dtype"], (a, b)
+            assert [d if isinstance(d, int) else -1 for d in a["shape"]] == b["shape"], (a, b)
+    assert engine["profiles"]["prefill"] == {"batch": [1, 4, 4], "sequence": [1, 64, 64], "cache": [1, 64, 64]}
+    assert engine["profiles"]["decode"]["sequence"] == [1, 1, 1]
+    assert engine["flavour"] in ("tensorrt", "tensorrt_rtx") and engine["version"]
+
+
+@needs_trt
+def test_fp16_engine_builds(engines):
+    path = engines("qwen2_window", "fp16")
+    m = json.loads((path / "manifest.json").read_text())
+    kv = [t for t in m["engine"]["io"]["inputs"] if t["name"].startswith("past_key_values")]
+    assert kv and all(t["dtype"] == "half" for t in kv)
+    assert "SM75" in m["engine"]["compute_capabilities"] or m["engine"]["flavour"] == "tensorrt"
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES + ["gemma2"])
+def test_trt_native_graph(case, artifacts):
+    """Op list: one Attention (+2 RotaryEmbedding) per layer without softcap, decomposed fallback otherwise;
+    numerics: equal to the unfused graph on ONNX Runtime."""
+    path = artifacts(case, "static", lowering="trt-native")
+    spec = load_spec(json.loads((path / "manifest.json").read_text())["model"]["source"])
+    ops = [n.op_type for n in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node]
+    native = 0 if spec.attn_softcap else spec.num_layers
+    assert ops.count("Attention") == native and ops.count("RotaryEmbedding") == 2 * native
+    assert ops.count("RMSNormalization") == (2 * native if spec.qk_norm else 0)
+    assert ops.count("ScatterElements") >= 2 * spec.num_layers  # KV updates (+ the MoE's routing scatter)
+    assert not any(op.startswith("com.microsoft") for op in ops)
+    ref = OrtSession(artifacts(case, "static", lowering="reference"), threads=2)
+    low = OrtSession(path, threads=2)
+    for a, b in zip(_run_steps(ref), _run_steps(low)):
+        assert np.abs(a - b).max() < 1e-4
+
+
+def test_missing_tensorrt_gives_clear_error(checkpoints, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)
+    with pytest.raises(EngineError, match="tensorrt-rtx-cu13-libs"):
+        build(str(checkpoints("qwen2_window")), backend="tensorrt", out=tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+    from export.__main__ import main
+
+    assert main(["build", "--model", str(checkpoints("qwen2_window")), "--backend", "tensorrt",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "no TensorRT found" in capsys.readouterr().err
+
+
+def test_tensorrt_rejects_ort_lowering(checkpoints, tmp_path):
+    if not HAVE_TRT:
+        pytest.skip("neither tensorrt nor tensorrt_rtx_bindings is installed")
+    with pytest.raises(ValueError, match="--lowering ort is for ONNX Runtime"):
+        build(str(checkpoints("qwen2_window")), backend="tensorrt", lowering="ort", out=tmp_path / "x",
+              progress=False)

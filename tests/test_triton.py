@@ -1,0 +1,424 @@
+"""Triton model repositories: written atomically, every config.pbtxt valid, broken ones rejected, and served for real.
+
+The end-to-end tests start the tritonserver bundled with nvidia-pytriton (CPU only, python backend only) on a
+repository made from a tiny artifact, stream generations over gRPC and compare them with runtime_py's for the same
+prompt, seed and parameters: greedy, seeded sampling, stop strings, chat messages, 8 concurrent streams, and bad
+requests (each gets an error; the server keeps serving). The raw graph model cannot be loaded there (no ONNX Runtime
+backend in pytriton), so it is checked the way Triton's ORT backend runs it: plain InferenceSession.run, no binding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from artifacts.bundle import open_artifact
+from artifacts.triton import RepositoryError, validate_repository, write_repository
+from artifacts.triton_model import INPUTS, RequestError, parse_request
+from runtime_py.generate import Generator
+from runtime_py.sampling import SamplingParams
+
+NAME = "llm"
+CASE = "qwen2_window"  # static KV, ort lowering (GroupQueryAttention): the default build
+
+
+@pytest.fixture(scope="module")
+def artifact(artifacts):
+    return artifacts(CASE)
+
+
+@pytest.fixture(scope="module")
+def repo(artifact, tmp_path_factory):
+    return write_repository(artifact, tmp_path_factory.mktemp("triton") / "repo", name=NAME, instances=1,
+                            max_batch=8)
+
+
+@pytest.fixture(scope="module")
+def generator(artifact):
+    return Generator(artifact, threads=1)
+
+
+def _pb():
+    pytest.importorskip("tritonclient.grpc")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format, model_config_pb2
+
+
+# -- the written repository ---------------------------------------------------------------------------------------
+def test_every_config_parses_as_model_config(repo, artifact):
+    text_format, pb = _pb()
+    configs = sorted(repo.glob("*/config.pbtxt"))
+    assert [c.parent.name for c in configs] == [NAME, f"{NAME}_graph"]
+    parsed = {}
+    for c in configs:
+        cfg = pb.ModelConfig()
+        text_format.Parse(c.read_text(), cfg)
+        assert cfg.name == c.parent.name and cfg.max_batch_size == 0
+        parsed[cfg.name] = cfg
+    assert validate_repository(repo) == [NAME, f"{NAME}_graph"]
+
+    py = parsed[NAME]
+    assert py.backend == "python" and py.model_transaction_policy.decoupled
+    assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in py.input} == \
+        {n: (dt, dims) for n, (dt, dims, _) in INPUTS.items()}
+    assert all(t.optional for t in py.input)
+    assert [(t.name, pb.DataType.Name(t.data_type)) for t in py.output] == [("text_output", "TYPE_STRING")]
+    assert py.parameters["max_concurrency"].string_value == "8"
+    assert (repo / NAME / "1" / "model.py").is_file() and (repo / NAME / "1" / "runtime" / "runtime_py").is_dir()
+    open_artifact(repo / NAME / "1" / "artifact")  # a complete copy: every checksum holds
+
+    graph = parsed[f"{NAME}_graph"]
+    assert graph.backend == "onnxruntime" and graph.platform == "onnxruntime_onnx"
+    manifest = open_artifact(artifact)
+    io = manifest["graphs"]["decoder"]
+    dt = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
+    dims = lambda shape: [d if isinstance(d, int) else -1 for d in shape]  # noqa: E731
+    for tensors, spec in ((graph.input, io["inputs"]), (graph.output, io["outputs"])):
+        assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in tensors] == \
+            [(s["name"], dt[s["dtype"]], dims(s["shape"])) for s in spec]
+    assert any(t.name.startswith("past_key_values.") for t in graph.input)
+    assert any(t.name.startswith("present.") for t in graph.output)
+    assert (repo / f"{NAME}_graph" / "1" / "model.onnx").is_file()
+    assert (repo / f"{NAME}_graph" / "1" / "model.onnx.data").is_file()
+    readme = (repo / "README.md").read_text()
+    assert "tritonserver --model-repository" in readme and "async_stream_infer" in readme
+    assert "com.microsoft.GroupQueryAttention" in readme
+
+
+BROKEN = [
+    # (model, old text, new text, expected error)
+    (NAME, 'backend: "python"', 'backend: "python"\nnot_a_field: 1', "not_a_field"),
+    (NAME, "TYPE_INT32", "TYPE_INTEGER", "TYPE_INTEGER"),
+    (NAME, 'name: "max_tokens"\n  data_type: TYPE_INT32', 'name: "max_tokens"\n  data_type: TYPE_FP32',
+     "'max_tokens' has data_type TYPE_FP32"),
+    (NAME, "decoupled: true", "decoupled: false", "must be decoupled"),
+    (NAME, f'name: "{NAME}"', 'name: "other"', "must equal the directory name"),
+    (NAME, 'string_value: "8"', 'string_value: "eight"', "max_concurrency"),
+    (f"{NAME}_graph", 'name: "past_key_values.0.key"\n  data_type: TYPE_FP32',
+     'name: "past_key_values.0.key"\n  data_type: TYPE_FP16', "'past_key_values.0.key' has data_type TYPE_FP16"),
+    (f"{NAME}_graph", 'name: "logits"', 'name: "scores"', "unexpected ['scores']"),
+    (f"{NAME}_graph", "dims: 16", "dims: 0", "invalid dims"),
+    (f"{NAME}_graph", 'backend: "onnxruntime"', 'backend: "tensorflow"', "backend 'tensorflow'"),
+    (f"{NAME}_graph", "input {", "input {{", "not a valid Triton ModelConfig"),
+]
+
+
+@pytest.mark.parametrize("model,old,new,error", BROKEN, ids=[b[3] for b in BROKEN])
+def test_hand_broken_config_is_rejected(repo, tmp_path, model, old, new, error):
+    _pb()
+    broken = tmp_path / "repo"
+    shutil.copytree(repo, broken)
+    cfg = broken / model / "config.pbtxt"
+    text = cfg.read_text()
+    assert old in text
+    cfg.write_text(text.replace(old, new, 1))
+    with pytest.raises(RepositoryError, match=error.replace("[", r"\[").replace("(", r"\(")) as e:
+        validate_repository(broken)
+    assert str(cfg) in str(e.value)
+
+
+def test_missing_files_are_rejected(repo, tmp_path):
+    _pb()
+    broken = tmp_path / "repo"
+    shutil.copytree(repo, broken)
+    (broken / f"{NAME}_graph" / "1" / "model.onnx.data").unlink()
+    with pytest.raises(RepositoryError, match="external data file .* is missing"):
+        validate_repository(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(repo, broken)
+    (broken / NAME / "1" / "artifact" / "tokenizer.json").unlink()
+    with pytest.raises(RepositoryError, match="artifact"):
+        validate_repository(broken)
+
+
+def test_invalid_repository_is_never_left_behind(artifact, tmp_path, monkeypatch):
+    _pb()
+    import artifacts.triton as triton
+
+    def reject(path):
+        raise RepositoryError(f"{path}: rejected on purpose")
+
+    monkeypatch.setattr(triton, "validate_repository", reject)
+    with pytest.raises(RepositoryError, match="on purpose"):
+        write_repository(artifact, tmp_path / "repo")
+    assert list(tmp_path.iterdir()) == []  # neither the repository nor its staging directory
+    monkeypatch.undo()
+    out = write_repository(artifact, tmp_path / "repo")
+    with pytest.raises(ValueError, match="already exists"):
+        write_repository(artifact, out)
+    before = (out / NAME / "config.pbtxt").read_text()
+    monkeypatch.setattr(triton, "validate_repository", reject)
+    with pytest.raises(RepositoryError):
+        write_repository(artifact, out, max_batch=3, overwrite=True)
+    assert (out / NAME / "config.pbtxt").read_text() == before  # the old repository is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_cli_writes_and_prints_the_path_last(artifact, tmp_path, capsys):
+    _pb()
+    from export import triton_cmd
+
+    parser = argparse.ArgumentParser()
+    triton_cmd.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "repo"
+    args = parser.parse_args(["triton", str(artifact), "--out", str(out), "--name", "tiny", "--instances", "2",
+                              "--max-batch", "4"])
+    assert triton_cmd.run(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())
+    assert validate_repository(out) == ["tiny", "tiny_graph"]
+    text = (out / "tiny" / "config.pbtxt").read_text()
+    assert "count: 2" in text and 'string_value: "4"' in text
+    assert triton_cmd.run(args) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+    bad = parser.parse_args(["triton", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")])
+    assert triton_cmd.run(bad) == 2 and not (tmp_path / "r2").exists()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["triton", str(artifact), "--out", str(out), "--instances", "0"])
+
+
+# -- request parsing (what model.py does with each request) ---------------------------------------------------------
+_TYPES = {"text_input": (np.object_, "BYTES"), "messages": (np.object_, "BYTES"), "stop": (np.object_, "BYTES"),
+          "max_tokens": (np.int32, "INT32"), "top_k": (np.int32, "INT32"), "seed": (np.int64, "INT64"),
+          "temperature": (np.float32, "FP32"), "top_p": (np.float32, "FP32"),
+          "repetition_penalty": (np.float32, "FP32"), "ignore_eos": (np.bool_, "BOOL")}
+
+
+def _getter(values: dict):
+    """get(name) over a request given as python values, typed as the client sends them (_TYPES)."""
+    arrays = {}
+    for name, value in values.items():
+        items = [v.encode() if isinstance(v, str) else v for v in (value if isinstance(value, list) else [value])]
+        arrays[name] = np.array(items, dtype=_TYPES[name][0])
+    return arrays.get
+
+
+def test_parse_request_follows_the_runtime_cli():
+    prompt, p = parse_request(_getter({"text_input": b"Hi"}))
+    assert prompt == ("text", "Hi") and p == SamplingParams(greedy=True, max_new_tokens=32)
+    prompt, p = parse_request(_getter({"messages": json.dumps([{"role": "user", "content": "Hi"}]).encode(),
+                                       "temperature": np.float32(0.5), "top_k": np.int32(5), "seed": np.int64(3),
+                                       "stop": [b"a", b"bc"], "ignore_eos": np.bool_(True),
+                                       "max_tokens": np.int32(7)}))
+    assert prompt == ("messages", [{"role": "user", "content": "Hi"}])
+    assert p == SamplingParams(greedy=False, temperature=0.5, top_k=5, seed=3, stop=("a", "bc"), ignore_eos=True,
+                               max_new_tokens=7)
+    assert parse_request(_getter({"text_input": b"x", "top_p": np.float32(0.5)}))[1].greedy is False
+    for bad, match in [({}, "exactly one of"), ({"text_input": b"a", "messages": b"[]"}, "exactly one of"),
+                       ({"messages": b"{not json"}, "not valid JSON"), ({"messages": b'{"a": 1}'}, "JSON list"),
+                       ({"text_input": b"\xff"}, "UTF-8"), ({"text_input": b""}, "empty"),
+                       ({"text_input": [b"a", b"b"]}, "exactly one value"),
+                       ({"text_input": b"a", "temperature": np.float32(-1)}, "temperature"),
+                       ({"text_input": b"a", "top_p": np.float32(1.5)}, "top_p"),
+                       ({"text_input": b"a", "max_tokens": np.int32(0)}, "max_new_tokens"),
+                       ({"text_input": b"a", "seed": np.int64(-2)}, "seed"),
+                       ({"text_input": b"a", "stop": [b""]}, "stop")]:
+        with pytest.raises(ValueError, match=match):
+            parse_request(_getter(bad))
+    assert issubclass(RequestError, ValueError)
+
+
+def test_graph_model_runs_with_plain_session_run(repo, artifact, generator):
+    """What Triton's ONNX Runtime backend does (fresh outputs each call, no I/O binding) gives runtime_py's tokens."""
+    import onnxruntime as ort
+
+    ids = generator.encode("Hello world")
+    n = 10
+    expected = generator.generate([ids], SamplingParams(greedy=True, max_new_tokens=n, ignore_eos=True)).tokens[0]
+    manifest = open_artifact(artifact)
+    spec = manifest["spec"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    s = ort.InferenceSession(str(repo / f"{NAME}_graph" / "1" / "model.onnx"), options,
+                             providers=["CPUExecutionProvider"])
+    assert manifest["kv_mode"] == "static"
+    shape = (1, spec["num_kv_heads"], len(ids) + n, spec["head_dim"])
+    kv = {i.name: np.zeros(shape, np.float32) for i in s.get_inputs() if i.name.startswith("past_key_values.")}
+    names = [o.name for o in s.get_outputs()]
+    tokens, cur, pos = [], ids, list(range(len(ids)))
+    for _ in range(n):
+        out = dict(zip(names, s.run(None, {"input_ids": np.array([cur], np.int64),
+                                           "position_ids": np.array([pos], np.int64), **kv})))
+        tokens.append(int(out["logits"][0, -1].argmax()))
+        kv = {k.replace("present.", "past_key_values."): v for k, v in out.items() if k.startswith("present.")}
+        cur, pos = [tokens[-1]], [pos[-1] + 1]
+    assert tokens == expected
+
+
+# -- end to end: the real tritonserver ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    """The tritonserver bundled with nvidia-pytriton serving `repo` on loopback; always stopped afterwards."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    try:
+        from artifacts.triton import bundled_server, free_port, pytriton_paths
+
+        pytriton_paths()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    work = tmp_path_factory.mktemp("tritonserver")
+    grpc_port = free_port()
+    argv, env = bundled_server(repo, work, grpc_port, free_port(), free_port())
+    log = open(work / "server.log", "wb")
+    # Own process group: the python backend's stub processes are children of tritonserver; teardown reaches them.
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"127.0.0.1:{grpc_port}"
+
+    def tail():
+        return (work / "server.log").read_text(errors="replace")[-4000:]
+
+    try:
+        client = grpcclient.InferenceServerClient(url)
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"tritonserver exited with {proc.returncode}:\n{tail()}")
+            try:
+                if client.is_server_ready() and client.is_model_ready(NAME):
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"tritonserver not ready after 60 s:\n{tail()}")
+            time.sleep(0.2)
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        try:  # stub processes left by a crash
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def stream(url: str, request: dict, timeout: float = 60.0) -> tuple[list[str], Exception | None]:
+    """Send one request on its own client and stream; (text deltas, error or None)."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, value in request.items():
+        values = value if isinstance(value, list) else [value]
+        dtype, triton_type = _TYPES[name]
+        values = [v.encode() if isinstance(v, str) else v for v in values]
+        t = grpcclient.InferInput(name, [len(values)], triton_type)
+        t.set_data_from_numpy(np.array(values, dtype=dtype))
+        inputs.append(t)
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(NAME, inputs, enable_empty_final_response=True)
+        deltas = []
+        while True:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                return deltas, error
+            out = result.as_numpy("text_output")
+            if out is not None:
+                deltas.append(out[0].decode())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return deltas, None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def expected_deltas(gen: Generator, request: dict) -> list[str]:
+    """What runtime_py streams for the same request (same parsing as the server)."""
+    (kind, value), params = parse_request(_getter(request))
+    ids = gen.encode(value) if kind == "text" else gen.encode_chat(value)
+    deltas = list(gen.stream(ids, params))
+    assert "".join(deltas) == gen.generate([ids], params).texts[0]
+    return deltas
+
+
+GREEDY = {"text_input": "Hello world", "max_tokens": 24, "ignore_eos": True}
+SAMPLED = {"text_input": "The quick brown fox", "max_tokens": 24, "temperature": 0.8, "top_k": 40, "top_p": 0.75,
+           "seed": 1234, "ignore_eos": True}
+
+
+EXPLICIT = {  # the same requests as runtime_py SamplingParams written out (FP32 inputs arrive as float32)
+    "greedy": SamplingParams(greedy=True, max_new_tokens=24, ignore_eos=True),
+    "seeded-sampling": SamplingParams(greedy=False, temperature=float(np.float32(0.8)), top_k=40, top_p=0.75,
+                                      seed=1234, max_new_tokens=24, ignore_eos=True),
+}
+
+
+@pytest.mark.parametrize("request_,params", [(GREEDY, EXPLICIT["greedy"]), (SAMPLED, EXPLICIT["seeded-sampling"])],
+                         ids=list(EXPLICIT))
+def test_stream_equals_runtime(server, generator, request_, params):
+    deltas, error = stream(server, request_)
+    assert error is None
+    assert deltas == list(generator.stream(generator.encode(request_["text_input"]), params))
+    assert "".join(deltas) == generator.generate([generator.encode(request_["text_input"])], params).texts[0]
+    assert len(deltas) > 1
+
+
+def test_stream_chat_and_stop_strings(server, generator):
+    chat = {"messages": json.dumps([{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Hello world"}]),
+            "max_tokens": 16, "temperature": 0.9, "seed": 5, "ignore_eos": True}
+    deltas, error = stream(server, chat)
+    assert error is None and deltas == expected_deltas(generator, chat)
+    full = "".join(expected_deltas(generator, SAMPLED))
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    with_stop = {**SAMPLED, "stop": [stop, "never-seen"]}
+    deltas, error = stream(server, with_stop)
+    assert error is None and deltas == expected_deltas(generator, with_stop)
+    assert "".join(deltas) == full[:full.index(stop)]
+
+
+def test_eight_concurrent_streams(server, generator):
+    requests = [{"text_input": ["Hello world", "The quick brown fox", "Once upon"][i % 3], "max_tokens": 16,
+                 "temperature": 0.7 + 0.05 * i, "seed": 100 + i, "ignore_eos": True} for i in range(8)]
+    requests[0] = {**GREEDY, "max_tokens": 16}
+    expected = [expected_deltas(generator, r) for r in requests]
+    results: list = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def one(i):
+        barrier.wait(timeout=30)
+        results[i] = stream(server, requests[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads)
+    for i, (deltas, error) in enumerate(results):
+        assert error is None, f"request {i}: {error}"
+        assert deltas == expected[i], f"request {i}"
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"max_tokens": 8}, "exactly one of 'text_input'"),
+    ({"text_input": "Hello", "temperature": -1.0}, "temperature must be > 0"),
+    ({"text_input": "Hello", "top_p": 1.5}, "top_p must be in"),
+    ({"messages": "{not json"}, "not valid JSON"),
+    ({"text_input": "Hello", "max_tokens": 10_000}, "context length"),
+])
+def test_malformed_request_gets_an_error_and_the_server_keeps_serving(server, generator, bad, message):
+    deltas, error = stream(server, bad)
+    assert error is not None and deltas == []
+    assert message in str(error)
+    deltas, error = stream(server, GREEDY)
+    assert error is None and deltas == expected_deltas(generator, GREEDY)
