@@ -1,4 +1,4 @@
-"""Command line: `python -m export {build,verify,inspect} ...`. Defaults are defined here, once."""
+"""Command line: `python -m export {build,verify,inspect,bundle,engine} ...`. Defaults are defined here, once."""
 
 from __future__ import annotations
 
@@ -50,6 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     b.add_argument("--no-progress", action="store_true")
 
+    e = sub.add_parser("bundle", help="pack an artifact for building its TensorRT engine on a device")
+    e.add_argument("artifact")
+    e.add_argument("--out", required=True, help="bundle file to write (.tar)")
+
+    g = sub.add_parser("engine", help="on the device: unpack a bundle, build and verify the engine")
+    g.add_argument("bundle")
+    g.add_argument("--out", default=None, help="artifact directory (default: BUNDLE without .tar + -engine)")
+    g.add_argument("--overwrite", action="store_true")
+
     i = sub.add_parser("inspect", help="op histogram and fusion counts of an artifact's graphs")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
@@ -67,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
             return _build(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "bundle":
+            from export.edge_cmd import bundle
+
+            print(bundle(args.artifact, args.out))
+            return 0
+        if args.command == "engine":
+            from export.edge_cmd import engine
+
+            print(engine(args.bundle, args.out, overwrite=args.overwrite))
+            return 0
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130

@@ -128,3 +128,22 @@ def _input_shapes(name: str, shape: tuple, r: dict, kv_mode: str):
 
 def _tensor_fact(t) -> dict:
     return {"name": t.name, "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)}
+
+
+ONNX_TO_TRT = {"int64": "int64", "float32": "float", "float16": "half", "bfloat16": "bf16"}
+
+
+def check_engine_io(graph: dict, engine_io: dict) -> None:
+    """The engine's I/O must be the graph contract recorded in the manifest: names in order, dtypes, static dims."""
+    problems = []
+    for kind in ("inputs", "outputs"):
+        ours, theirs = graph[kind], engine_io[kind]
+        if [t["name"] for t in ours] != [t["name"] for t in theirs]:
+            problems.append(f"{kind}: names {[t['name'] for t in theirs]} != {[t['name'] for t in ours]}")
+            continue
+        for a, b in zip(ours, theirs):
+            want = [d if isinstance(d, int) else -1 for d in a["shape"]]
+            if ONNX_TO_TRT.get(a["dtype"]) != b["dtype"] or want != b["shape"]:
+                problems.append(f"{a['name']}: engine {b['dtype']}{b['shape']} != manifest {a['dtype']}{want}")
+    if problems:
+        raise EngineError("engine does not match the manifest's graph contract:\n  " + "\n  ".join(problems))
