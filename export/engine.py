@@ -98,7 +98,13 @@ def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: in
         timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
     io = {"inputs": [_tensor_fact(network.get_input(i)) for i in range(network.num_inputs)],
           "outputs": [_tensor_fact(network.get_output(i)) for i in range(network.num_outputs)]}
-    return {"file": engine_path.name, "flavour": flavour, "version": trt.__version__,
+    device_cc = None
+    if flavour == "tensorrt":  # full TensorRT builds for the GPU it runs on
+        import torch
+
+        if torch.cuda.is_available():
+            device_cc = "SM{}{}".format(*torch.cuda.get_device_capability())
+    return {"file": engine_path.name, "flavour": flavour, "version": trt.__version__, "device_cc": device_cc,
             "compute_capabilities": targets or ["the build machine's GPU"], "profiles": profiles, "io": io,
             "attention_layers_decomposable": decomposable, "build_seconds": round(time.perf_counter() - t0, 2),
             "timing_cache": timing_file.name if timing_file else None}

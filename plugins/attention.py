@@ -485,28 +485,16 @@ def register_trt_plugin() -> str:
              outputs: Tuple[TD, TD, TD], tactic: int):
         import triton
 
-        _jit()
         names = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32", trt.int64: "i64"}
-        ins = (query, key, value, past_key, past_value, position_ids, cos_cache, sin_cache, q_norm_weight,
-               k_norm_weight)
-        G = num_heads // num_kv_heads
-        cfg = _launch_config(2, G, head_dim, interpret=False)  # prefill tiles; one kernel serves every shape
-        signature = {}
-        for i, t in enumerate(ins):
-            signature[_FLASH_ARGS[i]] = "*" + names[t.dtype]
-        signature.update(S="i32", M="i32", window="i32")
-        for name, t in zip(("out_ptr", "ok_ptr", "ov_ptr"), outputs):
-            signature[name] = "*" + names[t.dtype]
-        constants = dict(H=num_heads, KV=num_kv_heads, D=head_dim, SCALE=float(scale), SOFTCAP=float(softcap),
-                         EPS=float(rms_eps), QK_NORM=bool(qk_norm), FUSED_KV=True,
-                         DOT_PRECISION="ieee" if query.dtype == trt.float32 else "tf32", DOT_F32=False,
-                         HALF_BLOCK=max(16, _pow2(head_dim // 2)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-        signature.update({k: "constexpr" for k in constants})
-        src = triton.compiler.ASTSource(fn=_flash_attention_kernel, signature=signature, constexprs=constants)
-        compiled = triton.compile(src, options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        dtypes = [names[t.dtype] for t in (query, key, value, past_key, past_value, position_ids, cos_cache,
+                                           sin_cache, q_norm_weight, k_norm_weight, *outputs)]
+        src, options, block_m = aot_source(dtypes, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                           head_dim=head_dim, scale=scale, softcap=softcap, qk_norm=qk_norm,
+                                           rms_eps=rms_eps)
+        compiled = triton.compile(src, options=options)
         S, M = query.shape_expr[1], past_key.shape_expr[2]
         launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(S * G, cfg["BLOCK_M"])
+        launch.grid_x = trtp.cdiv(S * (num_heads // num_kv_heads), block_m)
         launch.grid_y = query.shape_expr[0] * num_kv_heads
         launch.block_x = compiled.metadata.num_warps * 32
         launch.shared_mem = compiled.metadata.shared
@@ -533,4 +521,30 @@ def register_trt_plugin() -> str:
 
 
 _REGISTERED: set = set()
-_FLASH_ARGS = ("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "pos_ptr", "cos_ptr", "sin_ptr", "qnw_ptr", "knw_ptr")
+
+
+def aot_source(dtypes, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, softcap: float = 0.0,
+               qk_norm: int = 0, rms_eps: float = 1e-6, **_ignored):
+    """The single-launch kernel as the TensorRT AOT path compiles it: ``(triton ASTSource, compile options,
+    BLOCK_M)``. ``dtypes``: Triton type names ("fp16", "bf16", "fp32", "i64") of :data:`TRT_INPUTS` then
+    :data:`OUTPUTS`. Float attributes become compile-time constants; S, M and window stay int32 arguments. One
+    tile shape serves every batch shape (prefill tiles: decode wastes part of a tile but needs no second kernel).
+    Tested by compiling for sm_90 on the CPU (tests/test_plugin_kernels.py)."""
+    import triton
+
+    _jit()
+    cfg = _launch_config(64, 1, head_dim, interpret=False)
+    args = ("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "pos_ptr", "cos_ptr", "sin_ptr", "qnw_ptr", "knw_ptr",
+            "out_ptr", "ok_ptr", "ov_ptr")
+    if len(dtypes) != len(args):
+        raise ValueError(f"expected {len(args)} dtypes (TRT_INPUTS then OUTPUTS), got {len(dtypes)}")
+    signature = {name: "*" + t for name, t in zip(args, dtypes)}
+    signature.update(S="i32", M="i32", window="i32")
+    signature = {name: signature[name] for name in (*args[:10], "S", "M", "window", *args[10:])}  # kernel order
+    constants = dict(H=num_heads, KV=num_kv_heads, D=head_dim, SCALE=float(scale), SOFTCAP=float(softcap or 0.0),
+                     EPS=float(rms_eps), QK_NORM=bool(qk_norm), FUSED_KV=True,
+                     DOT_PRECISION="ieee" if dtypes[0] == "fp32" else "tf32", DOT_F32=False,
+                     HALF_BLOCK=max(16, _pow2(head_dim // 2)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    signature.update({name: "constexpr" for name in constants})
+    src = triton.compiler.ASTSource(fn=_flash_attention_kernel, signature=signature, constexprs=constants)
+    return src, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), cfg["BLOCK_M"]

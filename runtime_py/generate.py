@@ -22,6 +22,14 @@ from runtime_py.sampling import SamplingParams, logprobs_of, sample
 from runtime_py.session import OrtSession
 
 
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 class ContextLengthError(ValueError):
     """Prompt plus max_new_tokens does not fit the artifact's context."""
 
@@ -51,9 +59,11 @@ class Result:
 
 
 class Generator:
-    def __init__(self, artifact: str | Path, threads: int | None = None):
-        self.session = OrtSession(artifact, threads=threads)
+    def __init__(self, artifact: str | Path, threads: int | None = None, backend: str = "auto"):
+        """backend: "auto" runs an artifact's TensorRT engine when a CUDA GPU is present and its graph on ONNX
+        Runtime otherwise; "onnxruntime" or "tensorrt" force one."""
         self.root = Path(artifact)
+        self.session = self._open(backend, threads)
         self.tokenizer = None
         if (self.root / "tokenizer.json").exists():
             from runtime_py.tokenizer import Tokenizer
@@ -68,6 +78,18 @@ class Generator:
         if pad is None and self.tokenizer is not None:
             pad = self.tokenizer.pad_id
         self.pad_id = 0 if pad is None else pad  # pad slots are masked (or overwritten), so any valid id works
+
+    def _open(self, backend: str, threads: int | None):
+        from artifacts.bundle import read_manifest
+
+        if backend not in ("auto", "onnxruntime", "tensorrt"):
+            raise ValueError(f"backend must be auto, onnxruntime or tensorrt, got {backend!r}")
+        has_engine = "engine" in read_manifest(self.root)
+        if backend == "tensorrt" or (backend == "auto" and has_engine and _cuda_available()):
+            from runtime_py.trt_session import TrtSession
+
+            return TrtSession(self.root)
+        return OrtSession(self.root, threads=threads)
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

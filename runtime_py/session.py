@@ -21,6 +21,7 @@ import onnxruntime as ort
 from artifacts.bundle import ArtifactError, open_artifact
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+ORT_LOWERINGS = ("reference", "ort", "trt-native")
 
 
 class KVCache:
@@ -36,9 +37,10 @@ class OrtSession:
     def __init__(self, artifact: str | Path, threads: int | None = None, verify: bool = True):
         self.root = Path(artifact)
         self.manifest = open_artifact(self.root, verify=verify)
-        if self.manifest["backend"] != "onnxruntime":
-            raise ArtifactError(f"{self.root}: backend '{self.manifest['backend']}' is not an ONNX Runtime artifact")
         graph = self.manifest["graphs"]["decoder"]
+        if graph.get("lowering") not in ORT_LOWERINGS:
+            raise ArtifactError(f"{self.root}: the '{graph.get('lowering')}' graph needs TensorRT with our plugins; "
+                                "ONNX Runtime runs the reference, ort and trt-native lowerings")
         spec = self.manifest["spec"]
         self.kv_mode = self.manifest["kv_mode"]
         self.in_place = graph.get("kv_binding") == "in_place"

@@ -112,3 +112,38 @@ def test_tensorrt_rejects_ort_lowering(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="--lowering ort is for ONNX Runtime"):
         build(str(checkpoints("qwen2_window")), backend="tensorrt", lowering="ort", out=tmp_path / "x",
               progress=False)
+
+
+@needs_trt
+def test_engine_artifact_runs_its_graph_on_cpu_and_refuses_trt_here(engines, checkpoints, hf_model):
+    """On a CPU-only machine the runtime runs a TensorRT artifact's trt-native graph with ONNX Runtime (same
+    greedy tokens as HF) and asking for the engine gives a clear error instead of a crash."""
+    from artifacts.bundle import ArtifactError
+    from runtime_py.generate import Generator
+    from runtime_py.sampling import SamplingParams
+    from tests.test_artifact_runtime import _hf_greedy
+    from tests.test_parity import PROMPT
+
+    path = engines("qwen3_moe_mixed")
+    gen = Generator(path, threads=2)
+    tokens = gen.generate([PROMPT], SamplingParams(greedy=True, max_new_tokens=16, ignore_eos=True)).tokens[0]
+    assert tokens == _hf_greedy(hf_model(checkpoints("qwen3_moe_mixed")), PROMPT, 16)
+    with pytest.raises(ArtifactError, match="needs a CUDA GPU"):
+        Generator(path, backend="tensorrt")
+
+
+def test_engine_version_and_device_checks():
+    from artifacts.bundle import ArtifactError
+    from runtime_py.trt_session import check_engine
+
+    manifest = {"engine": {"flavour": "tensorrt_rtx", "version": "1.7.1.116",
+                           "compute_capabilities": ["SM80", "SM86", "SM89", "SM120"]}}
+    check_engine(manifest, "1.7.1.116", (8, 9))
+    with pytest.raises(ArtifactError, match="built with tensorrt_rtx 1.7.1.116, this machine has 1.8.0"):
+        check_engine(manifest, "1.8.0", (8, 9))
+    with pytest.raises(ArtifactError, match="this GPU is SM90; the engine targets"):
+        check_engine(manifest, "1.7.1.116", (9, 0))
+    with pytest.raises(ArtifactError, match="needs a CUDA GPU"):
+        check_engine(manifest, "1.7.1.116", None)
+    with pytest.raises(ArtifactError, match="no TensorRT engine"):
+        check_engine({}, "1.7.1.116", (8, 9))

@@ -1,0 +1,130 @@
+"""TensorRT session over an artifact's engine: same ``new_cache``/``forward`` interface as ``OrtSession``.
+
+What it does: before touching the engine it checks, with clear errors instead of a crash, that TensorRT (the
+flavour the engine was built with) is importable, that its version equals the one recorded in the manifest, that
+a CUDA GPU is present and that its compute capability is one the engine targets. Then it deserializes the
+engine, keeps one execution context per optimization profile (prefill, decode), holds the KV cache as device
+buffers (torch CUDA tensors: two sets swapped after each call, since the graph's ScatterElements update must not
+alias its input), binds addresses and runs ``execute_async_v3``. CUDA-graph capture of decode steps is not
+implemented yet.
+
+Verification status: the checks above are tested on CPU-only machines. Everything from deserialization on needs
+a GPU with TensorRT and has NOT been run in this project yet (no GPU machine was available); treat it as
+unverified until the GPU suite has exercised it.
+
+What it does not do: build engines (export/engine.py) or sample (generate.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from artifacts.bundle import ArtifactError, open_artifact
+
+_TORCH_DTYPES = {"float": "float32", "half": "float16", "bf16": "bfloat16", "int64": "int64"}
+
+
+def _import_flavour(flavour: str):
+    try:
+        if flavour == "tensorrt":
+            import tensorrt as trt
+        else:
+            import tensorrt_rtx_bindings as trt
+    except ImportError:
+        pkg = "tensorrt" if flavour == "tensorrt" else "tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings"
+        raise ArtifactError(f"this engine was built with {flavour}, which is not installed (pip install {pkg})") \
+            from None
+    return trt
+
+
+def check_engine(manifest: dict, trt_version: str, device_cc: tuple[int, int] | None) -> None:
+    """Raise ArtifactError when this machine cannot load the engine described by the manifest."""
+    engine = manifest.get("engine")
+    if not engine:
+        raise ArtifactError("the artifact has no TensorRT engine (build with --backend tensorrt or `export engine`)")
+    if trt_version != engine["version"]:
+        raise ArtifactError(f"engine built with {engine['flavour']} {engine['version']}, this machine has "
+                            f"{trt_version}: engines are not portable across versions; rebuild it here "
+                            "(`python -m export engine BUNDLE`)")
+    if device_cc is None:
+        raise ArtifactError("running a TensorRT engine needs a CUDA GPU (none found); use an ONNX Runtime "
+                            "artifact on this machine")
+    targets = engine.get("compute_capabilities") or []
+    sm = f"SM{device_cc[0]}{device_cc[1]}"
+    if engine["flavour"] == "tensorrt_rtx" and sm not in targets:
+        raise ArtifactError(f"this GPU is {sm}; the engine targets {targets}; rebuild it on this device")
+    built_on = engine.get("device_cc")
+    if engine["flavour"] == "tensorrt" and built_on and built_on != sm:
+        raise ArtifactError(f"engine built on {built_on}, this GPU is {sm}; rebuild it on this device")
+
+
+def _cuda_device_cc() -> tuple[int, int] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability()
+
+
+class TrtSession:
+    def __init__(self, artifact: str | Path, verify: bool = True):
+        self.root = Path(artifact)
+        self.manifest = open_artifact(self.root, verify=verify)
+        engine = self.manifest.get("engine") or {}
+        trt = _import_flavour(engine.get("flavour", "tensorrt"))
+        check_engine(self.manifest, trt.__version__, _cuda_device_cc())
+        import torch
+
+        self.torch, self.trt = torch, trt
+        spec = self.manifest["spec"]
+        self.kv_mode = self.manifest["kv_mode"]
+        if self.kv_mode != "static":
+            raise ArtifactError("the TensorRT session runs static-KV engines only")
+        self.max_seq_len = int(self.manifest["max_seq_len"])
+        self.vocab_size = spec["vocab_size"]
+        self.kv_heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
+        io = engine["io"]
+        self.kv_in = [t["name"] for t in io["inputs"] if t["name"].startswith("past_key_values.")]
+        self.kv_out = [t["name"] for t in io["outputs"] if t["name"].startswith("present.")]
+        self.kv_dtype = getattr(torch, _TORCH_DTYPES[io["inputs"][-1]["dtype"]])
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine((self.root / engine["file"]).read_bytes())
+        if self.engine is None:
+            raise ArtifactError(f"{self.root}: TensorRT could not deserialize {engine['file']}")
+        self.contexts = {}
+        for index, name in enumerate(engine["profiles"]):  # "prefill", "decode" in build order
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(index, torch.cuda.current_stream().cuda_stream)
+            self.contexts[name] = ctx
+        self.stream = torch.cuda.current_stream()
+
+    def new_cache(self, batch: int, max_len: int):
+        from runtime_py.session import KVCache
+
+        shape = (batch, self.kv_heads, max_len, self.head_dim)
+        make = lambda: [self.torch.zeros(shape, dtype=self.kv_dtype, device="cuda") for _ in self.kv_in]  # noqa
+        return KVCache(make(), make(), max_len)
+
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask, cache) -> np.ndarray:
+        torch = self.torch
+        B, S = input_ids.shape
+        ctx = self.contexts["decode" if S == 1 else "prefill"]
+        ids = torch.as_tensor(input_ids, dtype=torch.int64, device="cuda")
+        pos = torch.as_tensor(position_ids, dtype=torch.int64, device="cuda")
+        logits = torch.empty((B, S, self.vocab_size), dtype=torch.float32, device="cuda")
+        bindings = {"input_ids": ids, "position_ids": pos, "logits": logits}
+        bindings.update(zip(self.kv_in, cache.values))
+        bindings.update(zip(self.kv_out, cache.spare))
+        for name, tensor in bindings.items():
+            if name in ("input_ids", "position_ids") or name in self.kv_in:
+                ctx.set_input_shape(name, tuple(tensor.shape))
+            ctx.set_tensor_address(name, tensor.data_ptr())
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        self.stream.synchronize()
+        cache.values, cache.spare = cache.spare, cache.values
+        return logits.cpu().numpy()
