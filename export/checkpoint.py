@@ -124,7 +124,6 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{file}: not a readable safetensors file (truncated or corrupt?): {e}"
                 ) from None
-        self._handles: dict[Path, object] = {}
 
     def _files(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
@@ -159,12 +158,12 @@ class Checkpoint:
         raise CheckpointError(f"{self.dir}: no model.safetensors, shard index or *.safetensors file found")
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, copied out of the file. The file is opened (mmap) per call and closed again: a handle kept
+        open would leave every page read so far mapped, and the process's RSS would grow to the checkpoint size."""
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(info.file, framework="pt")
         try:
-            return handle.get_tensor(name)
+            with safe_open(info.file, framework="pt") as handle:
+                return handle.get_tensor(name).clone()
         except SafetensorError as e:
             raise CheckpointError(f"{info.file}: cannot read tensor '{name}': {e}") from None
 
