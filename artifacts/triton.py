@@ -8,7 +8,7 @@ place only after :func:`validate_repository` accepted it. The repository holds
   (``runtime_py/``, ``artifacts/``, ...: sources only) into ``1/runtime/``, which model.py puts first on
   ``sys.path``. Third-party packages (numpy, onnxruntime, tokenizers, jinja2) come from the Python environment the
   backend's stub runs in (see the repository README);
-- ``NAME_graph/``: the raw decoder graph for Triton's ONNX Runtime backend (``1/model.onnx`` + its external data),
+- ``NAME_graph/``: the raw decoder for Triton's ONNX Runtime backend (``1/model.onnx`` + its external data),
   with the KV tensors as inputs/outputs exactly as the artifact manifest lists them (symbolic dims -> -1,
   ``max_batch_size: 0`` so the batch dim is explicit), for clients that run their own generation loop;
 - ``README.md``: launch commands and a tritonclient gRPC streaming client.
@@ -21,15 +21,18 @@ model.py reads, the graph model's I/O matches the ONNX graph (names and element 
 complete. :func:`bundled_server` builds the command line that runs the ``tritonserver`` bundled in nvidia-pytriton
 (python backend only) on a repository; ``python -m artifacts.triton serve REPO`` runs it.
 
-What it does not do: TensorRT engines (``tensorrt_plan``): the artifact format has no engine yet, so an artifact
-whose backend is not onnxruntime is refused with a clear error. It never imports export/.
+TensorRT artifacts: the python model runs the engine through runtime_py when a GPU is present; the raw model is
+``tensorrt_plan`` (``1/model.plan``) for a full-TensorRT engine and the ONNX graph on ONNX Runtime for a TensorRT-RTX
+engine (Triton has no TensorRT-RTX backend).
+
+What it does not do: read a plan's I/O (that needs TensorRT; the engine's I/O was checked against the graph contract
+when it was built), build engines, or start a full Triton. It never imports export/.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import shutil
 import socket
@@ -50,7 +53,8 @@ ONNX_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_
 # onnx.TensorProto element type -> Triton type, for checking the graph model's config against the graph.
 _ONNX_ELEM = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32",
               3: "TYPE_INT8", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
-MODEL_FILES = {"python": "model.py", "onnxruntime": "model.onnx"}
+MODEL_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+PLATFORMS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
 
 
 class RepositoryError(ValueError):
@@ -113,8 +117,9 @@ def _config_text(cfg, comment: str) -> str:
     body = text_format.MessageToString(cfg)
     # proto3 omits zero values; max_batch_size 0 is a decision worth seeing in the file.
     lines = body.splitlines()
-    at = next(i for i, line in enumerate(lines) if not line.startswith(("name:", "platform:", "backend:")))
-    lines.insert(at, "max_batch_size: 0")
+    if cfg.max_batch_size == 0:
+        at = next(i for i, line in enumerate(lines) if not line.startswith(("name:", "platform:", "backend:")))
+        lines.insert(at, "max_batch_size: 0")
     return "".join(f"# {c}\n" for c in comment.splitlines()) + "\n".join(lines) + "\n"
 
 
@@ -126,7 +131,7 @@ def _tensor(cls, name: str, data_type: str, dims: list[int], optional: bool = Fa
     return t
 
 
-def _python_config(name: str, instances: int, max_batch: int):
+def _python_config(name: str, instances: int, max_batch: int, has_engine: bool):
     _, pb = _pb()
     cfg = pb.ModelConfig(name=name, backend="python", max_batch_size=0)
     cfg.model_transaction_policy.decoupled = True
@@ -134,7 +139,9 @@ def _python_config(name: str, instances: int, max_batch: int):
         cfg.input.append(_tensor(pb.ModelInput, n, dt, dims, optional))
     for n, (dt, dims) in triton_model.OUTPUTS.items():
         cfg.output.append(_tensor(pb.ModelOutput, n, dt, dims))
-    cfg.instance_group.append(pb.ModelInstanceGroup(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU))
+    # An engine runs on a GPU when there is one (runtime_py picks it), the ONNX graph on the CPU otherwise.
+    kind = pb.ModelInstanceGroup.KIND_AUTO if has_engine else pb.ModelInstanceGroup.KIND_CPU
+    cfg.instance_group.append(pb.ModelInstanceGroup(count=instances, kind=kind))
     params = {**triton_model.DEFAULTS, "max_concurrency": str(max_batch)}
     for k, v in params.items():
         cfg.parameters[k].string_value = v
@@ -145,15 +152,21 @@ def _dims(shape: list) -> list[int]:
     return [d if isinstance(d, int) and d > 0 else -1 for d in shape]
 
 
-def _graph_config(name: str, graph: dict, instances: int):
+def _graph_config(name: str, graph: dict, instances: int, plan: bool):
+    """The raw graph model: the ONNX graph on Triton's ONNX Runtime backend, or (`plan`) the TensorRT engine on its
+    TensorRT backend. The engine's I/O is the graph's (checked when the engine was built)."""
     _, pb = _pb()
-    cfg = pb.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0)
+    if plan:
+        cfg = pb.ModelConfig(name=name, platform="tensorrt_plan", backend="tensorrt", max_batch_size=0)
+    else:
+        cfg = pb.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0)
     for src, cls, dst in ((graph["inputs"], pb.ModelInput, cfg.input), (graph["outputs"], pb.ModelOutput, cfg.output)):
         for t in src:
             if t["dtype"] not in ONNX_TYPES:
                 raise ArtifactError(f"graph tensor {t['name']}: dtype {t['dtype']} has no Triton type")
             dst.append(_tensor(cls, t["name"], ONNX_TYPES[t["dtype"]], _dims(t["shape"])))
-    cfg.instance_group.append(pb.ModelInstanceGroup(count=instances, kind=pb.ModelInstanceGroup.KIND_AUTO))
+    kind = pb.ModelInstanceGroup.KIND_GPU if plan else pb.ModelInstanceGroup.KIND_AUTO
+    cfg.instance_group.append(pb.ModelInstanceGroup(count=instances, kind=kind))
     return cfg
 
 
@@ -185,9 +198,12 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{flag} must be an int >= 1, got {value!r}")
     manifest = open_artifact(artifact)  # checksums verified once, here
-    if manifest.get("backend") != "onnxruntime":
-        raise ArtifactError(f"{artifact}: backend {manifest.get('backend')!r}: Triton repositories are written for "
-                            "ONNX Runtime artifacts only (TensorRT engines are not in the artifact format yet)")
+    if manifest.get("backend") not in ("onnxruntime", "tensorrt"):
+        raise ArtifactError(f"{artifact}: backend {manifest.get('backend')!r}: expected onnxruntime or tensorrt")
+    engine = manifest.get("engine")
+    if manifest["backend"] == "tensorrt" and not engine:
+        raise ArtifactError(f"{artifact}: a tensorrt artifact without an engine in its manifest; rebuild it")
+    plan = bool(engine) and engine.get("flavour") == "tensorrt"  # TensorRT-RTX engines: no Triton backend
     graph = manifest["graphs"]["decoder"]
     graph_file = artifact / graph["file"]
     data_files = _external_data(graph_file)
@@ -200,20 +216,26 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
         pkgs = _copy_sources(version / "runtime")
         shutil.copy2(Path(triton_model.__file__), version / "model.py")
         (tmp / name / "config.pbtxt").write_text(_config_text(
-            _python_config(name, instances, max_batch),
+            _python_config(name, instances, max_batch, bool(engine)),
             f"Streaming text generation (decoupled) with runtime_py on {artifact.name}.\n"
             f"Written by llm-export; runtime sources in 1/runtime ({', '.join(pkgs)}), artifact in 1/artifact."))
         # (b) the raw graph
         gdir = tmp / graph_name / "1"
-        _link_or_copy(version / "artifact" / graph["file"], gdir / "model.onnx")
-        for rel in data_files:
-            _link_or_copy(version / "artifact" / Path(graph["file"]).parent / rel, gdir / rel)
+        if plan:
+            _link_or_copy(version / "artifact" / engine["file"], gdir / "model.plan")
+            what = f"TensorRT {engine.get('version')} engine"
+        else:
+            _link_or_copy(version / "artifact" / graph["file"], gdir / "model.onnx")
+            for rel in data_files:
+                _link_or_copy(version / "artifact" / Path(graph["file"]).parent / rel, gdir / rel)
+            what = "ONNX decoder graph"
         (tmp / graph_name / "config.pbtxt").write_text(_config_text(
-            _graph_config(graph_name, graph, instances),
-            f"Raw decoder graph of {artifact.name} (lowering {graph.get('lowering')}, KV mode {manifest['kv_mode']}, "
+            _graph_config(graph_name, graph, instances, plan),
+            f"Raw {what} of {artifact.name} (lowering {graph.get('lowering')}, KV mode {manifest['kv_mode']}, "
             f"{manifest['precision']}).\nOne prefill/decode step per request; the client owns the KV cache."))
-        (tmp / "README.md").write_text(repository_readme(name, manifest, instances, max_batch))
+        (tmp / "README.md").write_text(repository_readme(name, manifest, instances, max_batch, _opsets(graph_file)))
         validate_repository(tmp)
+        _publishable(tmp)
     return Path(out).resolve()
 
 
@@ -272,19 +294,44 @@ def _expect_io(path: Path, cfg, inputs: dict, outputs: dict, what: str) -> None:
                 _fail(path, f"{kind} '{n}' has dims {list(got[n].dims)}, {what} has {list(dims)}")
 
 
+def _declared_io(model_py: Path) -> tuple[dict, dict] | None:
+    """INPUTS and OUTPUTS as written in a repository's model.py (the copy, which is what will run), or None when
+    model.py is not ours."""
+    found = {}
+    try:
+        tree = ast.parse(model_py.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError) as e:
+        raise RepositoryError(f"{model_py}: not valid Python ({e})") from None
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else \
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
+        if isinstance(target, ast.Name) and target.id in ("INPUTS", "OUTPUTS") and node.value is not None:
+            try:
+                found[target.id] = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+    if set(found) != {"INPUTS", "OUTPUTS"} or "class TritonPythonModel" not in ast.unparse(tree):
+        return None
+    return found["INPUTS"], found["OUTPUTS"]
+
+
 def _check_python_model(path: Path, cfg, version: Path) -> None:
+    io = _declared_io(version / "model.py")
+    if io is None:  # somebody else's python model: the generic checks are all we can do
+        return
+    inputs, outputs = io
     if not cfg.model_transaction_policy.decoupled:
         _fail(path, "the streaming model must be decoupled (model_transaction_policy { decoupled: true })")
     if cfg.max_batch_size != 0:
         _fail(path, f"max_batch_size must be 0 (one prompt per request), got {cfg.max_batch_size}")
-    _expect_io(path, cfg, {n: (dt, dims) for n, (dt, dims, _) in triton_model.INPUTS.items()},
-               triton_model.OUTPUTS, "what model.py reads")
+    _expect_io(path, cfg, {n: (dt, dims) for n, (dt, dims, _) in inputs.items()},
+               {n: (dt, dims) for n, (dt, dims) in outputs.items()}, f"what {version.name}/model.py reads")
     not_optional = [t.name for t in cfg.input if not t.optional]
     if not_optional:
         _fail(path, f"inputs {not_optional} must be optional (a request sends text_input or messages)")
-    for t in cfg.instance_group:
-        if t.kind not in (0, 2):  # KIND_AUTO, KIND_CPU: the runtime runs on the CPU
-            _fail(path, "instance_group kind must be KIND_CPU for the python model")
+    backend = cfg.parameters["runtime_backend"].string_value if "runtime_backend" in cfg.parameters else "auto"
+    if backend not in ("auto", "onnxruntime", "tensorrt"):
+        _fail(path, f"parameter runtime_backend must be auto, onnxruntime or tensorrt, got {backend!r}")
     for key in ("max_concurrency", "default_max_tokens", "ort_threads"):
         value = cfg.parameters[key].string_value if key in cfg.parameters else triton_model.DEFAULTS[key]
         if not value.isdigit() or (key != "ort_threads" and int(value) < 1):
@@ -342,10 +389,11 @@ def validate_repository(path: str | Path) -> list[str]:
         cfg = parse_config(cfg_path)
         if cfg.name != d.name:
             _fail(cfg_path, f"name {cfg.name!r} must equal the directory name {d.name!r}")
-        backend = cfg.backend or {"onnxruntime_onnx": "onnxruntime"}.get(cfg.platform, "")
+        backend = cfg.backend or PLATFORMS.get(cfg.platform, "")
         if backend not in MODEL_FILES:
-            _fail(cfg_path, f"backend {cfg.backend!r} / platform {cfg.platform!r}: expected one of {sorted(MODEL_FILES)}")
-        if cfg.platform and cfg.platform != {"onnxruntime": "onnxruntime_onnx"}.get(backend, cfg.platform):
+            _fail(cfg_path, f"backend {cfg.backend!r} / platform {cfg.platform!r}: expected one of "
+                            f"{sorted(MODEL_FILES)}")
+        if cfg.platform and PLATFORMS.get(cfg.platform) != backend:
             _fail(cfg_path, f"platform {cfg.platform!r} does not match backend {cfg.backend!r}")
         if cfg.max_batch_size < 0:
             _fail(cfg_path, f"max_batch_size must be >= 0, got {cfg.max_batch_size}")
@@ -362,33 +410,67 @@ def validate_repository(path: str | Path) -> list[str]:
                 _fail(v, f"{model_file.name} is missing")
             if backend == "python":
                 _check_python_model(cfg_path, cfg, v)
-            else:
+            elif backend == "onnxruntime":
                 _check_graph_model(cfg_path, cfg, v)
+            elif cfg.max_batch_size != 0:  # a plan: its I/O can only be read with TensorRT; the writer took it
+                _fail(cfg_path, f"max_batch_size must be 0 (the engine's batch dim is explicit), got "
+                                f"{cfg.max_batch_size}")
     return [d.name for d in models]
 
 
 # -- README -------------------------------------------------------------------------------------------------------
-def repository_readme(name: str, manifest: dict, instances: int, max_batch: int) -> str:
+def _opsets(graph_path: Path) -> str:
+    import onnx
+
+    model = onnx.load_model(str(graph_path), load_external_data=False)
+    return ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+
+
+def repository_readme(name: str, manifest: dict, instances: int, max_batch: int, opsets: str) -> str:
     graph = manifest["graphs"]["decoder"]
+    engine = manifest.get("engine") or {}
+    plan = engine.get("flavour") == "tensorrt"
+    graph_backend = "tensorrt (plan)" if plan else "onnxruntime"
+    runtime = "`runtime_py` (TensorRT engine on a GPU, else ONNX Runtime on the CPU)" if engine else \
+        "`runtime_py` (ONNX Runtime, CPU)"
+    if plan:
+        served = (f"`{name}_graph` is the TensorRT {engine.get('version')} engine (`1/model.plan`): the Triton "
+                  "release must ship the same TensorRT version, and the GPU must be the architecture it was built "
+                  "on; engines are not portable.")
+    elif engine:
+        served = (f"`{name}_graph` is the ONNX graph (`1/model.onnx`, opsets {opsets}) on ONNX Runtime: the engine "
+                  f"is a TensorRT-RTX {engine.get('version')} engine (targets "
+                  f"{', '.join(engine.get('compute_capabilities', []))}), which Triton's TensorRT backend cannot "
+                  f"load; it runs inside `{name}` through runtime_py on an RTX GPU.")
+    else:
+        served = f"`{name}_graph` is the ONNX graph (`1/model.onnx`, opsets {opsets}) on ONNX Runtime."
     spec = manifest["spec"]
     lowering = graph.get("lowering")
     kv_in = [t for t in graph["inputs"] if t["name"].startswith("past_key_values")]
-    other_in = [t["name"] for t in graph["inputs"] if not t["name"].startswith("past_key_values")]
+    other_in = ", ".join(f"`{t['name']}`" for t in graph["inputs"] if not t["name"].startswith("past_key_values"))
+    kv = f"dims {_dims(kv_in[0]['shape'])}, {kv_in[0]['dtype']}" if kv_in else "none"
     ops = sorted(op for op in graph.get("op_histogram", {}) if op.startswith("com.microsoft."))
-    contrib = (f"The `{lowering}` lowering uses ONNX Runtime contrib ops ({', '.join(ops)}): Triton's ONNX Runtime "
-               "backend ships a full ONNX Runtime build that includes them (CPU and CUDA execution providers)."
+    contrib = (f"The `{lowering}` lowering uses ONNX Runtime contrib ops ({', '.join(ops)}); Triton's ONNX Runtime\n"
+               "backend runs a full ONNX Runtime build, which includes them (CPU and CUDA execution providers)."
                if ops else "The graph uses standard ONNX ops only.")
+    if manifest["kv_mode"] == "static":
+        kv_rule = ("the cache is a fixed-length buffer of `max_cache_len` slots (slot = position). Start with zeros\n"
+                   "of length prompt + new tokens; each call writes the new tokens' K/V at their `position_ids` and\n"
+                   "returns the whole buffer as `present.*`, which goes back as `past_key_values.*` on the next call.")
+    else:
+        kv_rule = ("`present.*` is `past_key_values.*` with the new tokens appended (start with length 0);\n"
+                   "`attention_mask` covers past + new tokens.")
     return f"""# Triton model repository: `{name}` (written by llm-export)
 
-Artifact: `{manifest['model'].get('name')}` ({manifest['model'].get('model_type')}), {manifest['precision']},
-KV mode `{manifest['kv_mode']}`, context {manifest['max_seq_len']} tokens, graph lowering `{lowering}`.
+Artifact `{manifest['model'].get('name')}` ({manifest['model'].get('model_type')}, {manifest['precision']}, KV mode
+`{manifest['kv_mode']}`, context {manifest['max_seq_len']} tokens, graph lowering `{lowering}`).
 
 | model | backend | what it is |
 |---|---|---|
-| `{name}` | python (decoupled) | text or chat messages in, streamed text out; runs `runtime_py` (ONNX Runtime, CPU) on `1/artifact` |
-| `{name}_graph` | onnxruntime | the raw decoder graph with the KV cache as inputs/outputs, for clients running their own loop |
+| `{name}` | python, decoupled | text or chat messages in, streamed text out: {runtime} on `1/artifact` |
+| `{name}_graph` | {graph_backend} | the raw decoder, KV cache as inputs/outputs, for clients running their own loop |
 
-`{instances}` instance(s) per model; each `{name}` instance streams up to {max_batch} generations at once.
+{instances} instance(s) of each model; each `{name}` instance streams up to {max_batch} generations at once. {served}
 
 ## Launch
 
@@ -398,34 +480,39 @@ With a full Triton install (e.g. the `nvcr.io/nvidia/tritonserver:<yy.mm>-py3` c
 tritonserver --model-repository $PWD
 ```
 
-The python backend's stub runs `1/model.py` with the Python environment found first on `PATH` (or the one packed
-in `EXECUTION_ENV_PATH`); that environment needs `numpy`, `onnxruntime`, `tokenizers` and `jinja2` (for example
-`pip install 'llm-export'`, or just those four). The runtime's own code is not taken from that environment: model.py
-puts `1/runtime/` (a copy of the `runtime_py` sources the repository was written with) first on `sys.path`.
+The python backend's stub runs `{name}/1/model.py` in the Python environment whose `python3` comes first on `PATH`
+(or the one packed in `EXECUTION_ENV_PATH`). That environment needs `numpy`, `onnxruntime`, `tokenizers` and
+`jinja2` (and `tensorrt` or `tensorrt_rtx` + `torch` to run an engine), with the numpy major version the stub was built against (numpy<2 for Triton 2.51; model.py checks at load
+time and refuses to load on a mismatch, saying why). The runtime's own code does not come from that environment:
+model.py puts `1/runtime/` (a copy of the `runtime_py` sources this repository was written with) first on `sys.path`.
 
-With the `tritonserver` bundled in `nvidia-pytriton` (`pip install 'llm-export[triton]'`; CPU only, python backend
-only, so `{name}_graph` is not loaded there):
+With the `tritonserver` bundled in `nvidia-pytriton` (CPU only, python backend only, so `{name}_graph` is not loaded
+there), from the Python environment that has llm-export installed:
 
 ```bash
+pip install --no-deps 'nvidia-pytriton>=0.7,<0.8'   # only its tritonserver binary is used
 python -m artifacts.triton serve $PWD --grpc-port 8001 --http-port 8000
 ```
 
-It runs `pytriton/tritonserver/bin/tritonserver --model-repository $PWD --model-control-mode explicit
---load-model {name} --backend-directory DIR` where DIR holds pytriton's python backend plus the stub built for the
-running Python, with `LD_LIBRARY_PATH` set to `nvidia_pytriton.libs` and this Python's `libpython`, and this
-Python's `bin/` first on `PATH` (so the stub imports from this environment).
+That runs `pytriton/tritonserver/bin/tritonserver --model-repository $PWD --model-control-mode explicit
+--load-model {name} --backend-directory DIR`, where DIR holds pytriton's python backend plus the stub built for the
+running Python, with `LD_LIBRARY_PATH` = this Python's `libpython` directory + `nvidia_pytriton.libs`. The stub is
+built against numpy 1.x: when this environment has numpy 2, `serve` puts a small venv first on `PATH` that holds only
+`numpy<2` and sees this environment's packages after its own (`python -m artifacts.triton stub-env [DIR]` makes it,
+once, with pip).
 
 ## Streaming client (tritonclient gRPC)
 
-Inputs of `{name}` (all optional, one of `text_input` / `messages` required): `text_input` (STRING [1]),
-`messages` (STRING [1], a JSON list of `{{"role", "content"}}` objects rendered with the artifact's chat template),
-`max_tokens` (INT32, default {triton_model.DEFAULT_MAX_TOKENS}), `temperature`, `top_p`, `repetition_penalty`
-(FP32), `top_k` (INT32), `seed` (INT64), `stop` (STRING [-1]), `ignore_eos` (BOOL). Greedy unless `temperature`,
-`top_k > 0` or `top_p != 1` is sent (as `python -m runtime_py generate`). Output: `text_output` (STRING [1]), one
-response per text delta, then an empty final response; the deltas join to exactly what
-`python -m runtime_py generate` prints for the same prompt, seed and parameters. A bad request gets one error.
+Inputs of `{name}`, all optional, exactly one of `text_input` / `messages` required: `text_input` (STRING [1]),
+`messages` (STRING [1]: a JSON list of `{{"role", "content"}}` objects, rendered with the artifact's chat template),
+`max_tokens` (INT32, default {triton_model.DEFAULT_MAX_TOKENS}), `temperature`, `top_p`, `repetition_penalty` (FP32),
+`top_k` (INT32), `seed` (INT64), `stop` (STRING [-1]), `ignore_eos` (BOOL). Greedy unless `temperature`, `top_k > 0`
+or `top_p != 1` is sent, as in `python -m runtime_py generate`. Output `text_output` (STRING [1]): one response per
+text delta, then an empty response flagged final; the deltas join to exactly the text runtime_py generates for the
+same prompt, seed and parameters. A bad request gets one error response; the model keeps serving.
 
 ```python
+import json
 import queue
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -456,27 +543,32 @@ while True:
     if result.get_response().parameters["triton_final_response"].bool_param:
         break
 client.stop_stream()
+client.close()
 ```
 
 ## The raw graph (`{name}_graph`)
 
-Inputs: {', '.join(f'`{n}`' for n in other_in)} and {len(kv_in)} KV tensors `past_key_values.<layer>.key|value`
-(dims {_dims(kv_in[0]['shape']) if kv_in else '-'}, {kv_in[0]['dtype'] if kv_in else '-'}); outputs `logits` and
-`present.<layer>.key|value`. `max_batch_size` is 0: the batch dim is part of every shape. KV mode
-`{manifest['kv_mode']}`: {"the cache is a fixed-length buffer of `max_cache_len` slots (slot = position); each call "
-"writes the new tokens' K/V at their positions and returns the whole buffer as `present.*`, which the client "
-"sends back as `past_key_values.*` on the next call" if manifest['kv_mode'] == 'static' else
-"`present.*` = `past_key_values.*` with the new tokens appended; `attention_mask` covers past + new tokens"}.
-{spec.get('num_kv_heads')} KV heads of dim {spec.get('head_dim')}, {len(spec.get('layers', []))} layers,
-vocabulary {spec.get('vocab_size')}. {contrib}
+One prefill or decode step per request. Inputs {other_in} and {len(kv_in)} KV tensors
+`past_key_values.<layer>.key|value` ({kv}); outputs `logits` and `present.<layer>.key|value`. `max_batch_size` is 0:
+the batch dim is part of every shape. KV mode `{manifest['kv_mode']}`: {kv_rule}
+{len(spec.get('layers', []))} layers, {spec.get('num_kv_heads')} KV heads of dim {spec.get('head_dim')}, vocabulary
+{spec.get('vocab_size')}. {contrib}
 """
 
 
 # -- the tritonserver bundled with nvidia-pytriton ------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports that were free a moment ago (all held open while choosing)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def pytriton_paths() -> dict[str, Path]:
@@ -501,13 +593,71 @@ def pytriton_paths() -> dict[str, Path]:
     return paths
 
 
+def numpy_major() -> int:
+    import numpy
+
+    return int(numpy.__version__.split(".")[0])
+
+
+def default_stub_env() -> Path:
+    """Per user, per Python version and per parent environment (the stub env reads the parent's packages)."""
+    import hashlib
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    parent = hashlib.sha256(str(Path(sys.prefix).resolve()).encode()).hexdigest()[:10]
+    return cache / "llm-export" / f"triton-stub-env-py{sys.version_info[0]}.{sys.version_info[1]}-{parent}"
+
+
+def _publishable(path: Path) -> None:
+    """mkdtemp makes 0700 directories; give the staged tree the permissions a plain mkdir would (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def stub_env(dest: str | Path | None = None) -> Path:
+    """A Python environment the bundled python backend stub can run model.py in; returns its prefix.
+
+    The stub nvidia-pytriton 0.7 bundles (Triton 2.51) is built against numpy 1.x. When this environment has numpy
+    1.x it is used as is. Otherwise `dest` (default: a per-user cache) becomes a venv of this Python holding only
+    numpy<2 (pip, binary wheel) that sees this environment's site-packages after its own (a .pth file), so model.py
+    gets numpy 1.x and everything else (onnxruntime, tokenizers, jinja2) from here. Made once, atomically."""
+    if numpy_major() < 2:
+        return Path(sys.prefix)
+    dest = Path(dest) if dest is not None else default_stub_env()
+    if (dest / ".complete").is_file():
+        return dest
+    import site
+    import venv
+
+    with staging_dir(dest, overwrite=True) as tmp:
+        venv.EnvBuilder(with_pip=False, symlinks=True, clear=True).create(tmp)
+        purelib = Path(sysconfig.get_path("purelib", vars={"base": str(tmp), "platbase": str(tmp)}))
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+               "--only-binary", ":all:", "--target", str(purelib), "numpy>=1.26,<2"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"could not install numpy<2 for the python backend stub ({' '.join(cmd)}):\n"
+                               f"{done.stderr.strip()[-2000:]}")
+        here = [p for p in dict.fromkeys([*site.getsitepackages(), sysconfig.get_path("purelib"),
+                                          sysconfig.get_path("platlib")]) if Path(p).is_dir()]
+        (purelib / "zz_llm_export_parent_env.pth").write_text("".join(f"{p}\n" for p in here))
+        _publishable(tmp)
+        (tmp / ".complete").write_text(f"numpy<2 for the tritonserver python backend stub; parent env {sys.prefix}\n")
+    # venv scripts name the staging path; only bin/python* (symlinks to the base interpreter) are used.
+    return dest
+
+
 def bundled_server(repo: str | Path, workdir: str | Path, grpc_port: int, http_port: int, metrics_port: int,
-                   models: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+                   models: list[str] | None = None,
+                   python_env: str | Path | None = None) -> tuple[list[str], dict[str, str]]:
     """(argv, env) that run nvidia-pytriton's tritonserver on `repo`, bound to 127.0.0.1. `workdir` receives the
     backend directory (python backend + the stub for this Python). Loads `models` (default: every python-backend
-    model; the bundled server has no ONNX Runtime backend)."""
+    model; the bundled server has no ONNX Runtime backend). `python_env`: the environment whose bin/ goes first on
+    PATH, which is where the stub's embedded Python finds its packages (default: :func:`stub_env`)."""
     repo, workdir = Path(repo).resolve(), Path(workdir)
     paths = pytriton_paths()
+    python_env = Path(python_env) if python_env is not None else stub_env()
     backend = workdir / "backends" / "python"
     backend.mkdir(parents=True, exist_ok=True)
     for f in paths["python_backend"].iterdir():
@@ -528,7 +678,8 @@ def bundled_server(repo: str | Path, workdir: str | Path, grpc_port: int, http_p
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):  # the stub links libpython3.X: use this Python's
         libdirs.insert(0, sysconfig.get_config_var("LIBDIR"))
     env["LD_LIBRARY_PATH"] = os.pathsep.join(libdirs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PATH"] = os.pathsep.join([str(python_env / "bin"), env.get("PATH", "")])
+    env.pop("PYTHONHOME", None)
     return argv, env
 
 
@@ -536,8 +687,9 @@ def _serve(args) -> int:
     validate_repository(args.repo)
     with tempfile.TemporaryDirectory(prefix="llm-export-tritonserver-") as work:
         argv, env = bundled_server(args.repo, work, args.grpc_port, args.http_port, args.metrics_port,
-                                   args.model or None)
-        print(" ".join(argv), file=sys.stderr)
+                                   args.model or None, python_env=args.python_env)
+        print(f"PATH={env['PATH'].split(os.pathsep)[0]}:... LD_LIBRARY_PATH={env['LD_LIBRARY_PATH']} "
+              + " ".join(argv), file=sys.stderr)
         proc = subprocess.Popen(argv, env=env)
         try:
             return proc.wait()
@@ -561,13 +713,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--model", action="append", default=[], help="model to load (default: the python models)")
+    s.add_argument("--python-env", default=None,
+                   help="Python environment for the backend stub (default: this one if it has numpy<2, else the "
+                        "stub-env cache)")
+    e = sub.add_parser("stub-env", help="make the numpy<2 environment the bundled python backend stub needs")
+    e.add_argument("dest", nargs="?", default=None, help=f"directory (default: {default_stub_env()})")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
             print("\n".join(validate_repository(args.repo)))
             return 0
+        if args.command == "stub-env":
+            print(stub_env(args.dest))
+            return 0
         return _serve(args)
-    except (RepositoryError, RuntimeError) as e:
+    except (RepositoryError, RuntimeError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

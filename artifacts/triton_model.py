@@ -1,7 +1,9 @@
 """The Triton python-backend model that streams runtime_py generations (copied as ``NAME/1/model.py``).
 
 What it does: :class:`TritonPythonModel` is a *decoupled* model. ``initialize`` opens the artifact copied next to
-this file (``./artifact``, checksums verified) with :class:`runtime_py.generate.Generator`; the runtime packages it
+this file (``./artifact``, checksums verified) with :class:`runtime_py.generate.Generator` (parameter
+``runtime_backend``, default auto: the artifact's TensorRT engine when a CUDA GPU is present, its ONNX graph on ONNX
+Runtime otherwise); the runtime packages it
 imports are the copies the repository writer put in ``./runtime`` (first on ``sys.path``), so the repository runs
 the runtime that was current when it was written, not whatever is installed. ``execute`` parses each request on the
 backend's thread (:func:`parse_request`: the inputs in :data:`INPUTS` -> prompt + :class:`SamplingParams`, with the
@@ -12,7 +14,7 @@ instance (more wait their turn). A malformed request, bad sampling values or a p
 one error response (flagged FINAL); the model keeps serving. A cancelled request stops at the next delta.
 
 What it does not do: batch requests together (each generation has its own RNG, so seeded output does not depend on
-what else is in flight), log-probs, or TensorRT engines (the runtime opens ONNX Runtime artifacts).
+what else is in flight) or log-probs.
 
 Importable without Triton (pb_utils is None then): the writer reads :data:`INPUTS`/:data:`OUTPUTS` from here and the
 tests call :func:`parse_request` directly.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +58,7 @@ OUTPUTS: dict[str, tuple[str, list[int]]] = {
 }
 DEFAULT_MAX_TOKENS = 32  # the runtime_py CLI's --max-new-tokens default
 DEFAULTS = {"max_concurrency": "8", "default_max_tokens": str(DEFAULT_MAX_TOKENS), "ort_threads": "0",
-            "artifact": "artifact"}
+            "runtime_backend": "auto", "artifact": "artifact"}
 
 
 class RequestError(ValueError):
@@ -126,6 +129,33 @@ def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
     return prompt, params
 
 
+def _check_stub_numpy() -> None:
+    """Fail the load with the reason when the stub and numpy disagree on numpy's C ABI.
+
+    A stub built against numpy 1.x (the one nvidia-pytriton 0.7 bundles, Triton 2.51) misreads numpy 2 arrays:
+    numeric inputs get garbage strides and BYTES inputs abort the stub. Checked once, with a round trip."""
+    probe = np.array([3, -7, 11], dtype=np.int32)
+    try:  # from_dlpack(...).as_numpy() builds the array in C++, the way request inputs are built
+        back = pb_utils.Tensor.from_dlpack("probe", pb_utils.Tensor("probe", probe).to_dlpack()).as_numpy()
+        ok = np.array_equal(np.asarray(back).copy(), probe)
+    except Exception:  # noqa: BLE001
+        ok = False
+    if not ok:
+        raise RuntimeError(
+            f"the python backend stub cannot exchange tensors with numpy {np.__version__} ({np.__file__}): the stub "
+            "was built against another numpy C ABI (the stub bundled with nvidia-pytriton 0.7 / Triton 2.51 needs "
+            "numpy<2). Run the server with a Python environment holding numpy<2 first on PATH "
+            "(python -m artifacts.triton stub-env DIR makes one; see the repository README)")
+
+
+def _log(message: str) -> None:
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        logger.log_info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
 def _error(message: str):
     try:
         return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
@@ -137,12 +167,29 @@ class TritonPythonModel:
     def initialize(self, args):
         from runtime_py.generate import Generator
 
+        _check_stub_numpy()
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         p = {**DEFAULTS, **{k: v for k, v in params.items() if v}}
         artifact = Path(p["artifact"])
         artifact = artifact if artifact.is_absolute() else _HERE / artifact
-        self.generator = Generator(artifact, threads=int(p["ort_threads"]) or None)
+        self.generator = Generator(artifact, threads=int(p["ort_threads"]) or None, backend=p["runtime_backend"])
+        session = self.generator.session
+        if type(session).__name__ != "OrtSession":
+            # ORT's run is thread-safe; a TensorRT execution context is not. Generations still interleave (each
+            # owns its KV cache), one model call at a time.
+            forward, call_lock = session.forward, threading.Lock()
+
+            def serialized(*a, **kw):
+                with call_lock:
+                    return forward(*a, **kw)
+
+            session.forward = serialized
+        import runtime_py
+
+        _log(f"{args.get('model_name')}: runtime_py from {Path(runtime_py.__file__).parent}, artifact {artifact} "
+             f"on {type(self.generator.session).__name__}, numpy {np.__version__}, up to {p['max_concurrency']} "
+             "concurrent generations")
         self.default_max_tokens = int(p["default_max_tokens"])
         self.slots = threading.BoundedSemaphore(max(1, int(p["max_concurrency"])))
         self.closing = threading.Event()
@@ -203,5 +250,6 @@ class TritonPythonModel:
         self.closing.set()
         with self.lock:
             workers = list(self.workers)
+        deadline = time.monotonic() + 10  # generations stop at their next delta; do not hang the unload
         for w in workers:
-            w.join(timeout=10)
+            w.join(timeout=max(0.0, deadline - time.monotonic()))

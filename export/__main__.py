@@ -1,4 +1,5 @@
-"""Command line: `python -m export {build,verify,inspect,bundle,engine} ...`. Defaults are defined here, once."""
+"""Command line: `python -m export {build,verify,inspect,triton,bundle,engine} ...`. Defaults are defined here,
+once."""
 
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", default=None, help="artifact directory (default: BUNDLE without .tar + -engine)")
     g.add_argument("--overwrite", action="store_true")
 
+    from export.triton_cmd import add_parser as add_triton_parser
+
+    add_triton_parser(sub)
+
     i = sub.add_parser("inspect", help="op histogram and fusion counts of an artifact's graphs")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             return _build(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "triton":
+            return args.func(args)
         if args.command == "bundle":
             from export.edge_cmd import bundle
 

@@ -9,7 +9,8 @@ Targets (DESIGN.md section 3):
   transformers' window measured against it), preceded by
   a per-head RMSNorm on q/k for Qwen3 (the CPU kernel ignores GQA's own q/k norm inputs);
   MoE -> ``com.microsoft.MoE`` on the flattened tokens (router logits in, SwiGLU with gate/up interleaved,
-  ``swiglu_fusion=1``).
+  ``swiglu_fusion=1``); RMSNorms -> ``RMSNormalization``, with the residual add folded in as
+  ``com.microsoft.SkipSimplifiedLayerNormalization`` in fp32 (graphs/norms.py).
   Concat-mode attention (left padding + attention mask) has no GQA form: those regions stay unfused, reported.
 * ``trt-plugin``: every fused node becomes a TensorRT plugin node: op_type = plugin name, attributes
   ``plugin_namespace``/``plugin_version`` plus the node's own fields (names from plugins/).
@@ -26,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs import fuse
+from graphs import fuse, norms
 from plugins import attention as attn_plugin
 from plugins import moe as moe_plugin
 
@@ -71,10 +72,12 @@ def lower(model: ir.Model, spec, lowering: str, kv_mode: str, max_seq_len: int, 
               "skipped": att.skipped + moe.skipped}
     if lowering == "ort":
         counts.update(_lower_ort(model, spec))
+        counts.update(norms.fuse_rmsnorm(model, spec, skip_fusion=True))
     elif lowering == "trt-plugin":
         counts.update(_lower_trt_plugin(model))
     else:
         counts.update(native.lower_trt_native(model))
+        counts.update(norms.fuse_rmsnorm(model, spec, skip_fusion=False))
     fuse.remove_unused(model)
     _strip_debug_metadata(model)
     return counts

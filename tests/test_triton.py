@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from artifacts.bundle import open_artifact
-from artifacts.triton import RepositoryError, validate_repository, write_repository
+from artifacts.triton import (RepositoryError, bundled_server, free_ports, pytriton_paths, stub_env,
+                              validate_repository, write_repository)
 from artifacts.triton_model import INPUTS, RequestError, parse_request
 from runtime_py.generate import Generator
 from runtime_py.sampling import SamplingParams
@@ -142,6 +143,52 @@ def test_missing_files_are_rejected(repo, tmp_path):
     (broken / NAME / "1" / "artifact" / "tokenizer.json").unlink()
     with pytest.raises(RepositoryError, match="artifact"):
         validate_repository(broken)
+    # somebody else's python model (no INPUTS/OUTPUTS of ours): only the generic checks apply
+    (broken / NAME / "1" / "model.py").write_text("class TritonPythonModel:\n    pass\n")
+    assert validate_repository(broken) == [NAME, f"{NAME}_graph"]
+    (broken / NAME / "1" / "model.py").unlink()
+    with pytest.raises(RepositoryError, match="model.py is missing"):
+        validate_repository(broken)
+
+
+@pytest.mark.parametrize("flavour", ["tensorrt", "tensorrt_rtx"])
+def test_engine_artifact_repository(artifact, tmp_path, flavour):
+    """Full TensorRT engine -> tensorrt_plan model; TensorRT-RTX engine (no Triton backend) -> the ONNX graph.
+    The engine here is a stand-in file: what is checked is the repository, not TensorRT."""
+    text_format, pb = _pb()
+    from artifacts.bundle import write_manifest
+
+    fake = tmp_path / "engine-artifact"
+    shutil.copytree(artifact, fake)
+    (fake / "model.engine").write_bytes(b"stand-in engine")
+    manifest = json.loads((fake / "manifest.json").read_text())
+    manifest = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")}
+    manifest.update(backend="tensorrt", engine={"file": "model.engine", "flavour": flavour, "version": "10.9.0.34",
+                                                "compute_capabilities": ["SM89"]})
+    write_manifest(fake, manifest)
+    repo = write_repository(fake, tmp_path / "repo")
+    assert validate_repository(repo) == [NAME, f"{NAME}_graph"]
+    graph = pb.ModelConfig()
+    text_format.Parse((repo / f"{NAME}_graph" / "config.pbtxt").read_text(), graph)
+    py = pb.ModelConfig()
+    text_format.Parse((repo / NAME / "config.pbtxt").read_text(), py)
+    assert py.instance_group[0].kind == pb.ModelInstanceGroup.KIND_AUTO  # the engine runs on a GPU when present
+    assert py.parameters["runtime_backend"].string_value == "auto"
+    readme = (repo / "README.md").read_text()
+    if flavour == "tensorrt":
+        assert graph.platform == "tensorrt_plan" and graph.backend == "tensorrt"
+        assert graph.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+        assert (repo / f"{NAME}_graph" / "1" / "model.plan").read_bytes() == b"stand-in engine"
+        assert not (repo / f"{NAME}_graph" / "1" / "model.onnx").exists()
+        assert "TensorRT 10.9.0.34 engine" in readme
+        cfg = repo / f"{NAME}_graph" / "config.pbtxt"
+        cfg.write_text(cfg.read_text().replace("max_batch_size: 0", "max_batch_size: 4"))
+        with pytest.raises(RepositoryError, match="max_batch_size must be 0"):
+            validate_repository(repo)
+    else:
+        assert graph.platform == "onnxruntime_onnx"
+        assert (repo / f"{NAME}_graph" / "1" / "model.onnx").is_file()
+        assert "TensorRT-RTX 10.9.0.34 engine" in readme and "cannot" in readme
 
 
 def test_invalid_repository_is_never_left_behind(artifact, tmp_path, monkeypatch):
@@ -258,26 +305,54 @@ def test_graph_model_runs_with_plain_session_run(repo, artifact, generator):
 
 
 # -- end to end: the real tritonserver ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(repo, tmp_path_factory):
-    """The tritonserver bundled with nvidia-pytriton serving `repo` on loopback; always stopped afterwards."""
-    grpcclient = pytest.importorskip("tritonclient.grpc")
+@pytest.fixture(scope="session")
+def stub_python():
+    """The Python environment for the python backend stub (numpy<2; see artifacts.triton.stub_env)."""
+    pytest.importorskip("tritonclient.grpc")
     try:
-        from artifacts.triton import bundled_server, free_port, pytriton_paths
-
         pytriton_paths()
     except RuntimeError as e:
         pytest.skip(str(e))
-    work = tmp_path_factory.mktemp("tritonserver")
-    grpc_port = free_port()
-    argv, env = bundled_server(repo, work, grpc_port, free_port(), free_port())
+    try:
+        return stub_env()
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"no numpy<2 environment for the tritonserver python backend stub: {e}")
+
+
+def start_server(repo, work, python_env, models=None):
+    grpc_port, http_port, metrics_port = free_ports(3)
+    argv, env = bundled_server(repo, work, grpc_port, http_port, metrics_port, models, python_env=python_env)
     log = open(work / "server.log", "wb")
     # Own process group: the python backend's stub processes are children of tritonserver; teardown reaches them.
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"127.0.0.1:{grpc_port}"
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), \
+        f"127.0.0.1:{grpc_port}", log
+
+
+def stop_server(proc) -> None:
+    """SIGTERM, bounded wait, then SIGKILL to the whole process group (tritonserver and its stubs)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory, stub_python):
+    """The tritonserver bundled with nvidia-pytriton serving `repo` on loopback; always stopped afterwards."""
+    import tritonclient.grpc as grpcclient
+
+    work = tmp_path_factory.mktemp("tritonserver")
+    proc, url, log = start_server(repo, work, stub_python)
 
     def tail():
-        return (work / "server.log").read_text(errors="replace")[-4000:]
+        return (work / "server.log").read_text(errors="replace")[-8000:]
 
     try:
         client = grpcclient.InferenceServerClient(url)
@@ -294,18 +369,12 @@ def server(repo, tmp_path_factory):
                 pytest.fail(f"tritonserver not ready after 60 s:\n{tail()}")
             time.sleep(0.2)
         client.close()
+        log_text = tail()
+        # the backend imports the runtime copied into the repository, not the installed one
+        assert f"runtime_py from {repo / NAME / '1' / 'runtime' / 'runtime_py'}" in log_text, log_text
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        try:  # stub processes left by a crash
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_server(proc)
         log.close()
 
 
@@ -409,6 +478,35 @@ def test_eight_concurrent_streams(server, generator):
         assert deltas == expected[i], f"request {i}"
 
 
+def test_readme_client_example_runs(server, repo, generator, capsys):
+    readme = (repo / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"localhost:8001"' in code
+    scope: dict = {}
+    exec(compile(code.replace('"localhost:8001"', repr(server)), "README.md", "exec"), scope)  # noqa: S102
+    params = SamplingParams(greedy=False, temperature=float(np.float32(0.7)), seed=1, max_new_tokens=32)
+    assert scope["text"] == generator.generate([generator.encode("Hello world")], params).texts[0]
+
+
+def test_cancelled_stream_stops_and_the_server_keeps_serving(server, generator):
+    import tritonclient.grpc as grpcclient
+
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    t = grpcclient.InferInput("text_input", [1], "BYTES")
+    t.set_data_from_numpy(np.array([b"Hello world"], dtype=np.object_))
+    n = grpcclient.InferInput("max_tokens", [1], "INT32")
+    n.set_data_from_numpy(np.array([96], dtype=np.int32))
+    client.async_stream_infer(NAME, [t, n])
+    result, error = results.get(timeout=30)
+    assert error is None and result.as_numpy("text_output") is not None, error and error.message()
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deltas, error = stream(server, GREEDY)
+    assert error is None and deltas == expected_deltas(generator, GREEDY)
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"max_tokens": 8}, "exactly one of 'text_input'"),
     ({"text_input": "Hello", "temperature": -1.0}, "temperature must be > 0"),
@@ -422,3 +520,20 @@ def test_malformed_request_gets_an_error_and_the_server_keeps_serving(server, ge
     assert message in str(error)
     deltas, error = stream(server, GREEDY)
     assert error is None and deltas == expected_deltas(generator, GREEDY)
+
+
+def test_stub_with_numpy2_refuses_to_load_with_the_reason(repo, tmp_path, stub_python):
+    """The bundled stub misreads numpy 2 arrays; model.py must say so at load time instead of serving garbage."""
+    import sys
+
+    numpy2 = Path(sys.prefix)
+    if int(np.__version__.split(".")[0]) < 2:
+        pytest.skip("this environment has numpy<2: nothing to refuse")
+    proc, _, log = start_server(repo, tmp_path, numpy2)
+    try:
+        proc.wait(timeout=60)  # the only model fails to load: the server exits
+    finally:
+        stop_server(proc)
+        log.close()
+    text = (tmp_path / "server.log").read_text(errors="replace")
+    assert proc.returncode != 0 and "cannot exchange tensors with numpy 2" in text, text[-3000:]
