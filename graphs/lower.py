@@ -215,7 +215,14 @@ def _lower_trt_plugin(model: ir.Model) -> dict:
         plugin = attn_plugin if node.op_type == attn_plugin.OP else moe_plugin
         attrs = {k: v.value for k, v in node.attributes.items()}
         attrs.update(plugin_namespace=plugin.PLUGIN_NAMESPACE, plugin_version=plugin.PLUGIN_VERSION)
-        new = ir.node(plugin.PLUGIN_NAME, list(node.inputs), attrs, domain=PLUGIN_DOMAIN,
+        inputs = list(node.inputs)
+        if plugin is attn_plugin:  # the registered plugin takes TRT_INPUTS: no mask, norm weights always present
+            by_name = dict(zip(attn_plugin.INPUTS, inputs))
+            if by_name["q_norm_weight"] is None:
+                ones = _const(model.graph, "plugin.unit_norm", np.ones(attrs["head_dim"], dtype=np.float32))
+                by_name["q_norm_weight"] = by_name["k_norm_weight"] = ones
+            inputs = [by_name[name] for name in attn_plugin.TRT_INPUTS]
+        new = ir.node(plugin.PLUGIN_NAME, inputs, attrs, domain=PLUGIN_DOMAIN,
                       num_outputs=len(node.outputs), name=node.name)
         _swap(model.graph, node, [new], new.outputs)
         counts[plugin.PLUGIN_NAME] += 1

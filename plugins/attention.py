@@ -28,8 +28,9 @@ Three implementations of one contract:
 * :func:`register_trt_plugin`: TensorRT ``tensorrt.plugin`` registration (untested here, see its docstring).
 
 Importing this module needs neither torch nor triton (graphs/ and runtime_py import it for the constants): the
-kernels are plain functions jit-wrapped by :func:`_jit` on first launch, so ``TRITON_INTERPRET=1`` (CPU
-interpreter) only has to be set before the first launch, not before the first import.
+kernels are plain functions that :func:`_kernels` jit-wraps on first launch. On a machine without a GPU they run
+in Triton's CPU interpreter: set ``TRITON_INTERPRET=1`` before triton is first imported (Triton fixes the mode
+then, process-wide).
 
 What it does not do: concat KV mode in the kernels (the reference has it; TensorRT uses the static buffer), split-K
 decoding for long caches with few (batch x kv-head) programs, or build engines (export/).
@@ -143,14 +144,14 @@ def _rotate_half(x):
 
 
 # ---- Triton kernels --------------------------------------------------------------------------------------------
-# Plain functions until _jit() wraps them (see the module docstring). Every matmul accumulates in fp32; rounding
-# to the activation dtype happens where the decoder rounds (after the norm, after RoPE, the probabilities before
-# the value matmul).
+# Plain functions until _kernels() wraps them (see the module docstring). Every matmul accumulates in fp32;
+# rounding to the activation dtype happens where the decoder rounds (after the norm, after RoPE, the probabilities
+# before the value matmul).
 
-tl = None  # triton.language, bound by _jit()
+tl = None  # triton.language in the namespaces _kernels() builds
 
 
-class constexpr:  # noqa: N801  stands in for tl.constexpr in the kernel signatures until _jit() rebinds it
+class constexpr:  # noqa: N801  stands in for tl.constexpr in the kernel signatures (rebound by _kernels())
     pass
 
 
@@ -278,12 +279,15 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pos_ptr, cos_pt
         n = start + tl.arange(0, BLOCK_N)
         nmask = n < hi
         slot = kv_base + n
-        n2 = nmask[:, None] & dmask[None, :]
+        from_buffer = nmask
+        if FUSED_KV:  # this call's slots [pos0, pos0 + S) come from the inputs (other programs are writing them)
+            from_buffer = nmask & ((n < pos0) | (n >= pos0 + S))
+        n2 = from_buffer[:, None] & dmask[None, :]
         k1 = tl.load(pk_ptr + slot[:, None] * D + d[None, :], mask=n2, other=0.0)
         k2 = tl.load(pk_ptr + slot[:, None] * D + HALF + d[None, :], mask=n2, other=0.0)
-        nv = nmask[:, None] & ddmask[None, :]
+        nv = from_buffer[:, None] & ddmask[None, :]
         vt = tl.load(pv_ptr + slot[:, None] * D + dd[None, :], mask=nv, other=0.0)
-        if FUSED_KV:  # this call's slots come from the inputs, not the buffer
+        if FUSED_KV:
             new = nmask & (n >= pos0) & (n < pos0 + S)
             src = ((b * S + (n - pos0)) * KV + kvh) * D
             e2 = new[:, None] & dmask[None, :]
@@ -328,28 +332,56 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pos_ptr, cos_pt
              mask=rmask[:, None] & ddmask[None, :])
 
 
-_JIT_NAMES = ("_rms_rope", "_kv_update_kernel", "_flash_attention_kernel")
-_JIT_STATE: dict = {}
+_KERNEL_NAMES = ("_rms_rope", "_kv_update_kernel", "_flash_attention_kernel")
+_KERNELS: list = []
 
 
-def _jit() -> bool:
-    """Wrap the kernel functions with triton.jit (once). Returns True when they run in the CPU interpreter
-    (TRITON_INTERPRET=1 at the time of the first launch)."""
-    if not _JIT_STATE:
-        try:
-            import triton
-            import triton.language as language
-        except ImportError as e:
-            raise ImportError("the attention kernels need triton (pip install triton; on a CPU-only machine run "
-                              "them with TRITON_INTERPRET=1)") from e
+def _kernels():
+    """The kernels, jit-wrapped once (in a copy of this module's namespace, where ``tl``, ``constexpr`` and the
+    kernels' names mean the jitted objects; the module's own functions stay plain)."""
+    if not _KERNELS:
+        _KERNELS.append(_jit_namespace(globals(), _KERNEL_NAMES, "attention"))
+    return _KERNELS[0]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter. Triton fixes this when it is first imported, from
+    ``TRITON_INTERPRET=1`` (its own jit'd library functions are wrapped at import), so it is process-wide."""
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+    import triton.language as language
+
+    return bool(knobs.runtime.interpret) and not isinstance(language.zeros, JITFunction)
+
+
+def _jit_namespace(module_globals: dict, names, what: str):
+    import types
+
+    try:
+        import triton
+        import triton.language as language
         from triton import knobs
+    except ImportError as e:
+        raise ImportError(f"the {what} kernels need triton (pip install triton; without a GPU set "
+                          "TRITON_INTERPRET=1 before triton is imported to run them in its CPU interpreter)") from e
+    ns = dict(module_globals, tl=language, constexpr=language.constexpr)
+    for name in names:
+        raw = module_globals[name]
+        fn = types.FunctionType(raw.__code__, ns, raw.__name__, raw.__defaults__, raw.__closure__)
+        fn.__annotations__, fn.__module__, fn.__qualname__, fn.__doc__ = (
+            dict(raw.__annotations__), raw.__module__, raw.__qualname__, raw.__doc__)
+        with knobs.runtime.scope():  # wrap in the mode triton's own library functions were wrapped in
+            knobs.runtime.interpret = interpreting()
+            ns[name] = triton.jit(fn)
+    return types.SimpleNamespace(**{name: ns[name] for name in names})
 
-        g = globals()
-        g["tl"], g["constexpr"] = language, language.constexpr
-        for name in _JIT_NAMES:
-            g[name] = triton.jit(g[name])
-        _JIT_STATE["interpret"] = bool(knobs.runtime.interpret)
-    return _JIT_STATE["interpret"]
+
+def _check_device(device) -> bool:
+    """Returns whether kernels run interpreted; CPU tensors need the interpreter."""
+    interpret = interpreting()
+    if device.type == "cpu" and not interpret:
+        raise RuntimeError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported")
+    return interpret
 
 
 def _pow2(n: int) -> int:
@@ -375,14 +407,13 @@ def triton_forward(query, key, value, past_key, past_value, position_ids, attent
     ``inplace=True`` writes the new K/V rows into ``past_key``/``past_value`` and returns them as the presents
     (TensorRT's aliased output); otherwise the buffers are copied first. ``fused_kv_update=True`` runs one launch
     instead of two (needs contiguous positions per row, see the module docstring). ``out`` receives the output if
-    given. Tensors on the CPU need TRITON_INTERPRET=1 (set before the first launch)."""
+    given. CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)."""
     import torch
 
     if kv_mode != "static":
         raise NotImplementedError("the attention kernels implement the static KV buffer only (kv_mode='static')")
-    interpret = _jit()
-    if query.device.type == "cpu" and not interpret:
-        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before the first launch")
+    kern = _kernels()
+    interpret = _check_device(query.device)
     B, S, _ = query.shape
     nH, KV, D = num_heads, num_kv_heads, head_dim
     if nH % KV or D % 2:
@@ -408,11 +439,11 @@ def triton_forward(query, key, value, past_key, past_value, position_ids, attent
     win = int(window) if window else _NO_WINDOW
     if not fused_kv_update:
         block_t = 16
-        _kv_update_kernel[(triton_cdiv(B * S, block_t), KV)](
+        kern._kv_update_kernel[(triton_cdiv(B * S, block_t), KV)](
             key, value, position_ids, cos_cache, sin_cache, knw, pk, pv, B * S, S, M, float(rms_eps),
             KV=KV, D=D, QK_NORM=bool(qk_norm), HALF_BLOCK=half_block, BLOCK_T=block_t)
     grid = (triton_cdiv(S * G, cfg["BLOCK_M"]), B * KV)
-    _flash_attention_kernel[grid](
+    kern._flash_attention_kernel[grid](
         query, key, value, pk, pv, position_ids, cos_cache, sin_cache, qnw, knw, S, M, win, out, pk, pv,
         H=nH, KV=KV, D=D, SCALE=float(scale), SOFTCAP=float(softcap or 0.0), EPS=float(rms_eps),
         QK_NORM=bool(qk_norm), FUSED_KV=bool(fused_kv_update),
@@ -436,7 +467,8 @@ def register_trt_plugin() -> str:
 
     UNTESTED HERE: full TensorRT (>= 10.9, module ``tensorrt.plugin``) cannot be installed on the development
     and CI machines, and the GPU test machine has none either (DESIGN.md section 5). What is tested is the kernel
-    this registers (``triton_forward(..., fused_kv_update=True)``, under the interpreter and on CUDA).
+    this registers (``triton_forward(..., fused_kv_update=True)``: CPU interpreter in the tests, CUDA in
+    ``python -m bench.gpu_suite``) and that :func:`aot_source` compiles for sm_90.
 
     * ``register``: shapes (output like query; present_key/present_value alias past_key/past_value, which needs
       TensorRT's preview feature for aliased plugin I/O). Inputs are :data:`TRT_INPUTS` (static KV mode).
@@ -445,6 +477,10 @@ def register_trt_plugin() -> str:
       embedded in the engine, so the engine runs without Python (trtexec, C++, Triton's TensorRT backend). TensorRT
       launches exactly one kernel per AOT plugin, hence the fused form; float attributes are compiled in.
     * ``impl``: a JIT fallback that runs :func:`triton_forward` in place on TensorRT's stream (needs torch).
+
+    Open questions only a TensorRT run can settle: how the ONNX parser maps the node's empty optional inputs
+    (the ``trt-plugin`` lowering must pass :data:`TRT_INPUTS`, norm weights included), INT64 position_ids in a
+    plugin, and launching a kernel whose PTX carries Triton's two trailing scratch pointers (unused: checked).
     """
     try:
         import tensorrt as trt
@@ -492,6 +528,11 @@ def register_trt_plugin() -> str:
                                            head_dim=head_dim, scale=scale, softcap=softcap, qk_norm=qk_norm,
                                            rms_eps=rms_eps)
         compiled = triton.compile(src, options=options)
+        # Triton >= 3.3 appends two scratch pointers to the PTX signature, which TensorRT does not pass; they are
+        # only dereferenced when a scratch size is nonzero (tests/test_plugin_kernels.py checks it is zero).
+        if compiled.metadata.global_scratch_size or compiled.metadata.profile_scratch_size:
+            raise RuntimeError("the attention kernel needs Triton scratch memory, which TensorRT's AOT launch "
+                               "cannot provide")
         S, M = query.shape_expr[1], past_key.shape_expr[2]
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(S * (num_heads // num_kv_heads), block_m)
@@ -500,7 +541,7 @@ def register_trt_plugin() -> str:
         launch.shared_mem = compiled.metadata.shared
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(S), trtp.SymInt32(M),
                                              trtp.SymInt32(window if window else _NO_WINDOW)])
-        return compiled.metadata.name, compiled.asm["ptx"], launch, extra
+        return compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), launch, extra
 
     @trtp.impl(plugin_id)
     def _impl(query, key, value, past_key, past_value, position_ids, cos_cache, sin_cache, q_norm_weight,
@@ -529,10 +570,11 @@ def aot_source(dtypes, *, num_heads: int, num_kv_heads: int, head_dim: int, scal
     BLOCK_M)``. ``dtypes``: Triton type names ("fp16", "bf16", "fp32", "i64") of :data:`TRT_INPUTS` then
     :data:`OUTPUTS`. Float attributes become compile-time constants; S, M and window stay int32 arguments. One
     tile shape serves every batch shape (prefill tiles: decode wastes part of a tile but needs no second kernel).
-    Tested by compiling for sm_90 on the CPU (tests/test_plugin_kernels.py)."""
+    Tested by compiling for sm_90 on the CPU in a process without the interpreter
+    (tests/test_plugin_kernels.py)."""
     import triton
 
-    _jit()
+    fn = _kernels()._flash_attention_kernel
     cfg = _launch_config(64, 1, head_dim, interpret=False)
     args = ("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "pos_ptr", "cos_ptr", "sin_ptr", "qnw_ptr", "knw_ptr",
             "out_ptr", "ok_ptr", "ov_ptr")
@@ -546,5 +588,5 @@ def aot_source(dtypes, *, num_heads: int, num_kv_heads: int, head_dim: int, scal
                      DOT_PRECISION="ieee" if dtypes[0] == "fp32" else "tf32", DOT_F32=False,
                      HALF_BLOCK=max(16, _pow2(head_dim // 2)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
     signature.update({name: "constexpr" for name in constants})
-    src = triton.compiler.ASTSource(fn=_flash_attention_kernel, signature=signature, constexprs=constants)
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
     return src, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), cfg["BLOCK_M"]

@@ -20,8 +20,8 @@ Three implementations of one contract:
   count computed without a host sync (spare programs exit at once), so the launch can be graph-captured.
 * :func:`register_trt_plugin`: TensorRT ``tensorrt.plugin`` registration (untested here, see its docstring).
 
-Importing this module needs neither torch nor triton; the kernels are jit-wrapped by :func:`_jit` on first launch
-(``TRITON_INTERPRET=1`` runs them on the CPU).
+Importing this module needs neither torch nor triton; :func:`_kernels` jit-wraps the kernels on first launch
+(without a GPU, set ``TRITON_INTERPRET=1`` before triton is imported to run them in its CPU interpreter).
 
 What it does not do: activations other than silu, or an ahead-of-time (single kernel) TensorRT implementation.
 """
@@ -71,19 +71,20 @@ def _check_activation(activation: str) -> None:
 # ---- torch reference -------------------------------------------------------------------------------------------
 
 def reference(hidden, router_weight, gate_up, down, *, num_experts: int, top_k: int, norm_topk_prob: int = 0,
-              moe_intermediate_size: int | None = None, activation: str = "silu"):
+              moe_intermediate_size: int | None = None, activation: str = "silu", routing=None):
     """The node in torch: ``output [B,S,H]`` in hidden's dtype.
 
     Per expert with tokens: ``silu(x @ gate.T) * (x @ up.T) @ down.T`` in the activation dtype, times the routing
     weight, accumulated over the token's k experts in fp32 (the decoder's dense einsum form gives the same sum;
-    experts a token did not pick contribute exact zeros there)."""
+    experts a token did not pick contribute exact zeros there). ``routing``: a ``(weights, experts)`` pair from
+    :func:`route` to use instead of routing here (to run fp32 maths on the experts an fp16 router picked)."""
     import torch
     import torch.nn.functional as F
 
     _check_activation(activation)
     shape = hidden.shape
     xt = hidden.reshape(-1, shape[-1])  # [N,H]
-    weights, experts = route(hidden, router_weight, top_k, norm_topk_prob)
+    weights, experts = routing if routing is not None else route(hidden, router_weight, top_k, norm_topk_prob)
     I = gate_up.shape[1] // 2
     out = torch.zeros(xt.shape, dtype=torch.float32, device=xt.device)
     for e in torch.unique(experts).tolist():  # only experts that received tokens
@@ -96,15 +97,15 @@ def reference(hidden, router_weight, gate_up, down, *, num_experts: int, top_k: 
 
 
 # ---- Triton kernels --------------------------------------------------------------------------------------------
-# Plain functions until _jit() wraps them. Both kernels: program (t, n-block) handles tile t = (expert e, rows
+# Plain functions until _kernels() wraps them. Both kernels: program (t, n-block) handles tile t = (expert e, rows
 # [start, start + BLOCK_M) of the expert-sorted token list, clipped to the expert's end); e < 0 marks a spare
 # program. Matmuls accumulate in fp32; gate, up, silu(gate) * up and the expert output are rounded to the
 # activation dtype where the decoder rounds them.
 
-tl = None  # triton.language, bound by _jit()
+tl = None  # triton.language in the namespaces _kernels() builds
 
 
-class constexpr:  # noqa: N801  stands in for tl.constexpr in the kernel signatures until _jit() rebinds it
+class constexpr:  # noqa: N801  stands in for tl.constexpr in the kernel signatures (rebound by _kernels())
     pass
 
 
@@ -175,27 +176,17 @@ def _moe_down_kernel(act_ptr, w_ptr, sorted_ptr, tile_expert_ptr, tile_start_ptr
         tl.store(out_ptr + slot[:, None] * H + n[None, :], y, mask=rmask[:, None] & nmask[None, :])
 
 
-_JIT_NAMES = ("_moe_gate_up_kernel", "_moe_down_kernel")
-_JIT_STATE: dict = {}
+_KERNEL_NAMES = ("_moe_gate_up_kernel", "_moe_down_kernel")
+_KERNELS: list = []
 
 
-def _jit() -> bool:
-    """Wrap the kernel functions with triton.jit (once). Returns True when they run in the CPU interpreter."""
-    if not _JIT_STATE:
-        try:
-            import triton
-            import triton.language as language
-        except ImportError as e:
-            raise ImportError("the MoE kernels need triton (pip install triton; on a CPU-only machine run them "
-                              "with TRITON_INTERPRET=1)") from e
-        from triton import knobs
+def _kernels():
+    """The kernels, jit-wrapped once in a copy of this module's namespace (see plugins/attention.py)."""
+    if not _KERNELS:
+        from plugins.attention import _jit_namespace
 
-        g = globals()
-        g["tl"], g["constexpr"] = language, language.constexpr
-        for name in _JIT_NAMES:
-            g[name] = triton.jit(g[name])
-        _JIT_STATE["interpret"] = bool(knobs.runtime.interpret)
-    return _JIT_STATE["interpret"]
+        _KERNELS.append(_jit_namespace(globals(), _KERNEL_NAMES, "MoE"))
+    return _KERNELS[0]
 
 
 def tile_plan(experts, num_experts: int, block_m: int):
@@ -207,7 +198,8 @@ def tile_plan(experts, num_experts: int, block_m: int):
     flat = experts.reshape(-1)
     NK = flat.numel()
     sorted_slots = torch.argsort(flat, stable=True)  # slot = token * K + k, grouped by expert
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # [E]; not bincount, which syncs on CUDA to size its output
     expert_end = torch.cumsum(counts, 0)
     tiles = (counts + block_m - 1) // block_m  # 0 for an expert without tokens: it gets no tile
     tile_end = torch.cumsum(tiles, 0)
@@ -230,14 +222,15 @@ def _launch_config(n_slots: int, interpret: bool) -> dict:
 
 def triton_forward(hidden, router_weight, gate_up, down, *, num_experts: int, top_k: int, norm_topk_prob: int = 0,
                    moe_intermediate_size: int | None = None, activation: str = "silu", out=None):
-    """The node with the Triton kernels; same arguments and result as :func:`reference`. Tensors on the CPU need
-    TRITON_INTERPRET=1 (set before the first launch)."""
+    """The node with the Triton kernels; same arguments and result as :func:`reference`. CPU tensors need
+    Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)."""
     import torch
 
     _check_activation(activation)
-    interpret = _jit()
-    if hidden.device.type == "cpu" and not interpret:
-        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before the first launch")
+    from plugins.attention import _check_device
+
+    kern = _kernels()
+    interpret = _check_device(hidden.device)
     shape, dtype = hidden.shape, hidden.dtype
     H = shape[-1]
     x = hidden.reshape(-1, H).contiguous()
@@ -256,9 +249,9 @@ def triton_forward(hidden, router_weight, gate_up, down, *, num_experts: int, to
     blocks = dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                   DOT_F32=interpret and dtype == torch.bfloat16, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _moe_gate_up_kernel[(T, -(-I // cfg["BLOCK_N"]))](
+    kern._moe_gate_up_kernel[(T, -(-I // cfg["BLOCK_N"]))](
         x, gate_up, sorted_slots, tile_expert, tile_start, expert_end, act, H, I, TOPK=top_k, **blocks)
-    _moe_down_kernel[(T, -(-H // cfg["BLOCK_N"]))](
+    kern._moe_down_kernel[(T, -(-H // cfg["BLOCK_N"]))](
         act, down, sorted_slots, tile_expert, tile_start, expert_end, weights.reshape(-1).contiguous(), slots, H, I,
         **blocks)
     result = slots.view(N, top_k, H).sum(1).to(dtype).reshape(shape)  # the weighted scatter-add, in fp32
@@ -275,7 +268,7 @@ def register_trt_plugin() -> str:
 
     UNTESTED HERE: full TensorRT (>= 10.9, module ``tensorrt.plugin``) cannot be installed on the development
     and CI machines, and the GPU test machine has none either (DESIGN.md section 5). The kernels it runs are tested
-    (interpreter and CUDA). ``register`` (output like hidden), ``autotune`` (fp16/bf16/fp32; the router weight in
+    (CPU interpreter in the tests, CUDA in ``python -m bench.gpu_suite``). ``register`` (output like hidden), ``autotune`` (fp16/bf16/fp32; the router weight in
     that dtype) and a JIT ``impl`` that runs :func:`triton_forward` on TensorRT's stream. No ``aot_impl``: TensorRT
     embeds one kernel per AOT plugin and this node needs routing, sorting and two grouped GEMMs, so an engine using
     it needs Python (and torch) at run time.

@@ -99,6 +99,7 @@ def test_trt_plugin_graph(case, artifacts):
         assert a["kv_mode"] == "static" and a["qk_norm"] == int(spec.qk_norm)
         assert set(a) == set(attn_plugin.ATTRS) | {"plugin_namespace", "plugin_version"}
         assert list(node.input)[3:5] == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        assert len(node.input) == len(attn_plugin.TRT_INPUTS) and all(node.input)  # no empty optional inputs
         assert list(node.output)[1:] == [f"present.{i}.key", f"present.{i}.value"]
     for (node, a), i in zip(moe, spec.sparse_layers):
         assert node.name == f"layers.{i}.moe"
