@@ -7,7 +7,8 @@ Targets (DESIGN.md section 3):
 * ``ort``: attention -> ``com.microsoft.GroupQueryAttention`` on the shared static KV buffer (present aliases
   past; RoPE from the cos/sin caches inside the op; softcap; ``local_window_size = window``, which matches
   transformers' window measured against it), preceded by
-  a per-head RMSNorm on q/k for Qwen3 (the CPU kernel ignores GQA's own q/k norm inputs);
+  a per-head RMSNorm on q/k for Qwen3 (the CPU kernel ignores GQA's own q/k norm inputs); q/k/v projections
+  packed into one MatMul where there is no q/k norm, and gate/up likewise (graphs/pack.py);
   MoE -> ``com.microsoft.MoE`` on the flattened tokens (router logits in, SwiGLU with gate/up interleaved,
   ``swiglu_fusion=1``); RMSNorms -> ``RMSNormalization``, with the residual add folded in as
   ``com.microsoft.SkipSimplifiedLayerNormalization`` in fp32 (graphs/norms.py).
@@ -27,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs import fuse, norms
+from graphs import fuse, norms, pack
 from plugins import attention as attn_plugin
 from plugins import moe as moe_plugin
 
@@ -71,6 +72,8 @@ def lower(model: ir.Model, spec, lowering: str, kv_mode: str, max_seq_len: int, 
     counts = {"lowering": lowering, "attention_fused": att.fused, "moe_fused": moe.fused,
               "skipped": att.skipped + moe.skipped}
     if lowering == "ort":
+        counts["qkv_packed"] = pack.pack_qkv(model, lambda n: not n.attributes["qk_norm"].value)
+        counts["gate_up_packed"] = pack.pack_gate_up(model, spec)
         counts.update(_lower_ort(model, spec))
         counts.update(norms.fuse_rmsnorm(model, spec, skip_fusion=True))
     elif lowering == "trt-plugin":
@@ -128,6 +131,7 @@ def _attention_to_gqa(graph: ir.Graph, node: ir.Node, seqlens: ir.Value, total: 
     if a["qk_norm"]:
         q, k = (_head_rms_norm(graph, x, w, heads, a, new, f"{node.name}.{tag}_norm")
                 for x, w, heads, tag in ((q, q_norm, a["num_heads"], "q"), (k, k_norm, a["num_kv_heads"], "k")))
+    # k and v are None when graphs/pack.py packed q|k|v into the query input (GQA's packed-QKV form)
     gqa = ir.node("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin],
                   {"num_heads": a["num_heads"], "kv_num_heads": a["num_kv_heads"], "scale": a["scale"],
                    "softcap": a["softcap"], "local_window_size": a["window"] if a["window"] else -1,
