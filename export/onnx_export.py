@@ -146,22 +146,16 @@ def attach_weights(model, spec: ModelSpec, plan: list[Weight], ckpt: Checkpoint,
             out.replace_all_uses_with(value)
             model.graph.remove(transpose, safe=True)
             folded += 1
-        shape = tuple(value.shape) if value.shape is not None else w.shape
-        dtype_w = torch.float32 if w.fp32 else dtype
+        w_dtype = torch.float32 if w.fp32 else dtype  # norms stay fp32 whatever the precision
+        shape = (w.shape[1], w.shape[0]) if transpose is not None else w.shape
+        value.shape = ir.Shape(shape)
 
-        def load(w=w, name=name, transposed=transpose is not None):
-            t = load_tensor(w, ckpt, dtype_w_of(w, dtype), spec.norm_offset)
+        def load(w=w, name=name, w_dtype=w_dtype, transposed=transpose is not None):
+            t = load_tensor(w, ckpt, w_dtype, spec.norm_offset)
             return _ir_tensor(t.t() if transposed else t, name)
 
-        if transpose is not None:
-            shape = (w.shape[1], w.shape[0])
-            value.shape = ir.Shape(shape)
-        value.const_value = ir.LazyTensor(load, dtype=_ir_dtype(dtype_w), shape=ir.Shape(shape), name=name)
+        value.const_value = ir.LazyTensor(load, dtype=_ir_dtype(w_dtype), shape=ir.Shape(shape), name=name)
     return folded
-
-
-def dtype_w_of(w: Weight, dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if w.fp32 else dtype
 
 
 def _ir_dtype(dtype: torch.dtype):

@@ -2,13 +2,14 @@
 
 What it does: ``ensure_tiny("tiny-qwen2")`` writes (once, atomically) a complete Hugging Face style checkpoint
 directory under ``~/.cache/llm-export/tiny/`` (or ``$LLM_EXPORT_CACHE``): ``config.json`` in the transformers v4
-layout real checkpoints use, ``model.safetensors`` with seeded random weights, a byte-level BPE
+layout real checkpoints use, ``model.safetensors`` with seeded weights briefly trained on a built-in paragraph, a byte-level BPE
 ``tokenizer.json`` trained on a built-in paragraph with the ``tokenizers`` library, ``tokenizer_config.json`` with
 a ChatML chat template, and ``generation_config.json``. README's first command and the tests use these so nothing
 is ever downloaded. :func:`write_tokenizer` is shared with the tests, which build their checkpoints through
 transformers' ``save_pretrained``.
 
-What it does not do: the weights are random, so generated text is gibberish; they exist to exercise every stage.
+The weights start random and get a few seconds of training on the built-in paragraph, so the demo continues a
+prompt with words from it. What it does not do: be a useful language model.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def make_tiny(name: str, out_dir: str | Path, seed: int = 0) -> Path:
         gen_config = {"eos_token_id": config["eos_token_id"], "do_sample": False, "max_new_tokens": 32}
         (tmp / "generation_config.json").write_text(json.dumps(gen_config, indent=2))
         write_tokenizer(tmp, config["vocab_size"])
+        _train_on_corpus(tmp, seed)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,11 +121,54 @@ def make_tiny(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def _train_on_corpus(model_dir: Path, seed: int, steps: int = 300, window: int = 48) -> None:
+    """A few seconds of AdamW on CORPUS so the demo continues 'Hello world' with words, not noise. Trains our
+    own decoder and writes the weights back under their Hugging Face names (the inverse of weights.py)."""
+    from tokenizers import Tokenizer
+
+    from export.model import load_model
+    from export.weights import weight_plan
+
+    model, spec = load_model(model_dir)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    ids = torch.tensor(Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(" ".join(CORPUS.split())).ids)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    pos = torch.arange(window)[None].expand(8, window)
+    mask = torch.ones(8, window, dtype=torch.int64)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - window - 1, (8,), generator=gen)
+        x = torch.stack([ids[s:s + window] for s in starts])
+        y = torch.stack([ids[s + 1:s + window + 1] for s in starts])
+        logits = model(x, pos, mask, *model.empty_past(8, 0))[0]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, spec.vocab_size), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for w in weight_plan(spec):
+        t = state[w.name]
+        if w.transform == "norm":
+            tensors[w.sources[0]] = (t - spec.norm_offset).contiguous()
+        elif w.transform == "copy":
+            tensors.setdefault(w.sources[0], t.contiguous())
+        elif w.transform == "stack":
+            tensors.update({src: t[e].contiguous() for e, src in enumerate(w.sources)})
+        else:  # stack_gate_up: [E, 2I, H] -> gate [I, H], up [I, H] per expert
+            half = t.shape[1] // 2
+            for e, (g, u) in enumerate(zip(w.sources[0::2], w.sources[1::2])):
+                tensors[g], tensors[u] = t[e, :half].contiguous(), t[e, half:].contiguous()
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
 def ensure_tiny(name: str) -> Path:
     """The directory of tiny model `name`, made on first use; the name carries a hash of its recipe."""
     import hashlib
 
-    recipe = json.dumps([TINY_MODELS[name], CORPUS, CHATML_TEMPLATE], sort_keys=True).encode()
+    recipe = json.dumps([TINY_MODELS[name], CORPUS, CHATML_TEMPLATE, "trained-v1"], sort_keys=True).encode()
     out = cache_root() / "tiny" / f"{name}-{hashlib.sha256(recipe).hexdigest()[:10]}"
     if not (out / "config.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
