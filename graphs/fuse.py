@@ -46,6 +46,16 @@ class FusionError(RuntimeError):
     """A pass that had to fire a known number of times did not."""
 
 
+def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A small constant initializer, created once per name and shared by every pass that asks for it."""
+    if name in graph.initializers:
+        return graph.initializers[name]
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.Tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
 def scopes(node: ir.Node) -> list[str]:
     raw = node.metadata_props.get(SCOPES_KEY)
     return ast.literal_eval(raw) if raw else []
@@ -134,14 +144,8 @@ def rope_caches(model: ir.Model, spec, max_seq_len: int, dtype) -> tuple[ir.Valu
 
     inv_freq, scale = spec.rope.inv_freq_and_scale(spec.head_dim)
     freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None]  # [L, D/2]
-    out = []
-    for name, fn in (("rope.cos_cache", torch.cos), ("rope.sin_cache", torch.sin)):
-        arr = (fn(freqs) * scale).numpy().astype(dtype)
-        value = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                         const_value=ir.Tensor(arr, name=name))
-        graph.register_initializer(value)
-        out.append(value)
-    return out[0], out[1]
+    cos, sin = ((fn(freqs) * scale).numpy().astype(dtype) for fn in (torch.cos, torch.sin))
+    return initializer(graph, "rope.cos_cache", cos), initializer(graph, "rope.sin_cache", sin)
 
 
 def attention_attrs(spec, layer: int, kv_mode: str) -> dict:

@@ -36,15 +36,6 @@ LOWERINGS = ("reference", "ort", "trt-plugin", "trt-native")
 MS = "com.microsoft"
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    if name in graph.initializers:
-        return graph.initializers[name]
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _ort_supports(attrs: dict) -> str | None:
     if attrs["kv_mode"] != "static":
         return "GroupQueryAttention needs the static KV buffer (build with --kv-mode static)"
@@ -112,8 +103,8 @@ def _seq_lengths(graph: ir.Graph, before: ir.Node, position_ids: ir.Value):
 
     With the static layout (slot == position, right-padded prompts) the prompt call has positions 0..S-1 in
     every row, so GQA sees the prompt case; a decode call has one position per row."""
-    one = _const(graph, "gqa.one", np.array(1, dtype=np.int64))
-    axes = _const(graph, "gqa.axis1", np.array([1], dtype=np.int64))
+    one = fuse.initializer(graph, "gqa.one", np.array(1, dtype=np.int64))
+    axes = fuse.initializer(graph, "gqa.axis1", np.array([1], dtype=np.int64))
     row_max = ir.node("ReduceMax", [position_ids, axes], {"keepdims": 0}, name="gqa.row_max")
     seqlens = ir.node("Cast", [row_max.outputs[0]], {"to": ir.DataType.INT32}, name="gqa.seqlens_k")
     all_max = ir.node("ReduceMax", [position_ids], {"keepdims": 0}, name="gqa.max")
@@ -144,10 +135,11 @@ def _attention_to_gqa(graph: ir.Graph, node: ir.Node, seqlens: ir.Value, total: 
 def _head_rms_norm(graph, x, weight, heads, a, new, name):
     """[B,S,heads*D] -> per-head RMSNorm (fp32, standard ops; ORT fuses them into its own norm kernel at load)
     -> [B,S,heads*D] in x's dtype."""
-    split = _const(graph, f"gqa.heads_shape.{heads}", np.array([0, 0, heads, a["head_dim"]], dtype=np.int64))
-    merge = _const(graph, "gqa.merge_shape", np.array([0, 0, -1], dtype=np.int64))
-    eps = _const(graph, f"gqa.eps", np.array(a["rms_eps"], dtype=np.float32))
-    last = _const(graph, "gqa.axis_last", np.array([-1], dtype=np.int64))
+    split = fuse.initializer(graph, f"gqa.heads_shape.{heads}",
+                             np.array([0, 0, heads, a["head_dim"]], dtype=np.int64))
+    merge = fuse.initializer(graph, "gqa.merge_shape", np.array([0, 0, -1], dtype=np.int64))
+    eps = fuse.initializer(graph, "gqa.eps", np.array(a["rms_eps"], dtype=np.float32))
+    last = fuse.initializer(graph, "gqa.axis_last", np.array([-1], dtype=np.int64))
     dtype = x.dtype
     nodes = [ir.node("Reshape", [x, split], name=f"{name}.split")]
     nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}.f32"))
@@ -168,7 +160,7 @@ def _moe_to_ort(graph: ir.Graph, node: ir.Node) -> None:
     a = {k: v.value for k, v in node.attributes.items()}
     hidden, router, gate_up, down = node.inputs
     H = router.shape[0]
-    flat = _const(graph, "moe.flat_shape", np.array([-1, H], dtype=np.int64))
+    flat = fuse.initializer(graph, "moe.flat_shape", np.array([-1, H], dtype=np.int64))
     x2 = ir.node("Reshape", [hidden, flat], name=f"{node.name}.flat")
     logits = ir.node("MatMul", [x2.outputs[0], router], name=f"{node.name}.router")
     fc1 = _interleaved(graph, gate_up)
@@ -223,7 +215,8 @@ def _lower_trt_plugin(model: ir.Model) -> dict:
         if plugin is attn_plugin:  # the registered plugin takes TRT_INPUTS: no mask, norm weights always present
             by_name = dict(zip(attn_plugin.INPUTS, inputs))
             if by_name["q_norm_weight"] is None:
-                ones = _const(model.graph, "plugin.unit_norm", np.ones(attrs["head_dim"], dtype=np.float32))
+                ones = fuse.initializer(model.graph, "plugin.unit_norm",
+                                        np.ones(attrs["head_dim"], dtype=np.float32))
                 by_name["q_norm_weight"] = by_name["k_norm_weight"] = ones
             inputs = [by_name[name] for name in attn_plugin.TRT_INPUTS]
         new = ir.node(plugin.PLUGIN_NAME, inputs, attrs, domain=PLUGIN_DOMAIN,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from graphs import fuse
 from plugins import attention as attn_plugin
 
 OPSET = 23
@@ -30,17 +31,8 @@ def supports(attrs: dict) -> str | None:
     return None
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    if name in graph.initializers:
-        return graph.initializers[name]
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _i64(graph, name, values):
-    return _const(graph, name, np.array(values, dtype=np.int64))
+    return fuse.initializer(graph, name, np.array(values, dtype=np.int64))
 
 
 def lower_trt_native(model: ir.Model) -> dict:

@@ -94,7 +94,7 @@ def pack_gate_up(model: ir.Model, spec) -> int:
             continue
         weight = _lazy_concat(graph, f"{scope}.gate_up.weight", [g.inputs[1], u.inputs[1]], axis=1)
         width = g.inputs[1].shape[1]
-        split = fuse_const(graph, f"pack.split_{width}", np.array([width, width], dtype=np.int64))
+        split = fuse.initializer(graph, f"pack.split_{width}", np.array([width, width], dtype=np.int64))
         mm = ir.node("MatMul", [g.inputs[0], weight], name=f"{scope}.gate_up")
         sp = ir.node("Split", [mm.outputs[0], split], {"axis": -1}, num_outputs=2, name=f"{scope}.gate_up_split")
         graph.insert_before(g, [mm, sp])
@@ -103,12 +103,3 @@ def pack_gate_up(model: ir.Model, spec) -> int:
         graph.remove([g, u], safe=True)
         packed += 1
     return packed
-
-
-def fuse_const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    if name in graph.initializers:
-        return graph.initializers[name]
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
