@@ -204,6 +204,7 @@ def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path:
               file=sys.stderr) as bar:
         ir.save(model, out_path, external_data=out_path.name + ".data", max_workers=1,
                 callback=lambda tensor, info: bar.update(1))
+        bar.update(bar.total - bar.n)  # tensors small enough to stay inside model.onnx have no callback
     return {"transposes_folded": folded, "nodes": len(list(model.graph)),
             "op_histogram": op_histogram(model), "fusion": lowered}
 
