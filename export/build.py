@@ -61,6 +61,9 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
         if lowering not in ("trt-native", "trt-plugin", "reference"):
             raise ValueError(f"--lowering {lowering} is for ONNX Runtime; TensorRT takes trt-native or trt-plugin")
     lowering = lowering or ("ort" if kv_mode == "static" else "reference")
+    if precision == "bf16" and backend == "onnxruntime":
+        raise ValueError("--precision bf16: ONNX Runtime has no bf16 kernels on the CPU; use fp32/fp16 here, or "
+                         "--backend tensorrt for a bf16 engine")
     model_dir = resolve_model(model)
     spec = load_spec(model_dir)
     ckpt = Checkpoint(model_dir)

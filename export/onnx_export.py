@@ -195,7 +195,9 @@ def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path:
     folded = attach_weights(model, spec, plan, ckpt, dtype)
     from graphs.lower import lower
 
-    np_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(dtype, np.float32)
+    import ml_dtypes
+
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16}[dtype]
     lowered = lower(model, spec, lowering, kv_mode, max_seq_len, np_dtype)
     _fold_constants(model)
     model.producer_name = "llm-export"

@@ -150,3 +150,18 @@ def test_engine_version_and_device_checks():
         check_engine(manifest, "1.7.1.116", None)
     with pytest.raises(ArtifactError, match="no TensorRT engine"):
         check_engine({}, "1.7.1.116", (8, 9))
+
+
+@needs_trt
+def test_bf16_engine_builds(engines):
+    path = engines("qwen3_moe_mixed", "bf16")
+    m = json.loads((path / "manifest.json").read_text())
+    kv = [t for t in m["engine"]["io"]["inputs"] if t["name"].startswith("past_key_values")]
+    assert kv and all(t["dtype"] == "bf16" for t in kv)
+    assert m["graphs"]["decoder"]["fusion"]["attention_fused"] == 4  # rope caches in bf16, like the activations
+
+
+def test_bf16_for_onnxruntime_is_refused(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="no bf16 kernels on the CPU"):
+        build(str(checkpoints("qwen2_window")), precision="bf16", out=tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
