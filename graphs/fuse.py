@@ -56,6 +56,15 @@ def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def lazy_initializer(graph: ir.Graph, name: str, like: ir.Value, shape, load) -> ir.Value:
+    """An initializer whose data `load()` (-> numpy array) computes only when the graph is written."""
+    shape = ir.Shape(shape)
+    tensor = ir.LazyTensor(lambda: ir.Tensor(load(), name=name), dtype=like.dtype, shape=shape, name=name)
+    value = ir.Value(name=name, shape=shape, type=like.type, const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
 def scopes(node: ir.Node) -> list[str]:
     raw = node.metadata_props.get(SCOPES_KEY)
     return ast.literal_eval(raw) if raw else []
@@ -260,12 +269,8 @@ def _router_as_h_by_e(graph: ir.Graph, router: ir.Value, spec) -> ir.Value:
     if shape == (spec.hidden_size, spec.num_experts) and spec.hidden_size != spec.num_experts:
         return router
     src = router.const_value
-    name = router.name + ".t"
-    t = ir.LazyTensor(lambda: ir.Tensor(np.ascontiguousarray(src.numpy().T), name=name), dtype=src.dtype,
-                      shape=ir.Shape((shape[1], shape[0])), name=name)
-    value = ir.Value(name=name, shape=ir.Shape((shape[1], shape[0])), type=ir.TensorType(src.dtype), const_value=t)
-    graph.register_initializer(value)
-    return value
+    return lazy_initializer(graph, router.name + ".t", router, (shape[1], shape[0]),
+                            lambda: np.ascontiguousarray(src.numpy().T))
 
 
 def remove_unused(model: ir.Model) -> None:

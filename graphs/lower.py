@@ -179,19 +179,15 @@ def _moe_to_ort(graph: ir.Graph, node: ir.Node) -> None:
 def _interleaved(graph: ir.Graph, gate_up: ir.Value) -> ir.Value:
     """[E, 2I, H] with gate rows then up rows -> rows interleaved g0, u0, g1, u1 ... (lazy, read at save)."""
     src = gate_up.const_value
-    name = gate_up.name + ".interleaved"
 
     def load():
         arr = src.numpy()
         half = arr.shape[1] // 2
         out = np.empty_like(arr)
         out[:, 0::2], out[:, 1::2] = arr[:, :half], arr[:, half:]
-        return ir.Tensor(out, name=name)
+        return out
 
-    value = ir.Value(name=name, shape=gate_up.shape, type=gate_up.type,
-                     const_value=ir.LazyTensor(load, dtype=src.dtype, shape=src.shape, name=name))
-    graph.register_initializer(value)
-    return value
+    return fuse.lazy_initializer(graph, gate_up.name + ".interleaved", gate_up, gate_up.shape, load)
 
 
 def _swap(graph: ir.Graph, old: ir.Node, new: list[ir.Node], new_outputs) -> None:

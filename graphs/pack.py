@@ -38,14 +38,8 @@ def _lazy_concat(graph: ir.Graph, name: str, parts: list[ir.Value], axis: int) -
     srcs = [p.const_value for p in parts]
     shape = list(parts[0].shape)
     shape[axis] = sum(p.shape[axis] for p in parts)
-
-    def load():
-        return ir.Tensor(np.concatenate([s.numpy() for s in srcs], axis=axis), name=name)
-
-    value = ir.Value(name=name, shape=ir.Shape(shape), type=parts[0].type,
-                     const_value=ir.LazyTensor(load, dtype=srcs[0].dtype, shape=ir.Shape(shape), name=name))
-    graph.register_initializer(value)
-    return value
+    return fuse.lazy_initializer(graph, name, parts[0], shape,
+                                 lambda: np.concatenate([s.numpy() for s in srcs], axis=axis))
 
 
 def pack_qkv(model: ir.Model, node_filter) -> int:

@@ -8,6 +8,7 @@ sparse layers mixed and norm_topk_prob both ways, linear and yarn RoPE, and a sh
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -65,6 +66,15 @@ CASES: dict[str, tuple[str, dict]] = {
 
 # Weight scales chosen so logits spread well beyond the softcaps and greedy choices are not near-ties.
 _STD = {"qwen2": 0.15, "gemma2": 0.15, "qwen3_moe": 0.15}
+
+
+def edit_config(path: Path, fn) -> Path:
+    """Apply fn to the checkpoint's config.json dict in place (for tests that flip or break fields)."""
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    fn(cfg)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return path
 
 
 def hf_config(family: str, fields: dict):

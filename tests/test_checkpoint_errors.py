@@ -26,6 +26,7 @@ from export.checkpoint import Checkpoint, CheckpointError, resolve_model
 from export.model import load_model
 from export.spec import UnsupportedConfigError, load_spec
 from export.verify import run_ours
+from tests.conftest import edit_config
 from tests.test_parity import PROMPT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +36,6 @@ SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # 40-hex commit hash for 
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 
-def edit_config(path: Path, fn) -> Path:
-    cfg_path = path / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    fn(cfg)
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    return path
 
 
 def edit_tensors(path: Path, fn, file: str = "model.safetensors") -> Path:

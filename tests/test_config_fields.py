@@ -24,7 +24,7 @@ from export.model import load_model
 from export.spec import ADAPTERS, IGNORED, _Fields, load_spec, spec_from_config
 from export.verify import compare, run_hf, run_ours
 from export.weights import weight_plan
-from tests.conftest import CASES, VOCAB
+from tests.conftest import CASES, VOCAB, edit_config
 from tests.test_parity import PROMPT
 
 STEPS = 2  # prefill + 2 decode steps against HF (the decode path honours the field too)
@@ -32,12 +32,6 @@ BITE = 1e-3  # the flip must move our prefill logits by more than this
 MATCH = 1e-4  # and we must still agree with transformers within this
 
 
-def edit_config(path: Path, fn) -> Path:
-    cfg_path = path / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    fn(cfg)
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    return path
 
 
 def _set(**kv):
