@@ -33,9 +33,10 @@ def _params(args):
     sampled = args.temperature is not None or args.top_k or args.top_p != 1.0
     if args.greedy and sampled:
         raise ValueError("--greedy cannot be combined with --temperature/--top-k/--top-p")
-    return SamplingParams(greedy=not sampled, temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    return SamplingParams(greedy=not sampled, temperature=1.0 if args.temperature is None else args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+                          ignore_eos=args.ignore_eos, logprobs=getattr(args, "logprobs", False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ class SamplingParams:
     max_new_tokens: int = 32
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False  # report each chosen token's log-prob (a log-softmax over the vocabulary per token)
 
     def __post_init__(self):
         if isinstance(self.stop, list):  # a list from JSON/argparse is fine; a bare str is a bug (checked below)
@@ -66,6 +67,8 @@ class SamplingParams:
                 raise ValueError(f"stop strings must be non-empty str, got {s!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be a bool, got {self.logprobs!r}")
 
 
 def _is_int(x) -> bool:

@@ -3,7 +3,9 @@
 What it does: opens ``manifest.json`` (checksums verified), creates one ``onnxruntime.InferenceSession`` and runs
 the graph through I/O binding. In static-buffer mode the KV cache is preallocated OrtValues
 ``[B, KV, max_len, D]``: with the ``ort`` lowering (GroupQueryAttention) ``present.*`` is bound to the same
-memory as ``past_key_values.*`` and updated in place; with the reference graph each call reads one set and
+memory as ``past_key_values.*`` and updated in place, and every call of one shape reuses one prepared binding (the
+token ids and positions are copied into arrays it points at; the logits land in a preallocated array), so a decode
+step costs one ``run_with_iobinding`` and no rebinding; with the reference graph each call reads one set and
 writes a second, then they swap (no allocation, no growing copies). In concat mode the presents ORT allocates are fed back as
 OrtValues without a round trip through numpy.
 
@@ -31,6 +33,14 @@ class KVCache:
         self.values = values  # inputs of the next call (past_key_values.*)
         self.spare = spare  # static mode: the buffers the next call writes (present.*)
         self.length = length  # concat: current past length; static: buffer length
+        self.bound: _Bound | None = None  # in-place mode: the prepared binding of the last call's shape
+
+
+class _Bound:
+    """One prepared I/O binding and the arrays it points at (kept alive here: bind_cpu_input does not own them)."""
+
+    def __init__(self, io, ids: np.ndarray, pos: np.ndarray, logits: np.ndarray):
+        self.io, self.ids, self.pos, self.logits = io, ids, pos, logits
 
 
 class OrtSession:
@@ -76,6 +86,8 @@ class OrtSession:
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray | None,
                 cache: KVCache) -> np.ndarray:
         """Run one prefill or decode call; updates `cache` in place and returns logits [B, S, V] fp32."""
+        if self.in_place:
+            return self._forward_in_place(input_ids, position_ids, cache)
         io = self.session.io_binding()
         # bind_cpu_input does not own the array: keep every bound array alive until the run has finished.
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
@@ -88,7 +100,7 @@ class OrtSession:
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits")
         if self.kv_mode == "static":
-            for name, value in zip(self.kv_out, cache.values if self.in_place else cache.spare):
+            for name, value in zip(self.kv_out, cache.spare):
                 io.bind_ortvalue_output(name, value)
         else:
             for name in self.kv_out:
@@ -96,9 +108,30 @@ class OrtSession:
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
         if self.kv_mode == "static":
-            if not self.in_place:  # in place: the buffers already hold the update
-                cache.values, cache.spare = cache.spare, cache.values
+            cache.values, cache.spare = cache.spare, cache.values
         else:
             cache.values = list(outputs[1:])
             cache.length += input_ids.shape[1]
         return outputs[0].numpy()
+
+    def _forward_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        bound = cache.bound
+        if bound is None or bound.ids.shape != input_ids.shape:
+            cache.bound = bound = self._bind_in_place(input_ids.shape, cache)
+        bound.ids[...] = input_ids
+        bound.pos[...] = position_ids
+        self.session.run_with_iobinding(bound.io)
+        return bound.logits.copy()  # the next call overwrites the bound array
+
+    def _bind_in_place(self, shape: tuple[int, int], cache: KVCache) -> _Bound:
+        ids, pos = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+        logits = np.empty((*shape, self.vocab_size), np.float32)
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("position_ids", pos)
+        for name, value in zip(self.kv_in, cache.values):
+            io.bind_ortvalue_input(name, value)
+        for name, value in zip(self.kv_out, cache.values):  # present.* aliases past_key_values.*
+            io.bind_ortvalue_output(name, value)
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        return _Bound(io, ids, pos, logits)

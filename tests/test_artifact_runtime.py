@@ -22,7 +22,7 @@ from runtime_py.sampling import SamplingParams
 from tests.conftest import CASES
 from tests.test_parity import PROMPT
 
-GREEDY32 = SamplingParams(greedy=True, max_new_tokens=32, ignore_eos=True)
+GREEDY32 = SamplingParams(greedy=True, max_new_tokens=32, ignore_eos=True, logprobs=True)
 FP16_LOGPROB_BOUND = 0.01  # measured (2026-11-23): max |logprob(fp16 artifact) - logprob(HF fp32)| <= 0.0029,
 # 8/8 greedy tokens equal, on qwen2_window, gemma2, qwen3_moe_mixed, qwen2_yarn
 
@@ -56,11 +56,12 @@ def test_concat_artifact_matches_hf(case, artifacts, checkpoints, hf_model):
 def test_ragged_batch_equals_each_alone(kv_mode, artifacts):
     gen = Generator(artifacts("gemma2", kv_mode), threads=2)
     prompts = [PROMPT, PROMPT[:3], PROMPT[2:9]]
-    params = SamplingParams(greedy=True, max_new_tokens=12, ignore_eos=True)
+    params = SamplingParams(greedy=True, max_new_tokens=12, ignore_eos=True, logprobs=True)
     batched = gen.generate(prompts, params)
     for p, row in zip(prompts, batched.rows):
         alone = gen.generate([p], params).rows[0]
         assert row.tokens == alone.tokens
+        assert len(row.logprobs) == len(row.tokens) == 12
         np.testing.assert_allclose(row.logprobs, alone.logprobs, atol=1e-4)
 
 
@@ -97,13 +98,15 @@ def test_eos_ends_generation(artifacts):
     gen.eos_ids = {free[5]}  # pretend the 6th greedy token is EOS
     row = gen.generate([PROMPT], SamplingParams(greedy=True, max_new_tokens=32)).rows[0]
     assert row.finish_reason == "eos" and row.tokens == free[:free.index(free[5])]
+    assert row.logprobs == []  # not asked for
 
 
 def test_fp16_artifact_within_bound(artifacts, checkpoints, hf_model):
     for case in ("qwen2_window", "gemma2", "qwen3_moe_mixed"):
         path = checkpoints(case)
         gen = Generator(artifacts(case, precision="fp16"), threads=2)
-        row = gen.generate([PROMPT], SamplingParams(greedy=True, max_new_tokens=8, ignore_eos=True)).rows[0]
+        row = gen.generate([PROMPT], SamplingParams(greedy=True, max_new_tokens=8, ignore_eos=True,
+                                                    logprobs=True)).rows[0]
         ref = run_hf(path, PROMPT, steps=7, hf_model=hf_model(path))
         agree = next((i for i, (a, b) in enumerate(zip(row.tokens, ref.tokens)) if a != b), len(row.tokens))
         assert agree == 8, case

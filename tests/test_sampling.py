@@ -194,6 +194,7 @@ def test_nan_logits_raise():
     (dict(stop="\n"), "stop must be a tuple of strings"),
     (dict(stop=("",)), "stop strings must be non-empty"),
     (dict(greedy=1), "greedy must be a bool"),
+    (dict(logprobs="yes"), "logprobs must be a bool"),
 ])
 def test_bad_params_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
