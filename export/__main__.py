@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-batch", type=_positive, default=8)
     b.add_argument("--lowering", choices=["reference", "ort", "trt-plugin", "trt-native"], default=None,
                    help="graph lowering (default: ort for --kv-mode static, reference for concat)")
+    b.add_argument("--logits", choices=["last", "all"], default="last",
+                   help="positions whose logits the graph returns: the last of each call (default; what generation "
+                        "samples from, and a long prefill skips most of the LM head), or all (for scoring)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     b.add_argument("--no-progress", action="store_true")
 
@@ -108,7 +111,7 @@ def _build(args) -> int:
 
     path = build(args.model, precision=args.precision, backend=args.backend, out=args.out, kv_mode=args.kv_mode,
                  max_seq_len=args.max_seq_len, max_batch=args.max_batch, overwrite=args.overwrite,
-                 progress=not args.no_progress, lowering=args.lowering)
+                 progress=not args.no_progress, lowering=args.lowering, logits=args.logits)
     print(path)
     return 0
 

@@ -21,6 +21,7 @@ import torch
 
 from artifacts.bundle import staging_dir, write_manifest
 from export.checkpoint import Checkpoint, resolve_model
+from export.model import LOGITS
 from export.onnx_export import DTYPES, export_onnx, io_description, weight_bytes
 from export.spec import load_spec
 from export.weights import check_checkpoint, warn_unexpected, weight_plan
@@ -49,7 +50,7 @@ def _versions() -> dict:
 
 def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out: Path | None = None,
           kv_mode: str = "static", max_seq_len: int | None = None, max_batch: int = 8, overwrite: bool = False,
-          progress: bool = True, lowering: str | None = None) -> Path:
+          progress: bool = True, lowering: str | None = None, logits: str = "last") -> Path:
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend}: choose from {BACKENDS}")
     dtype = DTYPES[precision]
@@ -73,25 +74,29 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
     if not 2 <= max_seq_len <= spec.max_position_embeddings:
         raise ValueError(f"--max-seq-len {max_seq_len}: must be in [2, {spec.max_position_embeddings}] "
                          "(the model's max_position_embeddings)")
+    if logits not in LOGITS:
+        raise ValueError(f"--logits {logits}: choose from {LOGITS}")
     if max_batch < 1:
         raise ValueError(f"--max-batch {max_batch}: must be >= 1")
     out = Path(out) if out else default_out(model, precision, kv_mode)
+    io = io_description(spec, kv_mode, dtype, logits)
     t0 = time.perf_counter()
     with staging_dir(out, overwrite=overwrite) as tmp:
         total = weight_bytes(plan, spec, dtype)
         print(f"exporting {spec.model_type} ({spec.num_layers} layers, {total / 2**20:.1f} MiB of weights, "
               f"{precision}, kv {kv_mode}) from {model_dir}", file=sys.stderr)
         facts = export_onnx(spec, ckpt, plan, tmp / GRAPH, kv_mode, dtype, progress=progress, lowering=lowering,
-                            max_seq_len=max_seq_len)
+                            max_seq_len=max_seq_len, logits=logits)
         for line in facts["fusion"]["skipped"]:
             print(f"note: left unfused: {line}", file=sys.stderr)
         _check_graph(tmp / GRAPH)
         engine = None
         if backend == "tensorrt":
-            from export.engine import build_engine
+            from export.engine import build_engine, check_engine_io
 
             print("building the TensorRT engine ...", file=sys.stderr)
             engine = build_engine(tmp / GRAPH, tmp / ENGINE, kv_mode, max_batch, max_seq_len, precision)
+            check_engine_io(io, engine["io"])
         for name in TOKENIZER_FILES:
             if (model_dir / name).exists():
                 shutil.copy2(model_dir / name, tmp / name)
@@ -105,7 +110,8 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
             "kv_mode": kv_mode,
             "max_seq_len": max_seq_len,
             "max_batch": max_batch,
-            "graphs": {"decoder": {"file": GRAPH, "lowering": lowering, **io_description(spec, kv_mode, dtype),
+            "graphs": {"decoder": {"file": GRAPH, "lowering": lowering, "logits": logits,
+                                   **io,
                                    "op_histogram": facts["op_histogram"], "fusion": facts["fusion"],
                                    # GQA updates the KV buffer in place: present must be bound to past's memory
                                    "kv_binding": "in_place" if facts["fusion"].get("GroupQueryAttention")

@@ -1,7 +1,9 @@
 """One tracing-friendly decoder for Qwen2/Qwen2.5, Gemma2 and Qwen3-MoE, built from a ModelSpec.
 
-What it does: ``Decoder(spec, kv_mode)`` is a pure function of its inputs
-``(input_ids [B,S], position_ids [B,S], attention_mask, *past)`` returning ``(logits [B,S,V] fp32, *present)``.
+What it does: ``Decoder(spec, kv_mode, logits=...)`` is a pure function of its inputs
+``(input_ids [B,S], position_ids [B,S], attention_mask, *past)`` returning ``(logits, *present)``: fp32 logits
+``[B,S,V]`` of every position (``logits="all"``, the default) or ``[B,1,V]`` of the last position only
+(``"last"``: the norm and LM head run on one position, which saves most of a long prefill's LM-head work).
 Prefill and decode are the same forward. The forward never tests a family; the spec's data picks what is built
 (qkv bias, q/k norm, sandwich norms, norm offset, embedding scale, softcaps, windows, dense or MoE MLP).
 
@@ -29,6 +31,7 @@ from torch import nn
 from export.spec import ModelSpec
 
 KV_MODES = ("concat", "static")
+LOGITS = ("last", "all")  # which positions the LM head runs on
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -197,11 +200,14 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, spec: ModelSpec, kv_mode: str = "concat", dtype: torch.dtype = torch.float32):
+    def __init__(self, spec: ModelSpec, kv_mode: str = "concat", dtype: torch.dtype = torch.float32,
+                 logits: str = "all"):
         super().__init__()
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
-        self.spec, self.kv_mode, self.dtype = spec, kv_mode, dtype
+        if logits not in LOGITS:
+            raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+        self.spec, self.kv_mode, self.dtype, self.logits = spec, kv_mode, dtype, logits
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device="meta")
         self.layers = nn.ModuleList(Block(spec, i, kv_mode, dtype) for i in range(spec.num_layers))
         self.norm = Norm(spec.hidden_size, spec.rms_norm_eps)
@@ -245,6 +251,8 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.layers):
             x, k, v = block(x, cos, sin, masks[block.attn.window], position_ids, past[2 * i], past[2 * i + 1])
             presents += [k, v]
+        if self.logits == "last":
+            x = x[:, -1].unsqueeze(1)  # a Gather, so TensorRT infers the static 1 (a Slice gives -1)
         logits = softcap(self.lm_head(self.norm(x)).float(), self.spec.final_softcap)
         return (logits, *presents)
 

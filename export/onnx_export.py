@@ -9,8 +9,10 @@ file tensor by tensor, so the model is never held in memory, let alone twice.
 Graph contract (DESIGN.md section 2; names as Optimum / onnxruntime-genai):
 inputs ``input_ids [batch, sequence] int64``, ``position_ids [batch, sequence] int64``, in concat mode
 ``attention_mask [batch, total_sequence] int64``, and ``past_key_values.{i}.key|value [batch, kv_heads,
-past_sequence | max_cache_len, head_dim]``; outputs ``logits [batch, sequence, vocab] float32`` and
-``present.{i}.key|value``. Static mode has no attention_mask: position_ids are also the cache slots.
+past_sequence | max_cache_len, head_dim]``; outputs ``logits float32`` and ``present.{i}.key|value``.
+``logits`` is ``[batch, 1, vocab]`` (the last position of each call; the default, ``--logits last``: the runtime
+only samples from it, and a 128-token prefill skips 127/128 of the LM head) or ``[batch, sequence, vocab]``
+(``--logits all``, for scoring every position). Static mode has no attention_mask: position_ids are also the cache slots.
 
 What it does not do: fuse anything (graphs/ passes do) or write the artifact directory (build.py does).
 """
@@ -38,7 +40,7 @@ def io_names(spec: ModelSpec, kv_mode: str) -> tuple[list[str], list[str]]:
     return inputs, ["logits"] + kv_out
 
 
-def io_description(spec: ModelSpec, kv_mode: str, dtype: torch.dtype) -> dict:
+def io_description(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str = "last") -> dict:
     """Names, symbolic shapes and dtypes of the graph's inputs and outputs (for the manifest)."""
     kv_len = "past_sequence" if kv_mode == "concat" else "max_cache_len"
     out_len = "total_sequence" if kv_mode == "concat" else "max_cache_len"
@@ -54,7 +56,8 @@ def io_description(spec: ModelSpec, kv_mode: str, dtype: torch.dtype) -> dict:
             desc["inputs"].append({"name": name, "shape": ["batch", "sequence"], "dtype": "int64"})
     for name in outs:
         if name == "logits":
-            desc["outputs"].append({"name": name, "shape": ["batch", "sequence", spec.vocab_size],
+            desc["outputs"].append({"name": name, "shape": ["batch", "sequence" if logits == "all" else 1,
+                                                            spec.vocab_size],
                                     "dtype": "float32"})
         else:
             desc["outputs"].append({"name": name, "shape": kv_shape(out_len), "dtype": ONNX_TYPE[dtype]})
@@ -74,9 +77,9 @@ class _ExportWrapper(torch.nn.Module):
         return self.decoder(input_ids, position_ids, None, *rest)
 
 
-def trace_graph(spec: ModelSpec, kv_mode: str, dtype: torch.dtype):
+def trace_graph(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str = "last"):
     """The exported graph (an onnx_ir Model) whose initializers still hold meta tensors."""
-    decoder = Decoder(spec, kv_mode, dtype)
+    decoder = Decoder(spec, kv_mode, dtype, logits)
     if spec.tie_embeddings:
         decoder.lm_head.weight = decoder.embed.weight
     decoder.inv_freq = decoder.inv_freq.to("meta")
@@ -103,11 +106,11 @@ def trace_graph(spec: ModelSpec, kv_mode: str, dtype: torch.dtype):
     return program.model
 
 
-def _name_dims(model, spec: ModelSpec, kv_mode: str) -> None:
+def _name_dims(model, spec: ModelSpec, kv_mode: str, logits: str) -> None:
     """Give the exporter's symbolic dims (s10, s70, ...) the contract's names."""
     import onnx_ir as ir
 
-    desc = io_description(spec, kv_mode, torch.float32)
+    desc = io_description(spec, kv_mode, torch.float32, logits)
     by_name = {d["name"]: d["shape"] for d in desc["inputs"] + desc["outputs"]}
     for value in list(model.graph.inputs) + list(model.graph.outputs):
         want = by_name[value.name]
@@ -179,7 +182,7 @@ def _sole_transpose(value):
 
 def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path: Path, kv_mode: str,
                 dtype: torch.dtype, progress: bool = True, lowering: str = "reference",
-                max_seq_len: int = 4096) -> dict:
+                max_seq_len: int = 4096, logits: str = "last") -> dict:
     """Trace, attach lazy weights and write `out_path` + `out_path.data`. Returns facts for the manifest."""
     import contextlib
     import sys
@@ -190,8 +193,8 @@ def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path:
     if progress:
         print("tracing the decoder (torch.export, meta weights) ...", file=sys.stderr)
     with contextlib.redirect_stdout(sys.stderr):  # the exporter prints its own progress lines to stdout
-        model = trace_graph(spec, kv_mode, dtype)
-    _name_dims(model, spec, kv_mode)
+        model = trace_graph(spec, kv_mode, dtype, logits)
+    _name_dims(model, spec, kv_mode, logits)
     folded = attach_weights(model, spec, plan, ckpt, dtype)
     from graphs.lower import lower
 

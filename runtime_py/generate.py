@@ -151,13 +151,21 @@ class Generator:
                 mask[b, S - len(p):] = 1
                 pos[b, S - len(p):] = np.arange(len(p))
         cache = self.session.new_cache(B, S + params.max_new_tokens)
-        last = np.array([n - 1 for n in lens]) if static else np.full(B, S - 1)
+        last = np.array([n - 1 for n in lens]) if static else np.full(B, S - 1)  # each row's last prompt token
         seen = [list(p) for p in prompts]
         decoders = [self._stream_decoder() for _ in range(B)]
         t0 = time.perf_counter()
+        if self.session.last_logits:  # the graph returns the logits of each call's last index only
+            if static and len(set(lens)) > 1:
+                # Right-padded rows end at different indices: prefill all but the last index (pads write slots
+                # past their prompt, overwritten later), then every row's last prompt token in one S=1 call.
+                self.session.forward(ids[:, :S - 1], pos[:, :S - 1], None, cache)
+                ids = np.array([[p[-1]] for p in prompts], dtype=np.int64)
+                pos = last.reshape(B, 1)
+            last = np.zeros(B, dtype=np.int64)
         for step in range(params.max_new_tokens):
             logits = self.session.forward(ids, pos, mask if not static else None, cache)
-            logits = logits[np.arange(B), last]  # [B, V] at each row's last real token
+            logits = logits[np.arange(B), last]  # [B, V] at each row's last real token (index 0 of [B,1,V])
             chosen = sample(logits, params, rng, seen)
             lps = logprobs_of(logits, chosen) if params.logprobs else None
             for b, row in enumerate(rows):

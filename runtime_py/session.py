@@ -54,6 +54,7 @@ class OrtSession:
         spec = self.manifest["spec"]
         self.kv_mode = self.manifest["kv_mode"]
         self.in_place = graph.get("kv_binding") == "in_place"
+        self.last_logits = graph.get("logits", "all") == "last"  # logits [B,1,V] of each call's last position
         self.max_seq_len = int(self.manifest["max_seq_len"])
         self.vocab_size = spec["vocab_size"]
         self.num_layers = len(spec["layers"])
@@ -85,7 +86,8 @@ class OrtSession:
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray | None,
                 cache: KVCache) -> np.ndarray:
-        """Run one prefill or decode call; updates `cache` in place and returns logits [B, S, V] fp32."""
+        """Run one prefill or decode call; updates `cache` in place and returns fp32 logits [B, S, V], or
+        [B, 1, V] (the last position) when the graph was built with ``--logits last``."""
         if self.in_place:
             return self._forward_in_place(input_ids, position_ids, cache)
         io = self.session.io_binding()
@@ -125,7 +127,7 @@ class OrtSession:
 
     def _bind_in_place(self, shape: tuple[int, int], cache: KVCache) -> _Bound:
         ids, pos = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
-        logits = np.empty((*shape, self.vocab_size), np.float32)
+        logits = np.empty((shape[0], 1 if self.last_logits else shape[1], self.vocab_size), np.float32)
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("position_ids", pos)

@@ -86,6 +86,7 @@ class TrtSession:
             raise ArtifactError("the TensorRT session runs static-KV engines only")
         self.max_seq_len = int(self.manifest["max_seq_len"])
         self.vocab_size = spec["vocab_size"]
+        self.last_logits = self.manifest["graphs"]["decoder"].get("logits", "all") == "last"
         self.kv_heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
         io = engine["io"]
         self.kv_in = [t["name"] for t in io["inputs"] if t["name"].startswith("past_key_values.")]
@@ -115,7 +116,7 @@ class TrtSession:
         ctx = self.contexts["decode" if S == 1 else "prefill"]
         ids = torch.as_tensor(input_ids, dtype=torch.int64, device="cuda")
         pos = torch.as_tensor(position_ids, dtype=torch.int64, device="cuda")
-        logits = torch.empty((B, S, self.vocab_size), dtype=torch.float32, device="cuda")
+        logits = torch.empty((B, 1 if self.last_logits else S, self.vocab_size), dtype=torch.float32, device="cuda")
         bindings = {"input_ids": ids, "position_ids": pos, "logits": logits}
         bindings.update(zip(self.kv_in, cache.values))
         bindings.update(zip(self.kv_out, cache.spare))

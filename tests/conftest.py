@@ -149,20 +149,22 @@ def hf_model():
 
 @pytest.fixture(scope="session")
 def artifacts(checkpoints, tmp_path_factory):
-    """Callable: (case, kv_mode, precision, lowering) -> built artifact dir (made once per session).
+    """Callable: (case, kv_mode, precision, lowering, logits) -> built artifact dir (made once per session).
 
-    lowering None means the build default (ort for static KV, reference for concat)."""
+    lowering None means the build default (ort for static KV, reference for concat); logits "last" is the build
+    default (the last position's logits), "all" returns every position's."""
     from export.build import build
 
     root = tmp_path_factory.mktemp("artifacts")
     made = {}
 
-    def get(case: str, kv_mode: str = "static", precision: str = "fp32", lowering: str | None = None):
-        key = (case, kv_mode, precision, lowering)
+    def get(case: str, kv_mode: str = "static", precision: str = "fp32", lowering: str | None = None,
+            logits: str = "last"):
+        key = (case, kv_mode, precision, lowering, logits)
         if key not in made:
             made[key] = build(str(checkpoints(case)), precision=precision, kv_mode=kv_mode, lowering=lowering,
-                              out=root / "-".join([case, kv_mode, precision, lowering or "default"]),
-                              max_seq_len=128, progress=False)
+                              out=root / "-".join([case, kv_mode, precision, lowering or "default", logits]),
+                              max_seq_len=128, progress=False, logits=logits)
         return made[key]
 
     return get

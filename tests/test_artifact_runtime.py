@@ -65,6 +65,22 @@ def test_ragged_batch_equals_each_alone(kv_mode, artifacts):
         np.testing.assert_allclose(row.logprobs, alone.logprobs, atol=1e-4)
 
 
+@pytest.mark.parametrize("kv_mode", ["static", "concat"])
+def test_last_logits_equal_all_logits(kv_mode, artifacts):
+    """The default graph (--logits last) returns, for prefill and decode, the last row of --logits all's."""
+    from runtime_py.session import OrtSession
+    from tests.test_graphs import _run_steps
+
+    last = OrtSession(artifacts("gemma2", kv_mode), threads=2)
+    full = OrtSession(artifacts("gemma2", kv_mode, logits="all"), threads=2)
+    assert (last.manifest["graphs"]["decoder"]["logits"], full.manifest["graphs"]["decoder"]["logits"]) == (
+        "last", "all")
+    a, b = _run_steps(last), _run_steps(full)
+    assert a[0].shape == (1, last.vocab_size) and b[0].shape == (len(PROMPT), last.vocab_size)
+    for x, y in zip(a, b):
+        assert np.abs(x[-1] - y[-1]).max() < 1e-5
+
+
 def test_seeded_sampling_reproducible(artifacts):
     gen = Generator(artifacts("qwen2_window"), threads=2)
     params = SamplingParams(greedy=False, temperature=1.5, top_k=50, top_p=0.95, seed=1234, max_new_tokens=24,

@@ -492,3 +492,29 @@ def test_cli_missing_model_argument(capsys):
 def test_cli_prompt_ids_outside_vocab(checkpoints, capsys):
     err = cli_error(capsys, checkpoints("qwen2_window"), "--prompt-ids", "5,256,-1")
     assert "--prompt-ids: ids [256, -1] are outside the vocabulary [0, 256)" in err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--max-seq-len", "1"], "--max-seq-len 1: must be in"),
+    (["--max-seq-len", "100000000"], "--max-seq-len 100000000: must be in"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--logits", "first"], "--logits"),
+    (["--precision", "int3"], "--precision"),
+    (["--precision", "bf16"], "ONNX Runtime has no bf16 kernels"),
+    (["--logits", "all"], None),
+])
+def test_bad_build_values(argv, match, checkpoints, tmp_path, capsys):
+    """Bad build options: exit 2 with a message naming the option, and no artifact directory left behind."""
+    from export.__main__ import main
+
+    out = tmp_path / "artifact"
+    try:
+        rc = main(["build", "--model", str(checkpoints("qwen2_window")), "--out", str(out), "--no-progress", *argv])
+    except SystemExit as e:  # argparse rejects choices/types itself
+        rc = e.code
+    if match is None:  # a valid value, as a control: builds, and the option reached the manifest
+        assert rc == 0 and json.loads((out / "manifest.json").read_text())["graphs"]["decoder"]["logits"] == "all"
+        return
+    assert rc == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())

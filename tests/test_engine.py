@@ -79,7 +79,7 @@ def test_fp16_engine_builds(engines):
 def test_trt_native_graph(case, artifacts):
     """Op list: one Attention (+2 RotaryEmbedding) per layer without softcap, decomposed fallback otherwise;
     numerics: equal to the unfused graph on ONNX Runtime."""
-    path = artifacts(case, "static", lowering="trt-native")
+    path = artifacts(case, "static", lowering="trt-native", logits="all")
     spec = load_spec(json.loads((path / "manifest.json").read_text())["model"]["source"])
     ops = [n.op_type for n in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node]
     native = 0 if spec.attn_softcap else spec.num_layers
@@ -90,7 +90,7 @@ def test_trt_native_graph(case, artifacts):
     assert "ReduceMean" not in ops or spec.attn_softcap  # only a decomposed (softcap) layer keeps its q/k maths
     assert ops.count("ScatterElements") >= 2 * spec.num_layers  # KV updates (+ the MoE's routing scatter)
     assert not any(op.startswith("com.microsoft") for op in ops)
-    ref = OrtSession(artifacts(case, "static", lowering="reference"), threads=2)
+    ref = OrtSession(artifacts(case, "static", lowering="reference", logits="all"), threads=2)
     low = OrtSession(path, threads=2)
     for a, b in zip(_run_steps(ref), _run_steps(low)):
         assert np.abs(a - b).max() < 1e-4

@@ -28,7 +28,8 @@ from tests.test_parity import PROMPT
 
 
 def _run_steps(session: OrtSession, steps: int = 6) -> list[np.ndarray]:
-    """Prefill PROMPT then feed a fixed token sequence; logits of every call (same inputs for every graph)."""
+    """Prefill PROMPT then feed a fixed token sequence; logits of every call (same inputs for every graph). Built
+    with ``logits="all"``, the prefill's logits cover every prompt position."""
     cache = session.new_cache(1, len(PROMPT) + steps + 1)
     n = len(PROMPT)
     mask = np.ones((1, n), dtype=np.int64)
@@ -41,8 +42,8 @@ def _run_steps(session: OrtSession, steps: int = 6) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ort_lowering_matches_unfused(case, artifacts):
-    ref = OrtSession(artifacts(case, "static", lowering="reference"), threads=2)
-    ort_ = OrtSession(artifacts(case, "static", lowering="ort"), threads=2)
+    ref = OrtSession(artifacts(case, "static", lowering="reference", logits="all"), threads=2)
+    ort_ = OrtSession(artifacts(case, "static", lowering="ort", logits="all"), threads=2)
     spec = load_spec(ref.manifest["model"]["source"])
     fusion = ort_.manifest["graphs"]["decoder"]["fusion"]
     if spec.head_dim % 16 == 0:
@@ -59,8 +60,8 @@ def test_ort_lowering_matches_unfused(case, artifacts):
 @pytest.mark.parametrize("case", ["qwen3_moe_mixed", "gemma2"])
 def test_ort_lowering_concat_mode(case, artifacts):
     """Concat KV has no GQA form: attention stays unfused (reported), MoE is still fused; results unchanged."""
-    ref = OrtSession(artifacts(case, "concat", lowering="reference"), threads=2)
-    low = OrtSession(artifacts(case, "concat", lowering="ort"), threads=2)
+    ref = OrtSession(artifacts(case, "concat", lowering="reference", logits="all"), threads=2)
+    low = OrtSession(artifacts(case, "concat", lowering="ort", logits="all"), threads=2)
     fusion = low.manifest["graphs"]["decoder"]["fusion"]
     spec = load_spec(ref.manifest["model"]["source"])
     assert fusion["attention_fused"] == 0
