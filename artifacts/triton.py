@@ -482,8 +482,9 @@ tritonserver --model-repository $PWD
 
 The python backend's stub runs `{name}/1/model.py` in the Python environment whose `python3` comes first on `PATH`
 (or the one packed in `EXECUTION_ENV_PATH`). That environment needs `numpy`, `onnxruntime`, `tokenizers` and
-`jinja2` (and `tensorrt` or `tensorrt_rtx` + `torch` to run an engine), with the numpy major version the stub was built against (numpy<2 for Triton 2.51; model.py checks at load
-time and refuses to load on a mismatch, saying why). The runtime's own code does not come from that environment:
+`jinja2` (and `tensorrt` or `tensorrt_rtx` + `torch` to run an engine), with the numpy major version the stub was
+built against (numpy<2 for Triton 2.51; model.py checks at load time and refuses to load on a mismatch, saying
+why). The runtime's own code does not come from that environment:
 model.py puts `1/runtime/` (a copy of the `runtime_py` sources this repository was written with) first on `sys.path`.
 
 With the `tritonserver` bundled in `nvidia-pytriton` (CPU only, python backend only, so `{name}_graph` is not loaded

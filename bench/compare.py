@@ -1,4 +1,5 @@
-"""`python -m bench.compare`: our build + runtime against HF transformers (eager) and onnxruntime-genai on ONE checkpoint.
+"""`python -m bench.compare`: our build + runtime against HF transformers (eager) and onnxruntime-genai on ONE
+checkpoint.
 
 What it does, with the same prompt ids (seeded random, ``--prompt-len`` of them) and exactly ``--new-tokens``
 greedy tokens for every peer:

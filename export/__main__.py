@@ -121,7 +121,8 @@ def _inspect(args) -> int:
 
     report = inspect_artifact(args.artifact)
     for name, g in report["graphs"].items():
-        print(f"graph {name}: {g['file']}  lowering={g['lowering']}  nodes={sum(g['ops'].values())}")
+        print(f"graph {name}: {g['file']}  lowering={g['lowering']}  logits={g['logits']}  "
+              f"nodes={sum(g['ops'].values())}")
         for op, n in sorted(g["ops"].items(), key=lambda kv: -kv[1]):
             print(f"  {n:6d}  {op}")
         f = g["fusion"]

@@ -115,7 +115,8 @@ class Checkpoint:
                         sl = f.get_slice(name)
                         dtype = _DTYPES.get(sl.get_dtype())
                         if dtype is None:
-                            raise CheckpointError(f"{file.name}: tensor '{name}' has unsupported dtype {sl.get_dtype()}")
+                            raise CheckpointError(
+                                f"{file.name}: tensor '{name}' has unsupported dtype {sl.get_dtype()}")
                         if name in self.tensors:
                             raise CheckpointError(
                                 f"tensor '{name}' is stored twice, in {self.tensors[name].file.name} and {file.name}")

@@ -1,13 +1,13 @@
 """TensorRT engine build from an exported ONNX graph, with full TensorRT or TensorRT-RTX.
 
 What it does: imports ``tensorrt`` or ``tensorrt_rtx_bindings`` lazily (a clear :class:`EngineError` names the
-packages when neither is installed), parses the graph (external data next to it), marks TensorRT's attention
-layers decomposable (so shapes without a dedicated fused kernel, e.g. fp32 or tiny head sizes, still build),
-builds a strongly typed engine (precision comes from the graph's dtypes) with two optimization profiles (prefill:
-sequence 1..max_seq_len; decode: sequence 1) over batch 1..max_batch and cache length 1..max_seq_len, saves the
-timing cache beside it (full TensorRT; TensorRT-RTX has none), and returns the facts the manifest records: flavour and version, compute-capability
-targets, profiles, and the network's I/O as TensorRT sees it. TensorRT-RTX builds ahead of time on a machine with
-no GPU (it targets RTX GPUs: SM 80/86/89/120, plus 75 for fp16); running an engine needs a GPU.
+packages when neither is installed), parses the graph (external data next to it), marks TensorRT's attention layers
+decomposable (so shapes without a dedicated fused kernel, e.g. fp32 or tiny head sizes, still build), builds a
+strongly typed engine (precision comes from the graph's dtypes) with two optimization profiles (prefill: sequence
+1..max_seq_len; decode: sequence 1) over batch 1..max_batch and cache length 1..max_seq_len, saves the timing cache
+beside it (full TensorRT; TensorRT-RTX has none), and returns the facts the manifest records: flavour and version,
+compute-capability targets, profiles, and the network's I/O as TensorRT sees it. TensorRT-RTX builds ahead of time on
+a machine with no GPU (it targets RTX GPUs: SM 80/86/89/120, plus 75 for fp16); running an engine needs a GPU.
 
 What it does not do: run engines (runtime_py) or register plugins (plugins/); the trt-plugin lowering needs full
 TensorRT with our plugins registered.

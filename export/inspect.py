@@ -28,6 +28,7 @@ def inspect_artifact(path: str | Path) -> dict:
         for node in model.graph.node:
             key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
             ops[key] = ops.get(key, 0) + 1
-        out["graphs"][name] = {"file": g["file"], "lowering": g.get("lowering"), "ops": ops,
+        out["graphs"][name] = {"file": g["file"], "lowering": g.get("lowering"),
+                               "logits": g.get("logits", "all"), "ops": ops,
                                "fusion": g.get("fusion", {})}
     return out

@@ -12,7 +12,8 @@ inputs ``input_ids [batch, sequence] int64``, ``position_ids [batch, sequence] i
 past_sequence | max_cache_len, head_dim]``; outputs ``logits float32`` and ``present.{i}.key|value``.
 ``logits`` is ``[batch, 1, vocab]`` (the last position of each call; the default, ``--logits last``: the runtime
 only samples from it, and a 128-token prefill skips 127/128 of the LM head) or ``[batch, sequence, vocab]``
-(``--logits all``, for scoring every position). Static mode has no attention_mask: position_ids are also the cache slots.
+(``--logits all``, for scoring every position). Static mode has no attention_mask: position_ids are also the
+cache slots.
 
 What it does not do: fuse anything (graphs/ passes do) or write the artifact directory (build.py does).
 """

@@ -2,11 +2,11 @@
 
 What it does: ``ensure_tiny("tiny-qwen2")`` writes (once, atomically) a complete Hugging Face style checkpoint
 directory under ``~/.cache/llm-export/tiny/`` (or ``$LLM_EXPORT_CACHE``): ``config.json`` in the transformers v4
-layout real checkpoints use, ``model.safetensors`` with seeded weights briefly trained on a built-in paragraph, a byte-level BPE
-``tokenizer.json`` trained on a built-in paragraph with the ``tokenizers`` library, ``tokenizer_config.json`` with
-a ChatML chat template, and ``generation_config.json``. README's first command and the tests use these so nothing
-is ever downloaded. :func:`write_tokenizer` is shared with the tests, which build their checkpoints through
-transformers' ``save_pretrained``.
+layout real checkpoints use, ``model.safetensors`` with seeded weights briefly trained on a built-in paragraph, a
+byte-level BPE ``tokenizer.json`` trained on a built-in paragraph with the ``tokenizers`` library,
+``tokenizer_config.json`` with a ChatML chat template, and ``generation_config.json``. README's first command and the
+tests use these so nothing is ever downloaded. :func:`write_tokenizer` is shared with the tests, which build their
+checkpoints through transformers' ``save_pretrained``.
 
 The weights start random and get a few seconds of training on the built-in paragraph, so the demo continues a
 prompt with words from it. What it does not do: be a useful language model.

@@ -478,6 +478,12 @@ def register_trt_plugin() -> str:
       launches exactly one kernel per AOT plugin, hence the fused form; float attributes are compiled in.
     * ``impl``: a JIT fallback that runs :func:`triton_forward` in place on TensorRT's stream (needs torch).
 
+    TensorRT-RTX is no substitute (checked with 1.7.1.116 on the CPU, 2026-11-23): its bindings have the IPluginV3
+    classes and its ONNX parser finds a registered Python ``IPluginCreatorV3One`` and calls ``create_plugin``, but
+    the process then aborts ("terminate called without an active exception") inside the parser before any plugin
+    method is called (every method traced), and the wheel ships no C++ headers for a compiled plugin. So CI cannot
+    build the ``trt-plugin`` lowering; it builds ``trt-native``.
+
     Open questions only a TensorRT run can settle: how the ONNX parser maps the node's empty optional inputs
     (the ``trt-plugin`` lowering must pass :data:`TRT_INPUTS`, norm weights included), INT64 position_ids in a
     plugin, and launching a kernel whose PTX carries Triton's two trailing scratch pointers (unused: checked).

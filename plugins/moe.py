@@ -266,12 +266,12 @@ def triton_forward(hidden, router_weight, gate_up, down, *, num_experts: int, to
 def register_trt_plugin() -> str:
     """Register ``llm_export::LlmExportMoE`` with TensorRT's Python plugin API; returns the plugin id.
 
-    UNTESTED HERE: full TensorRT (>= 10.9, module ``tensorrt.plugin``) cannot be installed on the development
-    and CI machines, and the GPU test machine has none either (DESIGN.md section 5). The kernels it runs are tested
-    (CPU interpreter in the tests, CUDA in ``python -m bench.gpu_suite``). ``register`` (output like hidden), ``autotune`` (fp16/bf16/fp32; the router weight in
-    that dtype) and a JIT ``impl`` that runs :func:`triton_forward` on TensorRT's stream. No ``aot_impl``: TensorRT
-    embeds one kernel per AOT plugin and this node needs routing, sorting and two grouped GEMMs, so an engine using
-    it needs Python (and torch) at run time.
+    UNTESTED HERE: full TensorRT (>= 10.9, module ``tensorrt.plugin``) cannot be installed on the development and CI
+    machines, and the GPU test machine has none either (DESIGN.md section 5). The kernels it runs are tested (CPU
+    interpreter in the tests, CUDA in ``python -m bench.gpu_suite``). ``register`` (output like hidden), ``autotune``
+    (fp16/bf16/fp32; the router weight in that dtype) and a JIT ``impl`` that runs :func:`triton_forward` on
+    TensorRT's stream. No ``aot_impl``: TensorRT embeds one kernel per AOT plugin and this node needs routing, sorting
+    and two grouped GEMMs, so an engine using it needs Python (and torch) at run time.
     """
     try:
         import tensorrt.plugin as trtp

@@ -152,8 +152,8 @@ def _prepare_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
-                documents: list[dict] | None = None, **template_vars) -> str:
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None, documents: list[dict] | None = None, **template_vars) -> str:
     """The prompt text for `messages`. `template_vars` are the special tokens from load_chat_template (bos_token,
     eos_token, ...) plus anything else the template reads (e.g. enable_thinking=False)."""
     if not isinstance(template, str) or not template:

@@ -55,7 +55,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if (not _is_real(self.repetition_penalty) or not math.isfinite(self.repetition_penalty)
                 or self.repetition_penalty <= 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+            raise ValueError("repetition_penalty must be a finite number > 0 (1 = off), "
+                             f"got {self.repetition_penalty!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be None or an int >= 0, got {self.seed!r}")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:

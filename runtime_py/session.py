@@ -6,8 +6,8 @@ the graph through I/O binding. In static-buffer mode the KV cache is preallocate
 memory as ``past_key_values.*`` and updated in place, and every call of one shape reuses one prepared binding (the
 token ids and positions are copied into arrays it points at; the logits land in a preallocated array), so a decode
 step costs one ``run_with_iobinding`` and no rebinding; with the reference graph each call reads one set and
-writes a second, then they swap (no allocation, no growing copies). In concat mode the presents ORT allocates are fed back as
-OrtValues without a round trip through numpy.
+writes a second, then they swap (no allocation, no growing copies). In concat mode the presents ORT allocates are
+fed back as OrtValues without a round trip through numpy.
 
 What it does not do: sampling, tokenizing or batching policy (generate.py does), or TensorRT.
 """

@@ -162,3 +162,4 @@ def test_inspect_cli(artifacts, capsys):
     ops = report["graphs"]["decoder"]["ops"]
     assert ops["com.microsoft.GroupQueryAttention"] == 4 and ops["com.microsoft.MoE"] == 1
     assert report["graphs"]["decoder"]["fusion"]["attention_fused"] == 4
+    assert report["graphs"]["decoder"]["logits"] == "last"  # the build default
