@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--prompt-ids", type=_ids, default=None, help="comma-separated token ids (default: 8 fixed ids)")
     v.add_argument("--steps", type=_positive, default=8, help="greedy decode steps after the prefill")
     v.add_argument("--kv-mode", choices=["concat", "static"], default="concat")
-    v.add_argument("--json", action="store_true", help="print one JSON object last")
+    v.add_argument("--json", action="store_true", help="print only one JSON object")
 
     b = sub.add_parser("build", help="export a checkpoint to a deployable artifact directory")
     b.add_argument("--model", required=True, help="checkpoint dir, preset name, HF repo id (cached) or tiny-*")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     i = sub.add_parser("inspect", help="op histogram and fusion counts of an artifact's graphs")
     i.add_argument("artifact")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print only one JSON object")
 
     args = parser.parse_args(argv)
     from artifacts.bundle import ArtifactError
@@ -120,6 +120,9 @@ def _inspect(args) -> int:
     from export.inspect import inspect_artifact
 
     report = inspect_artifact(args.artifact)
+    if args.json:
+        print(json.dumps(report))
+        return 0
     for name, g in report["graphs"].items():
         print(f"graph {name}: {g['file']}  lowering={g['lowering']}  logits={g['logits']}  "
               f"nodes={sum(g['ops'].values())}")
@@ -130,8 +133,6 @@ def _inspect(args) -> int:
               f"MoE {f.get('moe_fused', 0)}/{report['sparse_layers']}")
         for line in f.get("skipped", []):
             print(f"  unfused: {line}")
-    if args.json:
-        print(json.dumps(report))
     return 0
 
 
@@ -139,7 +140,11 @@ def _verify(args) -> int:
     from export.verify import verify
 
     r = verify(args.model, args.prompt_ids, args.steps, args.kv_mode)
-    if r["hf"] is None:
+    if args.json:
+        if r["hf"] is None:
+            print(r["note"], file=sys.stderr)
+        print(json.dumps(r))
+    elif r["hf"] is None:
         print(r["note"], file=sys.stderr)
         print(f"ours: tokens {r['ours']['tokens']}")
     else:
@@ -147,8 +152,6 @@ def _verify(args) -> int:
         print(f"max |logit diff|      {r['max_logit_diff']:.3e}")
         print(f"greedy tokens match   {r['greedy_match']} ({r['agreeing_tokens']}/{len(r['ours']['tokens'])})")
         print(f"max |logprob diff|    {r['max_logprob_diff']:.3e}")
-    if args.json:
-        print(json.dumps(r))
     return 0 if r["hf"] is None or r["greedy_match"] else 1
 
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     _sampling_args(g)
     g.add_argument("--logprobs", action="store_true", help="include chosen-token log-probs in --json output")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
-    g.add_argument("--json", action="store_true", help="print one JSON object last")
+    g.add_argument("--json", action="store_true", help="print only one JSON object (tokens, text, timings)")
 
     b = sub.add_parser("bench", help="time prefill and decode")
     b.add_argument("artifact")
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print only one JSON object")
 
     c = sub.add_parser("chat", help="interactive chat (streams)")
     c.add_argument("artifact")
@@ -87,6 +87,8 @@ def _generate(args) -> int:
     from runtime_py.generate import Generator
 
     params = _params(args)
+    if args.stream and args.json:
+        raise ValueError("--stream and --json: choose one (--json prints a single object once generation ends)")
     gen = Generator(args.artifact, threads=args.threads)
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
@@ -99,10 +101,11 @@ def _generate(args) -> int:
         for delta in gen.stream(prompt, params):
             print(delta, end="", flush=True)
         print()
-    result = gen.generate([prompt], params) if not args.stream or args.json else None
-    if result is not None and not args.stream:
+        return 0
+    result = gen.generate([prompt], params)
+    if not args.json:
         print(result.texts[0] if gen.tokenizer else result.tokens[0])
-    if args.json:
+    else:
         row = result.rows[0]
         out = {"tokens": row.tokens, "text": row.text, "ttft_s": result.ttft_s, "decode_tok_s": result.decode_tok_s,
                "finish_reason": row.finish_reason}
@@ -116,10 +119,11 @@ def _bench(args) -> int:
     from runtime_py.bench import bench
 
     r = bench(args.artifact, args.prompt_len, args.new_tokens, args.batch, threads=args.threads)
-    print(f"ttft {r['ttft_s'] * 1000:.1f} ms   decode {r['decode_tok_s']:.1f} tok/s   "
-          f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
     if args.json:
         print(json.dumps(r))
+    else:
+        print(f"ttft {r['ttft_s'] * 1000:.1f} ms   decode {r['decode_tok_s']:.1f} tok/s   "
+              f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
     return 0
 
 

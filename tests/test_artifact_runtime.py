@@ -152,12 +152,15 @@ def test_cli_generate_json(artifacts, capsys):
     path = artifacts("qwen2_window")
     assert main(["generate", str(path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "5",
                  "--ignore-eos", "--logprobs", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = json.loads(capsys.readouterr().out)  # stdout is exactly one JSON object
     assert len(out["tokens"]) == 5 == len(out["logprobs"]) and out["ttft_s"] > 0 and out["decode_tok_s"] > 0
     assert isinstance(out["text"], str)
     assert main(["generate", str(path), "--chat", "hello there", "--max-new-tokens", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 3
+    assert main(["generate", str(path), "--prompt", "hi", "--stream", "--json"]) == 2
+    assert "choose one" in capsys.readouterr().err
     assert main(["bench", str(path), "--prompt-len", "8", "--new-tokens", "4", "--json"]) == 0
-    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    r = json.loads(capsys.readouterr().out)
     assert r["peak_rss_bytes"] > 0 and r["decode_tok_s"] > 0
 
 

@@ -158,7 +158,7 @@ def test_inspect_cli(artifacts, capsys):
 
     path = artifacts("qwen3_moe_mixed")
     assert main(["inspect", str(path), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads(capsys.readouterr().out)  # stdout is exactly one JSON object
     ops = report["graphs"]["decoder"]["ops"]
     assert ops["com.microsoft.GroupQueryAttention"] == 4 and ops["com.microsoft.MoE"] == 1
     assert report["graphs"]["decoder"]["fusion"]["attention_fused"] == 4

@@ -88,8 +88,7 @@ def test_verify_cli_json(checkpoints, capsys):
 
     rc = main(["verify", "--model", str(checkpoints("gemma2")), "--steps", "4", "--json",
                "--prompt-ids", ",".join(map(str, PROMPT))])
-    out = capsys.readouterr().out.strip().splitlines()
-    r = json.loads(out[-1])
+    r = json.loads(capsys.readouterr().out)  # stdout is exactly one JSON object
     assert rc == 0
     assert r["greedy_match"] and r["max_logit_diff"] < 1e-4 and r["max_logprob_diff"] < 1e-4
     assert len(r["ours"]["tokens"]) == 5 == len(r["hf"]["logprobs"])
