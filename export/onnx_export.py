@@ -1,8 +1,9 @@
 """Export the decoder to one ONNX graph (prefill + decode) with explicit KV inputs/outputs, weights streamed.
 
 What it does: builds the ``Decoder`` with its parameters on the *meta* device (no weight memory), exports it with
-``torch.onnx.export(dynamo=True)`` using meta example inputs, then points every initializer at a lazy loader
-that reads its source tensors from the safetensors files only when the graph is written. Linear weights are
+``torch.onnx.export(dynamo=True)`` using meta example inputs (only the first few layers: the rest are copies of the
+traced ones, export/replicate.py, since tracing costs about a second a layer), then points every initializer at a lazy
+loader that reads its source tensors from the safetensors files only when the graph is written. Linear weights are
 stored pre-transposed (``[in, out]``) so no Transpose runs at inference. ``onnx_ir.save`` writes the external-data
 file tensor by tensor, so the model is never held in memory, let alone twice.
 
@@ -78,8 +79,16 @@ class _ExportWrapper(torch.nn.Module):
         return self.decoder(input_ids, position_ids, None, *rest)
 
 
-def trace_graph(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str = "last"):
-    """The exported graph (an onnx_ir Model) whose initializers still hold meta tensors."""
+def trace_graph(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str = "last", copy_layers: bool = True):
+    """The exported graph (an onnx_ir Model) whose initializers still hold meta tensors. With `copy_layers`, only
+    the first few layers are traced and the rest are copies of them (export/replicate.py)."""
+    import dataclasses
+
+    from export.replicate import replicate, traced_layers
+
+    full = spec
+    traced = traced_layers(spec) if copy_layers else spec.num_layers
+    spec = dataclasses.replace(spec, layers=spec.layers[:traced])
     decoder = Decoder(spec, kv_mode, dtype, logits)
     if spec.tie_embeddings:
         decoder.lm_head.weight = decoder.embed.weight
@@ -104,6 +113,7 @@ def trace_graph(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str =
             _ExportWrapper(decoder), tuple(args), dynamo=True, optimize=False, verbose=False,
             dynamic_shapes=(shapes[0], shapes[1], tuple(shapes[2:])), input_names=ins, output_names=outs,
         )
+    replicate(program.model, full, traced)
     return program.model
 
 
