@@ -79,15 +79,15 @@ class _ExportWrapper(torch.nn.Module):
         return self.decoder(input_ids, position_ids, None, *rest)
 
 
-def trace_graph(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str = "last", copy_layers: bool = True):
-    """The exported graph (an onnx_ir Model) whose initializers still hold meta tensors. With `copy_layers`, only
-    the first few layers are traced and the rest are copies of them (export/replicate.py)."""
+def trace_graph(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str = "last"):
+    """The exported graph (an onnx_ir Model) whose initializers still hold meta tensors. Only the first few layers
+    are traced; the rest are copies of them (export/replicate.py)."""
     import dataclasses
 
     from export.replicate import replicate, traced_layers
 
     full = spec
-    traced = traced_layers(spec) if copy_layers else spec.num_layers
+    traced = traced_layers(spec)
     spec = dataclasses.replace(spec, layers=spec.layers[:traced])
     decoder = Decoder(spec, kv_mode, dtype, logits)
     if spec.tie_embeddings:
