@@ -159,8 +159,7 @@ class Generator:
             if static and len(set(lens)) > 1:
                 # Right-padded rows end at different indices: prefill all but the last index (pads write slots
                 # past their prompt, overwritten later), then every row's last prompt token in one S=1 call.
-                self.session.forward(np.ascontiguousarray(ids[:, :S - 1]), np.ascontiguousarray(pos[:, :S - 1]),
-                                     None, cache)
+                self.session.forward(ids[:, :S - 1], pos[:, :S - 1], None, cache)
                 ids = np.array([[p[-1]] for p in prompts], dtype=np.int64)
                 pos = last.reshape(B, 1)
             last = np.zeros(B, dtype=np.int64)

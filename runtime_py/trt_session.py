@@ -114,8 +114,9 @@ class TrtSession:
         torch = self.torch
         B, S = input_ids.shape
         ctx = self.contexts["decode" if S == 1 else "prefill"]
-        ids = torch.as_tensor(input_ids, dtype=torch.int64, device="cuda")
-        pos = torch.as_tensor(position_ids, dtype=torch.int64, device="cuda")
+        # TensorRT binds raw pointers: dense copies, whatever views the caller passes
+        ids = torch.as_tensor(np.ascontiguousarray(input_ids), dtype=torch.int64, device="cuda")
+        pos = torch.as_tensor(np.ascontiguousarray(position_ids), dtype=torch.int64, device="cuda")
         logits = torch.empty((B, 1 if self.last_logits else S, self.vocab_size), dtype=torch.float32, device="cuda")
         bindings = {"input_ids": ids, "position_ids": pos, "logits": logits}
         bindings.update(zip(self.kv_in, cache.values))
