@@ -1,9 +1,15 @@
 """The artifact directory format: ``manifest.json`` plus files, written atomically, verified on open.
 
 What it does: :func:`staging_dir` yields a hidden temporary directory next to the destination and renames it into
-place only when the body finished (anything raised, Ctrl-C included, removes it: no half-written artifact).
-:func:`write_manifest` records the spec, graph I/O, KV mode, precision, library versions and the sha256 of every
-file; :func:`open_artifact` checks the format version and every checksum and returns the manifest.
+place only when the body finished (anything raised, Ctrl-C and SIGTERM included, removes it: no half-written
+artifact). It only ever replaces a destination that holds one of ours (``owned``: by default our manifest.json),
+refuses a destination equal to, inside or containing a directory it must not touch (the checkpoint, the input
+artifact), holds a sibling lock file (``fcntl``) for the whole write so two writers of one destination cannot both
+win, renames without replacing anything that appeared meanwhile (``renameat2`` NOREPLACE / EXCHANGE), and removes
+stale staging directories of writers that died (SIGKILL). :func:`write_manifest` records the spec, graph I/O, KV
+mode, precision, library versions and the sha256 of every file; :func:`open_artifact` checks the format version,
+that every path the manifest names is a plain relative name inside the artifact (no absolute path, ``..`` or
+symlink), and every checksum, and returns the manifest.
 
 What it does not do: build graphs (export/) or run them (runtime_py/). It imports neither.
 """
@@ -11,12 +17,18 @@ What it does not do: build graphs (export/) or run them (runtime_py/). It import
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from artifacts.paths import UnsafePathError, check_name, inside
 
 FORMAT = "llm-export-artifact"
 FORMAT_VERSION = 1
@@ -35,26 +47,165 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def staging_dir(dest: Path, overwrite: bool = False):
-    """Yield a temp dir beside `dest`; on success replace `dest` with it, on any failure delete it."""
-    dest = Path(dest).resolve()
-    if dest.exists() and not overwrite:
-        raise ArtifactError(f"{dest} already exists (pass --overwrite to replace it)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+def is_artifact(path: Path) -> bool:
+    """True when `path` is a directory holding one of our manifests (the only kind of directory a build replaces)."""
     try:
-        yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+# -- atomic renames -----------------------------------------------------------------------------------------------
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """rename(2) with flags; False when the kernel or libc lacks renameat2 (the caller falls back)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _rename_new(src: Path, dst: Path) -> None:
+    """Rename src to dst, failing with FileExistsError if dst exists (also when it appeared a moment ago)."""
+    try:
+        if _renameat2(src, dst, _RENAME_NOREPLACE):
+            return
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise FileExistsError(str(dst)) from None
         raise
+    if os.path.lexists(dst):  # fallback: only writers holding our lock race here, and we hold it
+        raise FileExistsError(str(dst))
+    os.rename(src, dst)
+
+
+def _swap(new: Path, old: Path) -> None:
+    """Put `new` at `old`'s path and `old`'s contents at `new`'s path, atomically where the kernel can."""
+    if _renameat2(new, old, _RENAME_EXCHANGE):
+        return
+    aside = old.with_name(f"{old.name}.swap-{os.getpid()}")
+    os.rename(old, aside)
+    os.rename(new, old)
+    os.rename(aside, new)
+
+
+# -- locking and stale staging directories -----------------------------------------------------------------------
+def _lock_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.lock")
+
+
+@contextlib.contextmanager
+def _locked(dest: Path):
+    """Hold an exclusive fcntl lock on a sibling lock file of `dest`; refuse at once if another writer holds it."""
+    path = _lock_path(dest)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise ArtifactError(f"{dest}: another process (pid {holder or '?'}) is writing it right now; wait for it "
+                                f"to finish or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the previous holder removed the file we opened: lock the new one
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(dest: Path) -> list[Path]:
+    """Staging directories of `dest` whose writer is gone (we hold the lock, and its pid is dead): removed."""
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.partial-(\d+)-[A-Za-z0-9_]+$")
+    removed = []
+    for entry in dest.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and entry.is_dir() and not entry.is_symlink() and not _alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def staging_dir(dest: Path, overwrite: bool = False, owned=is_artifact, protect=(), what: str = "--out"):
+    """Yield a temp dir beside `dest`; on success put it at `dest`, on any failure delete it.
+
+    `dest` may be replaced (with `overwrite`) only when ``owned(dest)`` says it is one of ours; `protect` lists
+    paths `dest` must not equal, lie inside or contain (e.g. the checkpoint being read)."""
+    given = Path(dest).expanduser()
+    if given.is_symlink():
+        raise ArtifactError(f"{what} {given} is a symlink; give the real directory (links are not followed)")
+    dest = given.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if _overlaps(dest, p):
+            rel = "is" if dest == p else ("is inside" if p in dest.parents else "contains")
+            raise ArtifactError(f"{what} {dest} {rel} {p}, which this command reads; choose an --out elsewhere")
+
+    def check_existing():
+        if not os.path.lexists(dest):
+            return
+        if not overwrite:
+            raise ArtifactError(f"{dest} already exists (pass --overwrite to replace an artifact of ours)")
+        if dest.is_symlink() or not dest.is_dir() or not owned(dest):
+            kind = "a file" if dest.is_file() else "a directory"
+            raise ArtifactError(f"{what} {dest} exists and is {kind} this tool did not write (no {MANIFEST} of "
+                                "ours); refusing to replace it, with or without --overwrite. Choose another --out "
+                                "or remove it yourself")
+
+    check_existing()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(dest):
+        _remove_stale(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=dest.parent))
+        try:
+            yield tmp
+            check_existing()  # again: the destination may have changed while we wrote
+            if overwrite and os.path.lexists(dest):
+                _swap(tmp, dest)  # tmp now holds the old artifact
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                try:
+                    _rename_new(tmp, dest)
+                except FileExistsError:
+                    raise ArtifactError(f"{dest} appeared while this command was writing it (another process); "
+                                        "nothing was replaced (pass --overwrite to replace an artifact of ours)")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def write_manifest(root: Path, manifest: dict) -> dict:
@@ -68,33 +219,69 @@ def write_manifest(root: Path, manifest: dict) -> dict:
     return manifest
 
 
+def _named_paths(manifest: dict) -> list[tuple[str, object]]:
+    """(where, name) of every path the manifest names: its files, each graph's file, the engine's file."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{MANIFEST}: 'files' must be an object of file name -> {{sha256, bytes}}")
+    named = [("files", rel) for rel in files]
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, dict) or not graphs or not all(isinstance(g, dict) for g in graphs.values()):
+        raise ArtifactError(f"{MANIFEST}: 'graphs' must be an object of graph name -> {{file, ...}}")
+    named += [(f"graphs.{name}.file", g.get("file")) for name, g in graphs.items()]
+    engine = manifest.get("engine")
+    if engine is not None:
+        named.append(("engine.file", engine.get("file") if isinstance(engine, dict) else engine))
+    return named
+
+
+def _check_paths(root: Path, manifest: dict) -> None:
+    """Every path named is a plain relative name, reached without a symlink, and listed (so checksummed)."""
+    files = manifest.get("files")
+    for where, rel in _named_paths(manifest):
+        try:
+            inside(root, rel, f"{MANIFEST} {where}")
+        except UnsafePathError as e:
+            raise ArtifactError(f"{root}: {e}") from None
+        if where != "files" and rel not in files:
+            raise ArtifactError(f"{root}: {MANIFEST} {where} '{rel}' is not among the checksummed files")
+        info = files.get(rel) if where == "files" else {}
+        if where == "files" and not (isinstance(info, dict) and isinstance(info.get("sha256"), str)
+                                     and isinstance(info.get("bytes"), int)):
+            raise ArtifactError(f"{root}: {MANIFEST} files['{rel}'] must be {{\"sha256\": str, \"bytes\": int}}")
+
+
 def read_manifest(root: Path) -> dict:
+    """The manifest of `root`, its format version and every path it names checked (not the checksums)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
         raise ArtifactError(f"{root}: artifact directory does not exist")
+    if path.is_symlink():
+        raise ArtifactError(f"{root}: {MANIFEST} is a symlink; not following it")
     if not path.exists():
         raise ArtifactError(f"{root}: no {MANIFEST}; not an artifact (or an interrupted build)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not an {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format version {manifest.get('format_version')} is not supported by this "
                             f"runtime (supports {FORMAT_VERSION}); rebuild the artifact")
+    _check_paths(root, manifest)
     return manifest
 
 
 def open_artifact(root: Path, verify: bool = True) -> dict:
-    """Read the manifest and (by default) check that every listed file exists with its recorded sha256."""
+    """Read the manifest (paths checked) and by default check that every listed file has its recorded sha256."""
     root = Path(root)
     manifest = read_manifest(root)
     if verify:
         for rel, info in manifest["files"].items():
             path = root / rel
-            if not path.exists():
+            if not path.is_file():
                 raise ArtifactError(f"{root}: file '{rel}' listed in the manifest is missing")
             if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
                 raise ArtifactError(f"{root}: file '{rel}' does not match its sha256 in the manifest "

@@ -16,8 +16,8 @@ greedy tokens for every peer:
    best is used) and reports the decode floor: weight bytes read per token / bandwidth, and each peer's decode
    speed as a fraction of the speed that floor allows;
 5. prints a table and the ratios vs ours, writes ``results.json`` and ``results.png`` (matplotlib, Agg) into
-   ``--out`` (default ``~/.cache/llm-export/bench/<timestamp>``). Built models are deleted at the end unless
-   ``--keep-artifacts``.
+   ``--out`` (default ``~/.cache/llm-export/bench/<timestamp>``; a given ``--out`` must be new or empty, since
+   built models are deleted from it at the end unless ``--keep-artifacts``).
 
 What it does not do: check output quality (with random weights the greedy tokens are only compared for
 agreement, as a sanity check), or run on a GPU.
@@ -250,6 +250,17 @@ def default_out() -> Path:
     from export.tiny import cache_root
 
     return cache_root() / "bench" / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def out_problem(out: Path) -> str | None:
+    """Why `out` cannot hold a benchmark run, or None. The run writes logs/, models/ (deleted at the end) and
+    results.*, so it must be new or empty: an existing directory of the user's must never lose a models/ folder."""
+    if out.is_symlink():
+        return "is a symlink; give the real directory"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return "exists and is not an empty directory; the benchmark writes (and later deletes) files there: choose a " \
+               "new directory"
+    return None
 
 
 def checkpoint_bytes(model_dir: Path) -> int:
@@ -541,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.prompt_len < 1 or args.new_tokens < 2 or args.runs < 1:
         p.error("--prompt-len >= 1, --new-tokens >= 2 and --runs >= 1 are required")
+    if args.out is not None:
+        problem = out_problem(Path(args.out).expanduser())
+        if problem:
+            print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+            return 2
 
     res = run_benchmark(args)
     out = Path(res["out"])

@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from export.options import MAX_BATCH, MAX_VERIFY_STEPS, int_in
+
 
 def _ids(text: str) -> list[int]:
     try:
@@ -15,14 +17,14 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+def terminate_like_interrupt() -> None:
+    """SIGTERM (kill, systemd, a CI timeout) unwinds like Ctrl-C: staging directories are removed on the way out."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="compare our decoder with HF transformers on one prompt")
     v.add_argument("--model", required=True, help="checkpoint dir, preset name, HF repo id (cached) or tiny-*")
     v.add_argument("--prompt-ids", type=_ids, default=None, help="comma-separated token ids (default: 8 fixed ids)")
-    v.add_argument("--steps", type=_positive, default=8, help="greedy decode steps after the prefill")
+    v.add_argument("--steps", type=int_in(0, MAX_VERIFY_STEPS), default=8, help="greedy decode steps after the prefill")
     v.add_argument("--kv-mode", choices=["concat", "static"], default="concat")
     v.add_argument("--json", action="store_true", help="print only one JSON object")
 
@@ -44,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--kv-mode", choices=["static", "concat"], default="static",
                    help="static: fixed-length KV buffer updated in place (fast); concat: present = past + new")
     b.add_argument("--out", default=None, help="artifact directory (default: ~/.cache/llm-export/artifacts/...)")
-    b.add_argument("--max-seq-len", type=_positive, default=None, help="context length (default: the model's)")
-    b.add_argument("--max-batch", type=_positive, default=8)
+    b.add_argument("--max-seq-len", type=int_in(2), default=None,
+                   help="context length, 2 .. the model's max_position_embeddings (default: the model's)")
+    b.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=8,
+                   help=f"sequences one call runs at once (static KV slots), 1..{MAX_BATCH}")
     b.add_argument("--lowering", choices=["reference", "ort", "trt-plugin", "trt-native"], default=None,
                    help="graph lowering (default: ort for --kv-mode static, reference for concat)")
     b.add_argument("--logits", choices=["last", "all"], default="last",
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--json", action="store_true", help="print only one JSON object")
 
     args = parser.parse_args(argv)
+    terminate_like_interrupt()
     from artifacts.bundle import ArtifactError
     from export.checkpoint import CheckpointError
     from export.engine import EngineError

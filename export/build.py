@@ -1,11 +1,14 @@
 """`python -m export build`: checkpoint -> artifact directory (ONNX graph + tokenizer + manifest).
 
-What it does: resolves the model, checks every tensor against config.json, exports the graph with weights
-streamed from safetensors (export/onnx_export.py), copies the tokenizer and generation config, runs
-``onnx.checker`` on the written graph (with its external data), writes ``manifest.json`` with sha256 of every file,
-and renames the staging directory into place only when everything above succeeded.
+What it does: checks the flags, resolves the model, checks every tensor against config.json and the tokenizer files
+(each a regular file inside the checkpoint, tokenizer.json parsing, chat templates rendering within bounds) before
+any work, exports the graph with weights streamed from safetensors (export/onnx_export.py), copies the tokenizer
+and generation config, runs ``onnx.checker`` on the written graph (with its external data), writes
+``manifest.json`` with sha256 of every file, and renames the staging directory into place only when everything
+above succeeded (artifacts/bundle.py ``staging_dir``: it replaces only an artifact of ours, never the checkpoint).
 
-What it does not do: fuse or lower the graph (graphs/, a later stage) or build TensorRT engines.
+What it does not do: the fusion and lowering passes themselves (graphs/, called by export_onnx) or the TensorRT
+build itself (export/engine.py, called here for `--backend tensorrt`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 
 from artifacts.bundle import staging_dir, write_manifest
-from export.checkpoint import Checkpoint, resolve_model
+from export.options import MAX_BATCH
+from export.checkpoint import Checkpoint, CheckpointError, allowed_roots, checkpoint_file, resolve_model
 from export.model import LOGITS
 from export.onnx_export import DTYPES, export_onnx, io_description, weight_bytes
 from export.spec import load_spec
@@ -65,23 +69,32 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
     if precision == "bf16" and backend == "onnxruntime":
         raise ValueError("--precision bf16: ONNX Runtime has no bf16 kernels on the CPU; use fp32/fp16 here, or "
                          "--backend tensorrt for a bf16 engine")
+    if logits not in LOGITS:
+        raise ValueError(f"--logits {logits}: choose from {LOGITS}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+        raise ValueError(f"--max-batch {max_batch}: must be in [1, {MAX_BATCH}]")
     model_dir = resolve_model(model)
     spec = load_spec(model_dir)
     ckpt = Checkpoint(model_dir)
     plan = weight_plan(spec)
     warn_unexpected(check_checkpoint(spec, ckpt, plan))
-    max_seq_len = max_seq_len or spec.max_position_embeddings
-    if not 2 <= max_seq_len <= spec.max_position_embeddings:
+    if max_seq_len is None:
+        max_seq_len = spec.max_position_embeddings
+    elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or \
+            not 2 <= max_seq_len <= spec.max_position_embeddings:
         raise ValueError(f"--max-seq-len {max_seq_len}: must be in [2, {spec.max_position_embeddings}] "
                          "(the model's max_position_embeddings)")
-    if logits not in LOGITS:
-        raise ValueError(f"--logits {logits}: choose from {LOGITS}")
-    if max_batch < 1:
-        raise ValueError(f"--max-batch {max_batch}: must be >= 1")
+    tokenizer_files = _tokenizer_files(model_dir)
+    if precision == "fp16" and backend == "onnxruntime":
+        from runtime_py.memory import cpu_expansion_warning
+
+        note = cpu_expansion_warning(precision)
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
     out = Path(out) if out else default_out(model, precision, kv_mode)
     io = io_description(spec, kv_mode, dtype, logits)
     t0 = time.perf_counter()
-    with staging_dir(out, overwrite=overwrite) as tmp:
+    with staging_dir(out, overwrite=overwrite, protect=[model_dir, *allowed_roots(model_dir)]) as tmp:
         total = weight_bytes(plan, spec, dtype)
         print(f"exporting {spec.model_type} ({spec.num_layers} layers, {total / 2**20:.1f} MiB of weights, "
               f"{precision}, kv {kv_mode}) from {model_dir}", file=sys.stderr)
@@ -97,10 +110,9 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
             print("building the TensorRT engine ...", file=sys.stderr)
             engine = build_engine(tmp / GRAPH, tmp / ENGINE, kv_mode, max_batch, max_seq_len, precision)
             check_engine_io(io, engine["io"])
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).exists():
-                shutil.copy2(model_dir / name, tmp / name)
-        if not (tmp / "tokenizer.json").exists():
+        for name, path in tokenizer_files.items():
+            shutil.copyfile(path, tmp / name)  # contents only: never a link, never the source's mode
+        if "tokenizer.json" not in tokenizer_files:
             print(f"warning: {model_dir} has no tokenizer.json; generate will need --prompt-ids", file=sys.stderr)
         manifest = {
             "model": {"source": str(model_dir), "name": model, "model_type": spec.model_type},
@@ -125,6 +137,29 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
         write_manifest(tmp, manifest)
         tmp.chmod(0o755)
     return out.resolve()
+
+
+def _tokenizer_files(model_dir: Path) -> dict[str, Path]:
+    """The tokenizer files to copy, checked before any work: each a regular file inside the checkpoint (or its HF
+    cache blobs), tokenizer.json parsing as a tokenizer, every chat template rendering a sample conversation."""
+    found = {name: path for name in TOKENIZER_FILES if (path := checkpoint_file(model_dir, name)) is not None}
+    if "tokenizer.json" in found:
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(found["tokenizer.json"]))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for every parse error
+            raise CheckpointError(f"{found['tokenizer.json']}: not a valid tokenizer.json ({e})") from None
+    for name in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+        if name in found:
+            try:
+                json.loads(found[name].read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{found[name]}: not valid JSON ({e})") from None
+    from runtime_py.chat import check_chat_templates
+
+    check_chat_templates(model_dir)
+    return found
 
 
 def _check_graph(path: Path) -> None:

@@ -28,7 +28,7 @@ def engine(bundle_file: str, out: str | None = None, overwrite: bool = False) ->
     load_tensorrt()  # fail before unpacking when TensorRT is missing
     bundle_path = Path(bundle_file)
     dest = Path(out) if out else bundle_path.with_name(bundle_path.name.removesuffix(".tar") + "-engine")
-    with staging_dir(dest, overwrite=overwrite) as tmp:
+    with staging_dir(dest, overwrite=overwrite, protect=[bundle_path]) as tmp:
         unpacked, info = unpack(bundle_path, tmp / "unpacked")
         for item in unpacked.iterdir():
             shutil.move(str(item), tmp / item.name)

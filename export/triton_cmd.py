@@ -10,15 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+from export.options import MAX_BATCH, MAX_INSTANCES, int_in
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,8 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("artifact", help="artifact directory (python -m export build)")
     t.add_argument("--out", required=True, help="model repository directory to create")
     t.add_argument("--name", default="llm", help="name of the streaming model (the graph model is NAME_graph)")
-    t.add_argument("--instances", type=_count, default=1, help="instances of each model (instance_group count)")
-    t.add_argument("--max-batch", type=_count, default=8,
+    t.add_argument("--instances", type=int_in(1, MAX_INSTANCES), default=1,
+                   help=f"instances of each model (instance_group count), 1..{MAX_INSTANCES}")
+    t.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=8,
                    help="generations one instance of the streaming model runs at once (more requests wait)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing repository directory")
     t.set_defaults(func=run)

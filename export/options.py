@@ -1,0 +1,32 @@
+"""Limits and argparse value types shared by the `python -m export` commands and the functions behind them.
+
+What it does: defines each limit once (the CLI's `--help`, its errors and the library functions' checks all read
+these), and :func:`int_in`, an argparse type naming the accepted range in its error.
+
+What it does not do: parse command lines (export/__main__.py, export/triton_cmd.py do). Imports nothing heavy:
+the CLI must parse flags without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+MAX_BATCH = 1024  # static KV slots a graph is built for; beyond this the buffers alone exceed any machine
+MAX_INSTANCES = 64  # Triton instance_group count: each instance loads its own session
+MAX_VERIFY_STEPS = 4096
+
+
+def int_in(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high] (high None: no upper bound), the range named in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}")
+        return value
+
+    return parse

@@ -1,0 +1,399 @@
+"""Hostile-user checks of the commands that write: nothing lost, nothing written outside what the command owns.
+
+Real directories, real files, real subprocesses of the CLI (exit code 2, `error: ...` naming the problem, no
+traceback): `--out` rules of build / triton / engine / bench.compare (only an artifact of ours is ever replaced;
+never the checkpoint, inside it or around it), two builds racing for one `--out`, SIGTERM and SIGKILL mid-build,
+manifest paths that lead out of the artifact, checkpoint symlinks that lead out of the checkpoint, broken
+tokenizer files, and out-of-range CLI values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from artifacts.bundle import ArtifactError, open_artifact, staging_dir
+from export.__main__ import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file (and link) under root -> sha256 of its bytes (or its link target): what 'untouched' means."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = "link:" + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_refused(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "error: " in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    for w in words:
+        assert w in done.stderr, (w, done.stderr[-2000:])
+
+
+def build_argv(ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return ["export", "build", "--model", str(ckpt), "--out", str(out), "--no-progress", "--max-seq-len", "64",
+            *extra]
+
+
+@pytest.fixture
+def ckpt(copy_checkpoint):
+    return copy_checkpoint("qwen2_window")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. --out: only an artifact of ours is replaced
+
+
+def test_overwrite_refuses_a_user_directory(ckpt, tmp_path):
+    user = tmp_path / "my-notes"
+    user.mkdir()
+    (user / "thesis.txt").write_text("years of work")
+    before = tree_digest(tmp_path)
+    done = cli(*build_argv(ckpt, user, "--overwrite"))
+    assert_refused(done, str(user), "did not write", "refusing to replace")
+    assert tree_digest(tmp_path) == before  # the user's file, the checkpoint: all as they were; no staging left
+
+
+def test_overwrite_refuses_a_user_file(ckpt, tmp_path, capsys):
+    user = tmp_path / "report.pdf"
+    user.write_bytes(b"%PDF-1.7 precious")
+    for extra in ([], ["--overwrite"]):
+        rc = main(build_argv(ckpt, user, *extra)[1:])
+        err = capsys.readouterr().err
+        assert rc == 2 and "report.pdf" in err, err
+    assert user.read_bytes() == b"%PDF-1.7 precious"
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "inside-new", "parent"])
+def test_out_must_not_overlap_the_checkpoint(where, ckpt, tmp_path, capsys):
+    out = {"same": ckpt, "inside": ckpt / "tokenizer.json", "inside-new": ckpt / "artifact",
+           "parent": ckpt.parent}[where]
+    before = tree_digest(ckpt)
+    rc = main(build_argv(ckpt, out, "--overwrite")[1:])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "which this command reads" in err or "did not write" in err, err
+    assert tree_digest(ckpt) == before  # no weights moved to a hidden .old, nothing added
+    assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_overwrite_replaces_an_artifact_of_ours(ckpt, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(build_argv(ckpt, out)[1:]) == 0
+    first = json.loads((out / "manifest.json").read_text())
+    rc = main(build_argv(ckpt, out)[1:])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    assert main(build_argv(ckpt, out, "--overwrite", "--logits", "all")[1:]) == 0
+    second = open_artifact(out)
+    assert second["graphs"]["decoder"]["logits"] == "all" != first["graphs"]["decoder"]["logits"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", ckpt.name]  # no .old, .partial or .lock left
+
+
+def test_out_symlink_is_refused(ckpt, tmp_path, capsys):
+    real = tmp_path / "real"
+    assert main(build_argv(ckpt, real)[1:]) == 0
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    before = tree_digest(real)
+    rc = main(build_argv(ckpt, link, "--overwrite")[1:])
+    assert rc == 2 and "symlink" in capsys.readouterr().err
+    assert tree_digest(real) == before
+
+
+def test_triton_out_rules(artifacts, tmp_path, capsys):
+    art = artifacts("qwen2_window")
+    user = tmp_path / "models"
+    user.mkdir()
+    (user / "keep.txt").write_text("mine")
+    for out in (user, art, art / "repo"):  # a user's directory, the artifact itself, inside the artifact
+        before = tree_digest(art)
+        rc = main(["triton", str(art), "--out", str(out), "--overwrite"])
+        err = capsys.readouterr().err
+        assert rc == 2 and ("did not write" in err or "which this command reads" in err), err
+        assert tree_digest(art) == before
+    assert (user / "keep.txt").read_text() == "mine" and sorted(p.name for p in user.iterdir()) == ["keep.txt"]
+    repo = tmp_path / "repo"
+    assert main(["triton", str(art), "--out", str(repo)]) == 0
+    assert main(["triton", str(art), "--out", str(repo), "--overwrite", "--name", "other"]) == 0  # ours: replaced
+    assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == ["README.md", "other", "other_graph"]
+
+
+def test_engine_out_refuses_a_user_directory(artifacts, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="export engine needs TensorRT-RTX (installed by .[dev])")
+    from artifacts.edge import pack
+
+    bundle = pack(artifacts("qwen2_window", lowering="trt-native"), tmp_path / "b.tar")
+    user = tmp_path / "device-data"
+    user.mkdir()
+    (user / "calibration.bin").write_bytes(b"\x01\x02")
+    before = tree_digest(tmp_path)
+    done = cli("export", "engine", str(bundle), "--out", str(user), "--overwrite")
+    assert_refused(done, "device-data", "refusing to replace")
+    assert tree_digest(tmp_path) == before
+
+
+def test_bench_out_refuses_a_non_empty_directory(tmp_path):
+    user = tmp_path / "home"
+    (user / "models").mkdir(parents=True)
+    (user / "models" / "finetune.safetensors").write_bytes(b"weights")
+    before = tree_digest(tmp_path)
+    done = cli("bench.compare", "--model", "tiny-qwen2", "--out", str(user), "--skip-hf", timeout=120)
+    assert_refused(done, "not an empty directory")
+    assert tree_digest(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. two writers of one --out
+
+
+def _wait_for(predicate, timeout: float = 120, step: float = 0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def _partials(parent: Path, name: str) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.partial-")]
+
+
+def test_two_builds_at_once_exactly_one_wins(ckpt, tmp_path):
+    out = tmp_path / "art"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-m", *build_argv(ckpt, out)], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for rc, err in results if rc == 2)
+    assert "another process" in loser or "already exists" in loser or "appeared while" in loser, loser
+    open_artifact(out)  # the winner's artifact, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", ckpt.name]
+
+
+def test_destination_appearing_during_the_write_is_not_replaced(tmp_path):
+    from artifacts.bundle import _rename_new
+
+    dest = tmp_path / "art"
+    with pytest.raises(ArtifactError, match="already exists"):
+        with staging_dir(dest) as tmp:
+            (tmp / "x").write_text("ours")
+            dest.mkdir()  # another program creates it meanwhile (an empty dir: plain rename(2) would replace it)
+    assert dest.is_dir() and not list(dest.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    # the final rename itself never replaces: renameat2(RENAME_NOREPLACE) onto an empty directory fails
+    src = tmp_path / "src"
+    src.mkdir()
+    with pytest.raises(FileExistsError):
+        _rename_new(src, dest)
+    assert src.is_dir() and dest.is_dir()
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
+    dest = tmp_path / "art"
+    with staging_dir(dest) as tmp:
+        (tmp / "x").write_text("first")
+        with pytest.raises(ArtifactError, match=f"another process \\(pid {os.getpid()}\\) is writing"):
+            with staging_dir(dest):
+                pass
+    assert (dest / "x").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. signals mid-build
+
+
+def _start_build(ckpt: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen([sys.executable, "-m", *build_argv(ckpt, out)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_mid_build_cleans_up(ckpt, tmp_path):
+    out = tmp_path / "art"
+    proc = _start_build(ckpt, out)
+    assert _wait_for(lambda: _partials(tmp_path, "art") or proc.poll() is not None)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    err = proc.stderr.read()
+    assert rc == 130 and "nothing was written" in err and "Traceback" not in err, (rc, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]  # no artifact, no staging, no lock file
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_build(ckpt, tmp_path):
+    out = tmp_path / "art"
+    proc = _start_build(ckpt, out)
+    assert _wait_for(lambda: _partials(tmp_path, "art") or proc.poll() is not None)
+    proc.kill()
+    proc.wait(timeout=60)
+    stale = _partials(tmp_path, "art")
+    assert stale  # SIGKILL cannot be caught: the staging directory stays ...
+    unrelated = tmp_path / ".art.partial-notes"  # ... and a look-alike name that is not ours must survive
+    unrelated.mkdir()
+    assert main(build_argv(ckpt, out)[1:]) == 0  # ... until the next build of that --out
+    assert not any(p.exists() for p in stale) and unrelated.is_dir()
+    open_artifact(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. manifest paths stay inside the artifact
+
+
+def _tampered(artifacts, tmp_path, edit) -> Path:
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifacts("qwen2_window"), art)
+    m = json.loads((art / "manifest.json").read_text())
+    edit(m, art)
+    (art / "manifest.json").write_text(json.dumps(m))
+    return art
+
+
+def test_manifest_file_entry_leading_out_is_refused(artifacts, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+
+    def edit(m, art):
+        m["files"]["../secret.txt"] = {"sha256": hashlib.sha256(b"outside").hexdigest(), "bytes": 7}
+
+    art = _tampered(artifacts, tmp_path, edit)
+    with pytest.raises(ArtifactError, match=r"'\.\./secret\.txt' is not a plain relative name"):
+        open_artifact(art)
+    repo = tmp_path / "repo"
+    done = cli("export", "triton", str(art), "--out", str(repo))
+    assert_refused(done, "../secret.txt")
+    assert not repo.exists() and os.stat(secret).st_nlink == 1  # no hard link to the outside file anywhere
+
+
+def test_manifest_absolute_graph_path_is_refused(artifacts, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(artifacts("qwen2_mqa_tied_linear"), other)  # a different, unverified graph
+
+    def edit(m, art):
+        m["graphs"]["decoder"]["file"] = str(other / "model.onnx")
+
+    art = _tampered(artifacts, tmp_path, edit)
+    done = cli("runtime_py", "generate", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "2")
+    assert_refused(done, "absolute path")
+
+
+def test_manifest_path_through_a_symlink_is_refused(artifacts, tmp_path):
+    outside = tmp_path / "outside.json"
+
+    def edit(m, art):
+        outside.write_bytes((art / "tokenizer_config.json").read_bytes())  # same bytes: the checksum still holds
+        (art / "tokenizer_config.json").unlink()
+        (art / "tokenizer_config.json").symlink_to(outside)
+
+    art = _tampered(artifacts, tmp_path, edit)
+    with pytest.raises(ArtifactError, match="symlink"):
+        open_artifact(art)
+    done = cli("export", "bundle", str(art), "--out", str(tmp_path / "b.tar"))
+    assert_refused(done, "symlink")
+    assert not (tmp_path / "b.tar").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. checkpoint files that lead out of the checkpoint
+
+
+def test_tokenizer_symlink_out_of_the_checkpoint_is_refused(ckpt, tmp_path):
+    (ckpt / "tokenizer.json").unlink()
+    (ckpt / "tokenizer.json").symlink_to("/etc/passwd")
+    out = tmp_path / "art"
+    done = cli(*build_argv(ckpt, out))
+    assert_refused(done, "tokenizer.json", "/etc/passwd", "outside the checkpoint")
+    assert not out.exists()
+
+
+def test_weights_symlink_out_of_the_checkpoint_is_refused(ckpt, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    (ckpt / "model.safetensors").rename(elsewhere)
+    (ckpt / "model.safetensors").symlink_to(elsewhere)
+    rc = main(build_argv(ckpt, tmp_path / "art")[1:])
+    err = capsys.readouterr().err
+    assert rc == 2 and "outside the checkpoint" in err and "model.safetensors" in err, err
+
+
+def test_hf_cache_snapshot_links_into_blobs_still_build(checkpoints, tmp_path, capsys):
+    """The HF cache stores snapshots as symlinks into the repository's blobs/: that layout must keep working."""
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    snap = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in checkpoints("qwen2_window").iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    out = tmp_path / "art"
+    assert main(build_argv(snap, out)[1:]) == 0, capsys.readouterr().err
+    m = open_artifact(out)
+    assert "tokenizer.json" in m["files"] and not (out / "tokenizer.json").is_symlink()
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("tokenizer.json", "{\"not\": \"a tokenizer\"}", ["tokenizer.json", "not a valid tokenizer.json"]),
+    ("tokenizer.json", "\xff\xfe garbage", ["tokenizer.json"]),
+    ("tokenizer_config.json", "{broken", ["tokenizer_config.json", "not valid JSON"]),
+    ("generation_config.json", "[1, 2", ["generation_config.json", "not valid JSON"]),
+])
+def test_broken_tokenizer_files_are_refused_at_build_time(name, content, words, ckpt, tmp_path, capsys):
+    (ckpt / name).write_text(content, encoding="utf-8", errors="surrogateescape")
+    out = tmp_path / "art"
+    rc = main(build_argv(ckpt, out)[1:])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: "), err
+    for w in words:
+        assert w in err, err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 11. out-of-range values
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["build", "--model", "tiny-qwen2", "--max-seq-len", "0"], ["--max-seq-len", "integer >= 2", "'0'"]),
+    (["build", "--model", "tiny-qwen2", "--max-batch", "1000000000"], ["--max-batch", "[1, 1024]"]),
+    (["build", "--model", "tiny-qwen2", "--max-batch", "-3"], ["--max-batch", "[1, 1024]"]),
+    (["triton", "ART", "--out", "R", "--instances", "0"], ["--instances", "[1, 64]"]),
+    (["triton", "ART", "--out", "R", "--max-batch", "5000"], ["--max-batch", "[1, 1024]"]),
+    (["verify", "--model", "tiny-qwen2", "--steps", "-1"], ["--steps", "[0, 4096]"]),
+])
+def test_out_of_range_values_name_the_range(argv, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
