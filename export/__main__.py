@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    except (ArtifactError, CheckpointError, UnsupportedConfigError, FileNotFoundError, ValueError,
-            EngineError) as e:
+    except (ArtifactError, CheckpointError, UnsupportedConfigError, OSError, ValueError, EngineError) as e:
+        # OSError: a full disk, a permission denied, a file that vanished: the message names the path
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ only has ``*.bin``/``*.pt``/``*.pth`` files is refused. Which tensors a model ne
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +117,8 @@ class Checkpoint:
                         dtype = _DTYPES.get(sl.get_dtype())
                         if dtype is None:
                             raise CheckpointError(
-                                f"{file.name}: tensor '{name}' has unsupported dtype {sl.get_dtype()}")
+                                f"{file.name}: tensor '{name}' has unsupported dtype {sl.get_dtype()}; accepted: "
+                                "F32, F16, BF16 for weights (F64, I64, I32, I8, U8, BOOL only in unused tensors)")
                         if name in self.tensors:
                             raise CheckpointError(
                                 f"tensor '{name}' is stored twice, in {self.tensors[name].file.name} and {file.name}")
@@ -127,9 +129,16 @@ class Checkpoint:
                 ) from None
 
     def _files(self) -> list[Path]:
+        files = self._listed_files()
+        for f in files:  # a weight file may be a link only into the checkpoint (or its HF cache blobs/)
+            checkpoint_file(self.dir, f.name)
+        return files
+
+    def _listed_files(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.exists():
+            checkpoint_file(self.dir, index.name)
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -170,3 +179,31 @@ class Checkpoint:
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+
+def allowed_roots(model_dir: Path) -> list[Path]:
+    """Where the files of `model_dir` may really live: the directory itself and, for an HF cache snapshot
+    (``models--ORG--NAME/snapshots/REV``, whose files are symlinks into the repository's ``blobs/``), that blobs/."""
+    model_dir = Path(model_dir)
+    roots = [model_dir]
+    if model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--"):
+        blobs = model_dir.parent.parent / "blobs"
+        if blobs.is_dir():
+            roots.append(blobs)
+    return roots
+
+
+def checkpoint_file(model_dir: Path, name: str) -> Path | None:
+    """`model_dir/name` if it exists as a regular file whose real location is inside :func:`allowed_roots`;
+    None if absent; CheckpointError if it is a link (or a path) leading anywhere else."""
+    from artifacts.paths import real_inside
+
+    path = Path(model_dir) / name
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not real_inside(path, allowed_roots(model_dir)):
+        raise CheckpointError(f"{path}: it is a symlink to {os.path.realpath(path)}, outside the checkpoint "
+                              "directory; refusing to read it (copy the file into the checkpoint instead)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    return path

@@ -5,7 +5,9 @@ What it does: builds the ``Decoder`` with its parameters on the *meta* device (n
 traced ones, export/replicate.py, since tracing costs about a second a layer), then points every initializer at a lazy
 loader that reads its source tensors from the safetensors files only when the graph is written. Linear weights are
 stored pre-transposed (``[in, out]``) so no Transpose runs at inference. ``onnx_ir.save`` writes the external-data
-file tensor by tensor, so the model is never held in memory, let alone twice.
+file tensor by tensor, so the model is never held in memory, let alone twice. Each tensor is checked as it streams
+(weights.load_tensor): NaN/Inf, or values the cast to the build precision overflows, raise a CheckpointError naming
+the tensor, and the build stops (its staging directory removes itself).
 
 Graph contract (DESIGN.md section 2; names as Optimum / onnxruntime-genai):
 inputs ``input_ids [batch, sequence] int64``, ``position_ids [batch, sequence] int64``, in concat mode
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.checkpoint import Checkpoint
+from export.checkpoint import Checkpoint, CheckpointError
 from export.model import Decoder
 from export.spec import ModelSpec
 from export.weights import Weight, load_tensor
@@ -227,15 +229,24 @@ def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path:
 
 def _fold_constants(model) -> None:
     """Constant folding and dead-code removal (onnxscript's optimizer). Only small tensors are folded
-    (input_size_limit), so the lazy weights are never read here. TensorRT's parser needs it: it wants e.g.
-    ReduceMean axes as constants, not as a Reshape of constants."""
+    (input_size_limit), so the large lazy weights are not read here; small ones (norm weights, biases) are, by the
+    initializer-deduplication pass. TensorRT's parser needs it: it wants e.g. ReduceMean axes as constants, not as
+    a Reshape of constants."""
     import logging
 
     import onnxscript.optimizer
 
     logging.getLogger("onnxscript").setLevel(logging.ERROR)
-    onnxscript.optimizer.optimize_ir(model, num_iterations=2, input_size_limit=1024, output_size_limit=1 << 16,
-                                     inline=False)
+    try:
+        onnxscript.optimizer.optimize_ir(model, num_iterations=2, input_size_limit=1024, output_size_limit=1 << 16,
+                                         inline=False)
+    except Exception as e:  # noqa: BLE001 - the passes wrap what a lazy weight raised (a NaN norm) in PassError
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, CheckpointError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def op_histogram(model) -> dict[str, int]:

@@ -5,7 +5,16 @@ or v5 layout with ``rope_parameters``) of a ``qwen2``, ``gemma2`` or ``qwen3_moe
 :class:`ModelSpec`. Family differences are data: per-layer tuples (attention window, MLP kind) and a few global
 switches. One small adapter per ``model_type`` fills it; each config field is read in exactly one place here.
 
-What it does not do: it reads no weights (see ``checkpoint.py``) and builds no model (see ``model.py``).
+Every field an adapter reads is validated where it is read, by type and range (small typed readers: ``_int``,
+``_float``, ``_bool``, ``_str``, ``_dict``, ``_int_list``, ``_token_ids``), plus the cross-field checks the maths
+needs (heads divisible by kv heads, hidden size by heads when head_dim is absent, top-k <= experts, layer_types
+length and values, mlp_only_layers in range, token ids inside the vocabulary). JSON types are taken literally:
+``true`` is not an integer, ``2.0`` is not an integer, ``"false"`` is not a boolean, NaN/Infinity are not numbers;
+an integer is accepted where a float is wanted. A bad value raises one :class:`UnsupportedConfigError` naming the
+field and the value, e.g. ``config.json: field 'num_hidden_layers' must be an integer >= 1, got '2' (str)``.
+
+What it does not do: it reads no weights (see ``checkpoint.py``) and builds no model (see ``model.py``); it does not
+check values against build options (``--max-seq-len`` is checked against ``max_position_embeddings`` in build.py).
 Unknown model types, unsupported RoPE types and fields that would change the maths but that we do not implement
 (e.g. Qwen2 dual-chunk attention) raise :class:`UnsupportedConfigError` naming the field.
 """
@@ -20,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from export.checkpoint import checkpoint_file
 
 
 class UnsupportedConfigError(ValueError):
@@ -134,8 +145,12 @@ class ModelSpec:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading helpers: each adapter pops the fields it understands from a copy of the config; what is left is checked
-# against IGNORED (fields that do not change inference maths) so an unknown field that matters cannot slip by.
+# Reading helpers: each adapter reads the fields it understands through _Fields, which remembers them; what is left
+# is checked against IGNORED (fields that do not change inference maths) so an unknown field that matters cannot
+# slip by.
+# Every field goes through one typed reader (_int, _float, _bool, _str, _dict, ...) that checks type and range and
+# raises one UnsupportedConfigError naming the field and the value. JSON types are taken literally: true is not
+# an integer, "false" is not a boolean, 2.0 is not an integer (an integer is accepted where a float is wanted).
 
 IGNORED = {
     "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range", "use_cache",
@@ -146,12 +161,16 @@ IGNORED = {
     "router_jitter_noise", "keys_to_ignore_at_inference",
 }
 
+_REQUIRED = object()  # default of a reader: the field must be present and not null
+
 
 class _Fields:
-    """A config dict that remembers what was read, so unread fields can be reported."""
+    """A config dict that remembers what was read, so unread fields can be reported. `prefix` names a nested
+    object in messages (e.g. 'rope_parameters.')."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], prefix: str = ""):
         self.config = config
+        self.prefix = prefix
         self.read: set[str] = set()
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -160,8 +179,10 @@ class _Fields:
 
     def req(self, key: str) -> Any:
         self.read.add(key)
-        if key not in self.config or self.config[key] is None:
-            raise UnsupportedConfigError(f"config.json: required field '{key}' is missing")
+        if key not in self.config:
+            raise UnsupportedConfigError(f"config.json: required field '{self.prefix}{key}' is missing")
+        if self.config[key] is None:
+            raise UnsupportedConfigError(f"config.json: required field '{self.prefix}{key}' is missing (null)")
         return self.config[key]
 
     def check_unread(self) -> None:
@@ -173,88 +194,192 @@ class _Fields:
             )
 
 
-def _rope(f: _Fields) -> RopeSpec:
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{text[:80]}{'...' if len(text) > 80 else ''} ({type(value).__name__})"
+
+
+def _bad(f: _Fields, key: str, want: str, value: Any) -> UnsupportedConfigError:
+    return UnsupportedConfigError(f"config.json: field '{f.prefix}{key}' must be {want}, got {_show(value)}")
+
+
+def _raw(f: _Fields, key: str, default: Any) -> Any:
+    return f.req(key) if default is _REQUIRED else f.get(key, default)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(f: _Fields, key: str, default: Any = _REQUIRED, *, min: int | None = None, max: int | None = None,
+         nullable: bool = False) -> int | None:
+    """An integer field (JSON true/false and 2.0 are refused), optionally bounded; None only if `nullable`."""
+    value = _raw(f, key, default)
+    if value is None and nullable:
+        return None
+    if not _is_int(value) or (min is not None and value < min) or (max is not None and value > max):
+        bound = (f" in [{min}, {max}]" if min is not None and max is not None else f" >= {min}" if min is not None
+                 else f" <= {max}" if max is not None else "")
+        raise _bad(f, key, "an integer" + bound + (" or null" if nullable else ""), value)
+    return value
+
+
+def _float(f: _Fields, key: str, default: Any = _REQUIRED, *, gt: float | None = None, ge: float | None = None,
+           nullable: bool = False) -> float | None:
+    """A finite number (an integer is accepted), above `gt` / at least `ge`; None only if `nullable`."""
+    value = _raw(f, key, default)
+    if value is None and nullable:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        ok = ok and math.isfinite(value) and (gt is None or value > gt) and (ge is None or value >= ge)
+    except OverflowError:  # an integer too large for a float
+        ok = False
+    if not ok:
+        bound = f" > {gt}" if gt is not None else f" >= {ge}" if ge is not None else ""
+        raise _bad(f, key, "a finite number" + bound + (" or null" if nullable else ""), value)
+    return float(value)
+
+
+def _bool(f: _Fields, key: str, default: Any = _REQUIRED) -> bool:
+    """JSON true / false only: the string "false" and 0 / 1 are refused (bool("false") would be True)."""
+    value = _raw(f, key, default)
+    if not isinstance(value, bool):
+        raise _bad(f, key, "true or false", value)
+    return value
+
+
+def _str(f: _Fields, key: str, default: Any = _REQUIRED, *, nullable: bool = False) -> str | None:
+    value = _raw(f, key, default)
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str):
+        raise _bad(f, key, "a string" + (" or null" if nullable else ""), value)
+    return value
+
+
+def _dict(f: _Fields, key: str) -> _Fields | None:
+    """An optional JSON object, returned as a _Fields whose messages name it ('key.sub'); null / absent -> None."""
+    value = f.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad(f, key, "an object ({...}) or null", value)
+    return _Fields(value, prefix=f"{f.prefix}{key}.")
+
+
+def _int_list(f: _Fields, key: str, *, min: int, max: int) -> list[int]:
+    """An optional list of integers in [min, max]; null / absent -> []."""
+    value = f.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(_is_int(v) and min <= v <= max for v in value):
+        raise _bad(f, key, f"a list of integers in [{min}, {max}] or null", value)
+    return value
+
+
+def _token_ids(f: _Fields, key: str, vocab: int, many: bool = False) -> tuple[int, ...] | int | None:
+    """A token id in [0, vocab) or null; with `many` also a list of them (returned as a tuple, null -> ())."""
+    value = f.get(key)
+    ok_id = lambda v: _is_int(v) and 0 <= v < vocab  # noqa: E731
+    if many:
+        if value is None:
+            return ()
+        if ok_id(value):
+            return (value,)
+        if isinstance(value, list) and all(ok_id(v) for v in value):
+            return tuple(value)
+        raise _bad(f, key, f"null, an integer in [0, {vocab - 1}] (vocab_size {vocab}) or a list of them", value)
+    if value is None or ok_id(value):
+        return value
+    raise _bad(f, key, f"null or an integer in [0, {vocab - 1}] (vocab_size {vocab})", value)
+
+
+def _rope(f: _Fields, max_position_embeddings: int) -> RopeSpec:
     """RoPE from either layout: v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`.
 
     Precedence is transformers v5's: a non-empty `rope_scaling` replaces `rope_parameters` wholesale (it is not
     merged into it), then `rope_theta` comes from that dict, else the top-level field, else 10000."""
-    params = dict(f.get("rope_parameters") or {})
-    scaling = f.get("rope_scaling")
-    theta = f.get("rope_theta")
-    if scaling:
-        params = dict(scaling)
-    if theta is not None:
-        params.setdefault("rope_theta", theta)
-    if params.get("rope_theta") is None:
-        params["rope_theta"] = 10000.0
-    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    params.pop("type", None)
+    params = _dict(f, "rope_parameters")
+    scaling = _dict(f, "rope_scaling")
+    top_theta = _float(f, "rope_theta", None, gt=0, nullable=True)
+    if scaling is not None and scaling.config:
+        params = scaling
+    if params is None:
+        params = _Fields({}, prefix="rope_parameters.")
+    theta = _float(params, "rope_theta", None, gt=0, nullable=True)
+    theta = theta if theta is not None else top_theta if top_theta is not None else 10000.0
+    rope_type = (_str(params, "rope_type", None, nullable=True) or _str(params, "type", None, nullable=True)
+                 or "default")
     if rope_type not in ("default", "linear", "yarn"):
         raise UnsupportedConfigError(
             f"config.json: rope type '{rope_type}' (rope_parameters.rope_type / rope_scaling.type) is not supported; "
             "supported: default, linear, yarn"
         )
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
+    if _float(params, "partial_rotary_factor", 1.0, gt=0) != 1.0:
         raise UnsupportedConfigError("config.json: rope partial_rotary_factor != 1 is not supported")
-    params.pop("partial_rotary_factor", None)
-    spec = RopeSpec(theta=float(params.pop("rope_theta")), rope_type=rope_type)
+    spec = RopeSpec(theta=theta, rope_type=rope_type)
     if rope_type == "default":
         return spec
-    factor = params.pop("factor", None)
+    factor = _float(params, "factor", None, gt=0, nullable=True)
     if rope_type == "linear":
         if factor is None:
             raise UnsupportedConfigError("config.json: linear rope scaling needs 'factor'")
-        return dataclasses.replace(spec, factor=float(factor))
+        return dataclasses.replace(spec, factor=factor)
     # transformers gives a top-level `original_max_position_embeddings` priority over the one in the rope dict.
-    orig = f.get("original_max_position_embeddings") or params.pop("original_max_position_embeddings", None) or f.get(
-        "max_position_embeddings")
-    if factor is None:
-        factor = f.get("max_position_embeddings") / orig
+    orig = (_int(f, "original_max_position_embeddings", None, min=1, nullable=True)
+            or _int(params, "original_max_position_embeddings", None, min=1, nullable=True)
+            or max_position_embeddings)
     return dataclasses.replace(
         spec,
-        factor=float(factor),
-        original_max_position_embeddings=int(orig),
-        beta_fast=float(params.pop("beta_fast", None) or 32.0),
-        beta_slow=float(params.pop("beta_slow", None) or 1.0),
-        attention_factor=params.pop("attention_factor", None),
-        mscale=params.pop("mscale", None),
-        mscale_all_dim=params.pop("mscale_all_dim", None),
-        truncate=bool(params.pop("truncate", True)),
+        factor=factor if factor is not None else max_position_embeddings / orig,
+        original_max_position_embeddings=orig,
+        beta_fast=_float(params, "beta_fast", None, gt=0, nullable=True) or 32.0,
+        beta_slow=_float(params, "beta_slow", None, gt=0, nullable=True) or 1.0,
+        attention_factor=_float(params, "attention_factor", None, gt=0, nullable=True),
+        mscale=_float(params, "mscale", None, ge=0, nullable=True),
+        mscale_all_dim=_float(params, "mscale_all_dim", None, ge=0, nullable=True),
+        truncate=_bool(params, "truncate", True),
     )
 
 
-def _eos(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, list) else (int(value),)
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
-def _act(name: str) -> str:
-    table = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
-    if name not in table:
-        raise UnsupportedConfigError(f"config.json: activation '{name}' is not supported (supported: {sorted(table)})")
-    return table[name]
+def _act(name: str, key: str) -> str:
+    """Our name for the activation `name` read from field `key`."""
+    if name not in _ACTIVATIONS:
+        raise UnsupportedConfigError(f"config.json: field '{key}': activation '{name}' is not supported "
+                                     f"(supported: {sorted(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def _layer_windows(f: _Fields, n: int, sliding_window: int | None, default_types: list[str]) -> list[int | None]:
-    types = f.get("layer_types") or default_types
+    types = f.get("layer_types")
+    if types is None:
+        types = default_types
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise _bad(f, "layer_types", f"a list of {n} strings ({', '.join(_LAYER_TYPES)}) or null", types)
     if len(types) != n:
-        raise UnsupportedConfigError(f"config.json: layer_types has {len(types)} entries for {n} layers")
+        raise UnsupportedConfigError(f"config.json: layer_types has {len(types)} entries for {n} layers "
+                                     "(num_hidden_layers)")
     windows = []
     for i, t in enumerate(types):
         if t == "full_attention":
             windows.append(None)
         elif t == "sliding_attention":
-            if not sliding_window:
+            if sliding_window is None:
                 raise UnsupportedConfigError(f"config.json: layer {i} is sliding_attention but sliding_window is unset")
-            windows.append(int(sliding_window))
+            windows.append(sliding_window)
         else:
-            raise UnsupportedConfigError(f"config.json: layer_types[{i}] = '{t}' is not supported")
+            raise UnsupportedConfigError(f"config.json: layer_types[{i}] = '{t}' is not supported; supported: "
+                                         f"{', '.join(_LAYER_TYPES)}")
     return windows
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 def _same_or_absent(f: _Fields, key: str, value: Any, used: str) -> None:
@@ -267,41 +392,54 @@ def _same_or_absent(f: _Fields, key: str, value: Any, used: str) -> None:
         )
 
 
-def _common(f: _Fields, default_head_dim: int | None = None) -> dict[str, Any]:
-    heads = f.req("num_attention_heads")
-    hidden = f.req("hidden_size")
-    kv = f.get("num_key_value_heads") or heads
+def _common(f: _Fields, default_head_dim: int | None = None, default_tie: bool = False) -> dict[str, Any]:
+    """The fields every family reads, with the cross-field checks the attention maths needs."""
+    heads = _int(f, "num_attention_heads", min=1)
+    hidden = _int(f, "hidden_size", min=1)
+    kv = _int(f, "num_key_value_heads", None, min=1, nullable=True) or heads  # null: MHA, as transformers
     if heads % kv:
-        raise UnsupportedConfigError(f"config.json: num_attention_heads {heads} not a multiple of kv heads {kv}")
+        raise UnsupportedConfigError(f"config.json: num_attention_heads {heads} not a multiple of kv heads {kv} "
+                                     "(fields 'num_attention_heads', 'num_key_value_heads')")
+    head_dim = _int(f, "head_dim", default_head_dim, min=1, nullable=True)
+    if head_dim is None:
+        if hidden % heads:
+            raise UnsupportedConfigError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads "
+                                         f"{heads} and field 'head_dim' is not set (head_dim = hidden_size / "
+                                         "num_attention_heads)")
+        head_dim = hidden // heads
+    vocab = _int(f, "vocab_size", min=1)
+    max_pos = _int(f, "max_position_embeddings", min=2)
     return dict(
-        vocab_size=f.req("vocab_size"),
+        vocab_size=vocab,
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv,
-        head_dim=f.get("head_dim", default_head_dim) or hidden // heads,
-        intermediate_size=f.req("intermediate_size"),
-        rms_norm_eps=float(f.get("rms_norm_eps", 1e-6)),
-        rope=_rope(f),
-        max_position_embeddings=f.req("max_position_embeddings"),
-        tie_embeddings=bool(f.get("tie_word_embeddings", False)),
-        bos_token_id=f.get("bos_token_id"),
-        eos_token_ids=_eos(f.get("eos_token_id")),
-        pad_token_id=f.get("pad_token_id"),
+        head_dim=head_dim,
+        intermediate_size=_int(f, "intermediate_size", min=1),
+        rms_norm_eps=_float(f, "rms_norm_eps", 1e-6, gt=0),
+        rope=_rope(f, max_pos),
+        max_position_embeddings=max_pos,
+        tie_embeddings=_bool(f, "tie_word_embeddings", default_tie),
+        bos_token_id=_token_ids(f, "bos_token_id", vocab),
+        eos_token_ids=_token_ids(f, "eos_token_id", vocab, many=True),
+        pad_token_id=_token_ids(f, "pad_token_id", vocab),
     )
 
 
 def _qwen2(f: _Fields) -> ModelSpec:
-    if f.get("use_mrope"):
+    if _bool(f, "use_mrope", False):
         raise UnsupportedConfigError("config.json: use_mrope (multimodal RoPE) is not supported")
-    if f.get("dual_chunk_attention_config"):
+    dual_chunk = _dict(f, "dual_chunk_attention_config")
+    if dual_chunk is not None and dual_chunk.config:
         raise UnsupportedConfigError("config.json: dual_chunk_attention_config is not supported")
     c = _common(f)
-    n = f.req("num_hidden_layers")
+    n = _int(f, "num_hidden_layers", min=1)
     # Defaults are transformers' Qwen2Config ones (sliding_window 4096, max_window_layers 28): a config that turns
-    # the window on without naming its size or first layer gets what transformers runs.
-    window, use_window = f.get("sliding_window", 4096), f.get("use_sliding_window", False)
+    # the window on without naming its size or first layer gets what transformers runs. An unused window may be 0.
+    use_window = _bool(f, "use_sliding_window", False)
+    window = _int(f, "sliding_window", 4096, min=1 if use_window else 0, nullable=True)
     window = window if use_window else None
-    mwl = f.get("max_window_layers", 28)
+    mwl = _int(f, "max_window_layers", 28, min=0, nullable=True)
     if window and mwl is None:
         raise UnsupportedConfigError("config.json: use_sliding_window is set but max_window_layers is null")
     default_types = ["sliding_attention" if window and i >= mwl else "full_attention" for i in range(n)]
@@ -309,69 +447,80 @@ def _qwen2(f: _Fields) -> ModelSpec:
     return ModelSpec(
         model_type="qwen2", **c,
         layers=tuple(LayerSpec(w, "dense") for w in windows),
-        hidden_act=_act(f.get("hidden_act", "silu")),
+        hidden_act=_act(_str(f, "hidden_act", "silu"), "hidden_act"),
         attn_scale=c["head_dim"] ** -0.5,
         qkv_bias=True,
     )
 
 
 def _gemma2(f: _Fields) -> ModelSpec:
-    c = _common(f, default_head_dim=256)  # Gemma2Config defaults head_dim to 256, not hidden // heads
-    c["tie_embeddings"] = bool(f.get("tie_word_embeddings", True))
-    n = f.req("num_hidden_layers")
+    # Gemma2Config defaults head_dim to 256 (not hidden // heads) and ties the embeddings unless told otherwise.
+    c = _common(f, default_head_dim=256, default_tie=True)
+    n = _int(f, "num_hidden_layers", min=1)
     default_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
     # transformers' Gemma2 reads only `hidden_activation` (default gelu_pytorch_tanh) and only `sliding_window`
     # (default 4096); the older `hidden_act` / `sliding_window_size` that some configs also carry are accepted
     # when they agree and refused when they would say something different.
-    act = f.get("hidden_activation", "gelu_pytorch_tanh")
+    act = _str(f, "hidden_activation", "gelu_pytorch_tanh")
     _same_or_absent(f, "hidden_act", act, "hidden_activation")
-    sliding = f.get("sliding_window", 4096)
+    sliding = _int(f, "sliding_window", 4096, min=1, nullable=True)
     _same_or_absent(f, "sliding_window_size", sliding, "sliding_window")
     windows = _layer_windows(f, n, sliding, default_types)
-    if f.get("attention_bias", False):
+    if _bool(f, "attention_bias", False):
         raise UnsupportedConfigError("config.json: attention_bias=true is not supported for gemma2")
     return ModelSpec(
         model_type="gemma2", **c,
         layers=tuple(LayerSpec(w, "dense") for w in windows),
-        hidden_act=_act(act),
-        attn_scale=float(f.req("query_pre_attn_scalar")) ** -0.5,
+        hidden_act=_act(act, "hidden_activation"),
+        attn_scale=_float(f, "query_pre_attn_scalar", gt=0) ** -0.5,
         sandwich_norm=True,
         norm_offset=1.0,
         embed_scale=float(c["hidden_size"]) ** 0.5,
-        attn_softcap=_opt_float(f.get("attn_logit_softcapping", 50.0)),  # transformers' defaults when absent;
-        final_softcap=_opt_float(f.get("final_logit_softcapping", 30.0)),  # an explicit null turns a cap off
+        # transformers' defaults when absent; an explicit null turns a cap off
+        attn_softcap=_float(f, "attn_logit_softcapping", 50.0, gt=0, nullable=True),
+        final_softcap=_float(f, "final_logit_softcapping", 30.0, gt=0, nullable=True),
     )
 
 
 def _qwen3_moe(f: _Fields) -> ModelSpec:
     c = _common(f)
-    n = f.req("num_hidden_layers")
+    n = _int(f, "num_hidden_layers", min=1)
     # transformers v5 applies the window to every layer when use_sliding_window is set (max_window_layers unused).
-    f.get("max_window_layers")
-    window, use_window = f.get("sliding_window", 4096), f.get("use_sliding_window", False)
+    _int(f, "max_window_layers", None, min=0, nullable=True)
+    use_window = _bool(f, "use_sliding_window", False)
+    window = _int(f, "sliding_window", 4096, min=1 if use_window else 0, nullable=True)
     window = window if use_window else None
-    experts_v4, experts_v5 = f.get("num_experts"), f.get("num_local_experts")  # v5 renamed the field
+    experts_v4 = _int(f, "num_experts", None, min=0, nullable=True)
+    experts_v5 = _int(f, "num_local_experts", None, min=0, nullable=True)  # v5 renamed the field
     if experts_v4 is not None and experts_v5 is not None and experts_v4 != experts_v5:
         raise UnsupportedConfigError(
             f"config.json: num_experts ({experts_v4}) and num_local_experts ({experts_v5}) disagree")
     experts = 128 if experts_v4 is None and experts_v5 is None else (experts_v4 or experts_v5 or 0)  # HF default
-    step = f.get("decoder_sparse_step", 1)
-    mlp_only = set(f.get("mlp_only_layers") or [])
+    step = _int(f, "decoder_sparse_step", 1, min=1)
+    mlp_only = set(_int_list(f, "mlp_only_layers", min=0, max=n - 1))
     mlps = ["moe" if (i not in mlp_only and experts > 0 and (i + 1) % step == 0) else "dense" for i in range(n)]
-    if not experts:  # no MoE layer: the expert fields are moot (read here so they are not reported as unknown)
-        f.get("num_experts_per_tok"), f.get("moe_intermediate_size")
-    if f.get("attention_bias", False):
+    if experts:
+        top_k = _int(f, "num_experts_per_tok", min=1)
+        if top_k > experts:
+            raise UnsupportedConfigError(f"config.json: field 'num_experts_per_tok' = {top_k} exceeds the number of "
+                                         f"experts {experts} (num_experts / num_local_experts)")
+        moe_size = _int(f, "moe_intermediate_size", min=1)
+    else:  # no MoE layer: the expert fields are moot (type-checked, and read so they are not reported as unknown)
+        _int(f, "num_experts_per_tok", None, min=0, nullable=True)
+        _int(f, "moe_intermediate_size", None, min=0, nullable=True)
+        top_k = moe_size = 0
+    if _bool(f, "attention_bias", False):
         raise UnsupportedConfigError("config.json: attention_bias=true is not supported for qwen3_moe")
     return ModelSpec(
         model_type="qwen3_moe", **c,
-        layers=tuple(LayerSpec(int(window) if window else None, m) for m in mlps),
-        hidden_act=_act(f.get("hidden_act", "silu")),
+        layers=tuple(LayerSpec(window, m) for m in mlps),
+        hidden_act=_act(_str(f, "hidden_act", "silu"), "hidden_act"),
         attn_scale=c["head_dim"] ** -0.5,
         qk_norm=True,
-        num_experts=int(experts),
-        top_k=int(f.req("num_experts_per_tok")) if experts else 0,
-        norm_topk_prob=bool(f.get("norm_topk_prob", False)),
-        moe_intermediate_size=int(f.req("moe_intermediate_size")) if experts else 0,
+        num_experts=experts,
+        top_k=top_k,
+        norm_topk_prob=_bool(f, "norm_topk_prob", False),
+        moe_intermediate_size=moe_size,
     )
 
 
@@ -379,10 +528,12 @@ ADAPTERS = {"qwen2": _qwen2, "gemma2": _gemma2, "qwen3_moe": _qwen3_moe}
 
 
 def spec_from_config(config: dict[str, Any]) -> ModelSpec:
+    if not isinstance(config, dict):
+        raise UnsupportedConfigError(f"config.json: must be a JSON object ({{...}}), got {_show(config)}")
     model_type = config.get("model_type")
-    if model_type not in ADAPTERS:
+    if not isinstance(model_type, str) or model_type not in ADAPTERS:
         raise UnsupportedConfigError(
-            f"config.json: model_type '{model_type}' is not supported; supported: {sorted(ADAPTERS)}"
+            f"config.json: model_type {model_type!r} is not supported; supported: {sorted(ADAPTERS)}"
         )
     f = _Fields(config)
     spec = ADAPTERS[model_type](f)
@@ -393,11 +544,12 @@ def spec_from_config(config: dict[str, Any]) -> ModelSpec:
 def load_spec(model_dir: str | Path) -> ModelSpec:
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"{model_dir}: checkpoint directory does not exist")
-    path = Path(model_dir) / "config.json"
+    path = checkpoint_file(Path(model_dir), "config.json")  # a link leading out of the checkpoint is refused
+    if path is None:
+        raise FileNotFoundError(f"{Path(model_dir) / 'config.json'}: config.json not found in the checkpoint "
+                                "directory")
     try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: config.json not found in the checkpoint directory") from None
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UnsupportedConfigError(f"{path}: not valid JSON ({e})") from None
     return spec_from_config(config)

@@ -4,8 +4,11 @@ What it does: :func:`weight_plan` lists, for a :class:`ModelSpec`, every paramet
 Hugging Face tensor names it comes from and one named transform (``copy``, ``norm`` = add the norm offset and keep
 fp32, ``stack_gate_up``/``stack`` = stack per-expert matrices). The rename table is the same Llama-style layout
 for all three families except where Gemma2's four norms sit. :func:`check_checkpoint` verifies presence, shape and
-dtype of every source tensor and reports unexpected ones; :func:`load_tensor` produces one parameter at a time so
-the whole model never has to be materialised twice.
+dtype (F32, F16 or BF16) of every source tensor and reports unexpected ones; :func:`load_tensor` produces one
+parameter at a time so the whole model never has to be materialised twice, and refuses (CheckpointError naming the
+tensor and its file) a source tensor holding NaN/Inf, or one whose values overflow the build precision (e.g. 1e6
+cast to fp16). Those checks run on each tensor as it streams, so a bad weight is found while the graph is written
+(inside the build's staging directory), not at generate time.
 
 What it does not do: it does not read config.json (spec.py) or open files (checkpoint.py).
 """
@@ -17,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from export.checkpoint import Checkpoint, CheckpointError
+from export.checkpoint import _DTYPES, Checkpoint, CheckpointError
 from export.spec import ModelSpec
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The dtypes a weight may be stored in (safetensors names, for messages). F64 is refused rather than narrowed.
+FLOAT_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,9 @@ def check_checkpoint(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight] | Non
             elif info.shape != want:
                 problems.append(f"tensor '{src}' has shape {list(info.shape)}, expected {list(want)} from config.json")
             elif info.dtype not in FLOAT_DTYPES:
-                problems.append(f"tensor '{src}' has dtype {info.dtype}, expected a float type")
+                stored = next(k for k, v in _DTYPES.items() if v == info.dtype)
+                problems.append(f"tensor '{src}' has dtype {stored} ({info.dtype}); accepted: "
+                                f"{', '.join(FLOAT_DTYPES.values())}")
     if spec.tie_embeddings and "lm_head.weight" in ckpt.tensors and not problems:
         # A tied checkpoint may still store the head; it must be the embedding. transformers would silently untie
         # (use the stored head) when it differs, while we use the embedding: refuse rather than disagree.
@@ -123,21 +130,42 @@ def check_checkpoint(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight] | Non
 def _same_tensor(ckpt: Checkpoint, a: str, b: str) -> bool:
     if ckpt.tensors[a].shape != ckpt.tensors[b].shape:
         return False
-    x, y = ckpt.get(a), ckpt.get(b)
+    x, y = read_finite(ckpt, a, ckpt.tensors[a].dtype), read_finite(ckpt, b, ckpt.tensors[b].dtype)
     return torch.equal(x, y) if x.dtype == y.dtype else torch.equal(x.float(), y.float())
 
 
+def read_finite(ckpt: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """One checkpoint tensor cast to `dtype`, refused (CheckpointError naming it) if it holds NaN/Inf or if the cast
+    overflows (e.g. 1e6 in an fp32 checkpoint built as fp16). The checks run on the tensor already in memory; the
+    boolean masks they make are transient."""
+    t = ckpt.get(name)
+    where = f"tensor '{name}' ({ckpt.tensors[name].file.name})"
+    if not torch.isfinite(t).all():
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise CheckpointError(f"{where} has {nan + inf} non-finite value(s) of {t.numel()} ({nan} NaN, {inf} Inf); "
+                              "refusing to export it (NaN/Inf weights turn the logits into NaN at generate time)")
+    out = t.to(dtype)
+    if out is not t and not torch.isfinite(out).all():
+        over = int((~torch.isfinite(out)).sum())
+        raise CheckpointError(
+            f"{where}: {over} value(s) overflow {_PRECISION.get(dtype, dtype)} (largest magnitude "
+            f"{float(t.abs().max()):.6g}; {_PRECISION.get(dtype, dtype)} holds at most {torch.finfo(dtype).max:.6g}); "
+            "use a wider precision (e.g. fp32) or fix the checkpoint")
+    return out
+
+
 def load_tensor(w: Weight, ckpt: Checkpoint, dtype: torch.dtype, norm_offset: float) -> torch.Tensor:
-    """Read and transform the sources of one parameter; norms come back in fp32, the rest in `dtype`."""
+    """Read and transform the sources of one parameter; norms come back in fp32, the rest in `dtype`. Every source
+    is checked for NaN/Inf before and after the cast (read_finite)."""
     if w.transform == "norm":
-        return ckpt.get(w.sources[0]).to(torch.float32) + norm_offset
+        return read_finite(ckpt, w.sources[0], torch.float32) + norm_offset
     if w.transform == "copy":
-        return ckpt.get(w.sources[0]).to(dtype)
+        return read_finite(ckpt, w.sources[0], dtype)
     if w.transform == "stack":
-        return torch.stack([ckpt.get(s).to(dtype) for s in w.sources])
+        return torch.stack([read_finite(ckpt, s, dtype) for s in w.sources])
     if w.transform == "stack_gate_up":
         pairs = zip(w.sources[0::2], w.sources[1::2])
-        return torch.stack([torch.cat([ckpt.get(g).to(dtype), ckpt.get(u).to(dtype)]) for g, u in pairs])
+        return torch.stack([torch.cat([read_finite(ckpt, g, dtype), read_finite(ckpt, u, dtype)]) for g, u in pairs])
     raise AssertionError(w.transform)
 
 

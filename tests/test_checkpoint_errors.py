@@ -3,8 +3,12 @@
 Covers the Python API (resolve_model, Checkpoint, load_spec, load_model) and the CLI (`export.__main__.main`, which
 must print `error: ...` and return 2; argparse rejections exit with status 2): missing directories, presets and HF
 repo ids (with a fake offline HF cache built under tmp_path), truncated/corrupt/pickle-only/inconsistent
-safetensors, configs we refuse (unknown model type, RoPE types, dual-chunk attention, unknown fields, missing or
-contradicting fields, bad JSON) and extra tensors (a warning naming them, loading still works).
+safetensors, tensors of a dtype we do not take (F64, ints: the message lists F32, F16, BF16), configs we refuse
+(unknown model type, RoPE types, dual-chunk attention, unknown fields, missing or contradicting fields, bad JSON, a
+config.json that is not an object, max_position_embeddings -1 naming the field rather than --max-seq-len; the table
+of wrong types per field is in test_config_fields.py), NaN/Inf weights and fp32 weights that overflow an fp16 build
+(refused while they stream, naming tensor and file; the build leaves nothing behind), a real `python -m export
+build` subprocess (exit 2, `error:`, no traceback) and extra tensors (a warning naming them, loading still works).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from export.__main__ import main
 from export.checkpoint import Checkpoint, CheckpointError, resolve_model
 from export.model import load_model
+from export.options import MAX_VERIFY_STEPS
 from export.spec import UnsupportedConfigError, load_spec
 from export.verify import run_ours
 from tests.conftest import edit_config
@@ -227,9 +232,19 @@ def test_non_float_dtype(copy_checkpoint):
         t["model.norm.weight"] = t["model.norm.weight"].to(torch.int64)
 
     path = edit_tensors(copy_checkpoint("qwen2_window"), to_int)
-    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' has dtype torch\.int64, expected a "
-                                              r"float type"):
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' has dtype I64 \(torch\.int64\); "
+                                              r"accepted: F32, F16, BF16"):
         load_model(path)
+
+
+def test_f64_tensor_says_what_is_accepted(copy_checkpoint, capsys):
+    path = edit_tensors(copy_checkpoint("qwen3_moe_mixed"), lambda t: t.update(
+        {"model.layers.1.mlp.experts.3.up_proj.weight": t["model.layers.1.mlp.experts.3.up_proj.weight"].double()}))
+    msg = "tensor 'model.layers.1.mlp.experts.3.up_proj.weight' has dtype F64 (torch.float64); accepted: F32, F16, BF16"
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    assert msg in str(e.value)
+    assert msg in cli_error(capsys, path)
 
 
 def test_unsupported_dtype(copy_checkpoint):
@@ -238,7 +253,7 @@ def test_unsupported_dtype(copy_checkpoint):
 
     path = edit_tensors(copy_checkpoint("qwen2_window"), to_int16)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has unsupported "
-                                              r"dtype I16"):
+                                              r"dtype I16; accepted: F32, F16, BF16 for weights"):
         Checkpoint(path)
 
 
@@ -470,8 +485,8 @@ def test_agreeing_alias_fields_are_accepted(copy_checkpoint):
 # CLI argument values
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "-1"], "expected a non-negative integer, got '-1'"),
-    (["--steps", "two"], "expected a non-negative integer, got 'two'"),
+    (["--steps", "-1"], f"argument --steps: expected an integer in [0, {MAX_VERIFY_STEPS}], got '-1'"),
+    (["--steps", "two"], f"argument --steps: expected an integer in [0, {MAX_VERIFY_STEPS}], got 'two'"),
     (["--prompt-ids", "a,b"], "expected comma-separated integers, got 'a,b'"),
     (["--kv-mode", "foo"], "invalid choice: 'foo'"),
 ])
@@ -495,7 +510,7 @@ def test_cli_prompt_ids_outside_vocab(checkpoints, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--max-seq-len", "1"], "--max-seq-len 1: must be in"),
+    (["--max-seq-len", "1"], "argument --max-seq-len: expected an integer >= 2, got '1'"),
     (["--max-seq-len", "100000000"], "--max-seq-len 100000000: must be in"),
     (["--max-batch", "0"], "--max-batch"),
     (["--logits", "first"], "--logits"),
@@ -518,3 +533,118 @@ def test_bad_build_values(argv, match, checkpoints, tmp_path, capsys):
     assert rc == 2
     assert match in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# malformed config.json (the per-field table of wrong types and ranges is BAD in test_config_fields.py)
+
+@pytest.mark.parametrize("text, match", [
+    ('[{"model_type": "qwen2"}]',
+     r"config.json: must be a JSON object \(\{\.\.\.\}\), got \[\{'model_type': 'qwen2'\}\] \(list\)"),
+    ('"qwen2"', r"config.json: must be a JSON object \(\{\.\.\.\}\), got 'qwen2' \(str\)"),
+    ("null", r"config.json: must be a JSON object \(\{\.\.\.\}\), got null"),
+])
+def test_config_that_is_not_an_object(text, match, copy_checkpoint, capsys):
+    path = copy_checkpoint("qwen2_window")
+    (path / "config.json").write_text(text)
+    _refused(path, match)
+    assert "must be a JSON object" in cli_error(capsys, path)
+
+
+def test_model_type_of_the_wrong_type(copy_checkpoint):
+    path = edit_config(copy_checkpoint("qwen2_window"), lambda c: c.update(model_type=["qwen2"]))
+    _refused(path, r"model_type \['qwen2'\] is not supported; supported: \['gemma2', 'qwen2', 'qwen3_moe'\]")
+
+
+def test_negative_max_position_embeddings_names_the_field_not_the_flag(copy_checkpoint, tmp_path, capsys):
+    """No --max-seq-len was passed: the error is about config.json, not about a flag."""
+    path = edit_config(copy_checkpoint("qwen2_window"), lambda c: c.update(max_position_embeddings=-1))
+    out = tmp_path / "artifact"
+    capsys.readouterr()
+    assert main(["build", "--model", str(path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: config.json: field 'max_position_embeddings' must be an integer >= 2, got -1 (int)" in err
+    assert "--max-seq-len" not in err and not out.exists()
+
+
+def _build_subprocess(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "export", "build", "--model", str(model), "--out", str(out),
+                           "--no-progress", *extra], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=out.parent)
+
+
+@pytest.mark.parametrize("field, value, shown", [
+    ("tie_word_embeddings", "false", "must be true or false, got 'false' (str)"),
+    ("num_hidden_layers", "2", "must be an integer >= 1, got '2' (str)"),
+])
+def test_build_subprocess_refuses_a_wrong_type(field, value, shown, copy_checkpoint, tmp_path):
+    """The real `python -m export build`: exit 2, one `error:` line naming field and value, no traceback, nothing
+    written."""
+    path = edit_config(copy_checkpoint("qwen2_window"), lambda c: c.update({field: value}))
+    out = tmp_path / "artifact"
+    r = _build_subprocess(path, out)
+    assert r.returncode == 2, r.stderr
+    assert f"error: config.json: field '{field}' {shown}" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["qwen2_window"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# non-finite weights: refused while they stream, naming the tensor and its file
+
+def _poison(path: Path, name: str, value: float, count: int = 1) -> Path:
+    """Write `value` into the first `count` entries of one tensor, keeping every other tensor as it was."""
+    index = path / "model.safetensors.index.json"
+    file = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
+
+    def edit(t):
+        t[name].view(-1)[:count] = value
+
+    return edit_tensors(path, edit, file=file)
+
+
+@pytest.mark.parametrize("case, name, value, count, counts, build", [
+    # build=True: also through `python -m export build`, once per way a weight reaches the graph file: a large one
+    # is read by onnx_ir's writer, a small one (a norm) already by the graph optimizer (which wraps what it raises)
+    ("qwen2_window", "model.layers.1.mlp.down_proj.weight", float("nan"), 3, "(3 NaN, 0 Inf)", True),
+    ("qwen2_window", "model.norm.weight", float("inf"), 1, "(0 NaN, 1 Inf)", True),
+    ("qwen3_moe_mixed", "model.layers.1.mlp.experts.5.down_proj.weight", float("-inf"), 2, "(0 NaN, 2 Inf)", False),
+    ("gemma2", "model.embed_tokens.weight", float("nan"), 1, "(1 NaN, 0 Inf)", False),  # tied: embedding and head
+    ("qwen2_sharded", "model.layers.0.self_attn.q_proj.bias", float("nan"), 1, "(1 NaN, 0 Inf)", False),
+])
+def test_non_finite_weight_is_refused(case, name, value, count, counts, build, copy_checkpoint, tmp_path, capsys):
+    path = _poison(copy_checkpoint(case), name, value, count)
+    index = path / "model.safetensors.index.json"
+    file = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
+    numel = load_file(str(path / file))[name].numel()
+    msg = f"tensor '{name}' ({file}) has {count} non-finite value(s) of {numel} {counts}"
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    assert msg in str(e.value)
+    if not build:
+        return
+    out = tmp_path / "artifact"
+    capsys.readouterr()
+    assert main(["build", "--model", str(path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {msg}" in err and "Traceback" not in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [case]  # no staging dir left
+
+
+def test_fp16_overflow_is_refused_naming_tensor_precision_and_magnitude(copy_checkpoint, tmp_path, capsys):
+    """1e6 is a finite fp32 weight but inf in fp16: an fp16 build refuses it; fp32 (and the fp32 loader) are fine."""
+    name = "model.layers.0.mlp.up_proj.weight"
+    path = _poison(copy_checkpoint("qwen2_window"), name, -1e6, count=2)
+    msg = (f"tensor '{name}' (model.safetensors): 2 value(s) overflow fp16 (largest magnitude 1e+06; fp16 holds at "
+           "most 65504)")
+    with pytest.raises(CheckpointError) as e:
+        load_model(path, dtype=torch.float16)
+    assert msg in str(e.value)
+    load_model(path)  # fp32: representable, so accepted
+    out = tmp_path / "artifact"
+    capsys.readouterr()
+    assert main(["build", "--model", str(path), "--out", str(out), "--no-progress", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {msg}" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -6,7 +6,12 @@ flipped directory within 1e-4 (the field is honoured correctly, not just changed
 exist, and their shapes): the spec / weight plan changes and loading the unflipped weights with the flipped config
 raises a CheckpointError naming a tensor. Defaults that only bite past a tiny model (4096-token windows, layer 28
 on, Gemma2's head_dim 256) are compared with transformers' config objects instead. Token ids land in the spec. A
-last test checks that every field an adapter reads is covered here or in test_checkpoint_errors.py.
+coverage test checks that every field an adapter reads is covered here or in test_checkpoint_errors.py.
+
+Wrong types and ranges (BAD): for every field each family's adapter reads (a coverage test enforces it), a string
+for an int, a float or a bool for an int, "false" for a bool, a list for an object and vice versa, zero or negative
+sizes, indivisible heads, top-k above the expert count, bad layer_types, null where required, NaN/Inf in a float:
+load_spec raises one UnsupportedConfigError naming the field and the value, and the CLI prints it and exits 2.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from export.checkpoint import CheckpointError
 from export.model import load_model
-from export.spec import ADAPTERS, IGNORED, _Fields, load_spec, spec_from_config
+from export.spec import ADAPTERS, IGNORED, UnsupportedConfigError, _Fields, load_spec, spec_from_config
 from export.verify import compare, run_hf, run_ours
 from export.weights import weight_plan
 from tests.conftest import CASES, VOCAB, edit_config
@@ -382,3 +387,257 @@ def test_every_read_field_is_covered():
                 continue
             uncovered.add((family, field))
     assert not uncovered, f"fields read by an adapter but flipped by no test: {sorted(uncovered)}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# wrong types and ranges: every field an adapter reads is refused by name, with its value, when it is malformed
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _shown(value) -> str:
+    """How spec.py shows a bad value: repr and JSON-decoded Python type, or null."""
+    return "null" if value is None else f"{value!r} ({type(value).__name__})"
+
+
+def _bad(case: str, field: str, value, *expect: str, edit=None):
+    """A row: set `field` (a top-level key, or 'rope_parameters.KEY' / 'rope_scaling.KEY' for the RoPE dict) to
+    `value`; the error must contain every string of `expect` (default: the quoted field name and the shown value)."""
+    if edit is None:
+        if "." in field:
+            outer, key = field.split(".")
+            edit = lambda c: c.setdefault(outer, {}).update({key: value})  # noqa: E731
+        else:
+            edit = _set(**{field: value})
+    return pytest.param(case, field, edit, expect or (f"field '{field}' must be", f"got {_shown(value)}"),
+                        id=f"{case}-{field}={value!r}")
+
+
+BAD = [
+    # --- qwen2: sizes and heads
+    _bad("qwen2_window", "num_hidden_layers", "2",
+         "config.json: field 'num_hidden_layers' must be an integer >= 1, got '2' (str)"),
+    _bad("qwen2_window", "num_hidden_layers", 2.0),
+    _bad("qwen2_window", "num_hidden_layers", True),
+    _bad("qwen2_window", "num_hidden_layers", 0),
+    _bad("qwen2_window", "num_hidden_layers", None, "required field 'num_hidden_layers' is missing (null)"),
+    _bad("qwen2_window", "hidden_size", -64),
+    _bad("qwen2_window", "hidden_size", "64"),
+    _bad("qwen2_window", "num_attention_heads", 0),
+    _bad("qwen2_window", "num_attention_heads", 4.0),
+    _bad("qwen2_window", "num_key_value_heads", 0),
+    _bad("qwen2_window", "num_key_value_heads", [2]),
+    _bad("qwen2_window", "num_key_value_heads", 3, "num_attention_heads 4 not a multiple of kv heads 3",
+         "'num_key_value_heads'"),
+    _bad("qwen2_window", "num_attention_heads", 6, "hidden_size 64 is not a multiple of num_attention_heads 6",
+         "'head_dim'", edit=_set(num_attention_heads=6, num_key_value_heads=2)),
+    _bad("qwen2_window", "head_dim", "16"),
+    _bad("qwen2_window", "head_dim", 0),
+    _bad("qwen2_window", "vocab_size", "256"),
+    _bad("qwen2_window", "vocab_size", 0),
+    _bad("qwen2_window", "intermediate_size", -1),
+    _bad("qwen2_window", "intermediate_size", None, "required field 'intermediate_size' is missing (null)"),
+    _bad("qwen2_window", "max_position_embeddings", -1,
+         "field 'max_position_embeddings' must be an integer >= 2, got -1 (int)"),
+    _bad("qwen2_window", "max_position_embeddings", 1024.0),
+    _bad("qwen2_window", "rms_norm_eps", "1e-6"),
+    _bad("qwen2_window", "rms_norm_eps", NAN, "field 'rms_norm_eps' must be a finite number > 0, got nan (float)"),
+    _bad("qwen2_window", "rms_norm_eps", -INF),
+    _bad("qwen2_window", "rms_norm_eps", 0),
+    _bad("qwen2_window", "rms_norm_eps", None),
+    # --- qwen2: switches (the JSON string "false" is not false)
+    _bad("qwen2_window", "tie_word_embeddings", "false",
+         "field 'tie_word_embeddings' must be true or false, got 'false' (str)"),
+    _bad("qwen2_window", "tie_word_embeddings", 0),
+    _bad("qwen2_window", "use_sliding_window", "true"),
+    _bad("qwen2_window", "use_mrope", "false"),
+    _bad("qwen2_window", "dual_chunk_attention_config", [1, 2]),
+    _bad("qwen2_window", "hidden_act", 5),
+    _bad("qwen2_window", "hidden_act", None),
+    # --- qwen2: windows and layer types
+    _bad("qwen2_window", "sliding_window", "5"),
+    _bad("qwen2_window", "sliding_window", 0, "field 'sliding_window' must be an integer >= 1 or null, got 0"),
+    _bad("qwen2_window", "sliding_window", -1, "field 'sliding_window' must be an integer >= 0 or null, got -1",
+         edit=_drop("layer_types", use_sliding_window=False, sliding_window=-1)),  # unused, but not negative
+    _bad("qwen2_window", "max_window_layers", -1),
+    _bad("qwen2_window", "max_window_layers", "1"),
+    _bad("qwen2_window", "layer_types", {"0": "full_attention"}),
+    _bad("qwen2_window", "layer_types", ["full_attention", 1, 2]),
+    _bad("qwen2_window", "layer_types", ["full_attention", "sliding_attention", "global"],
+         "layer_types[2] = 'global' is not supported; supported: full_attention, sliding_attention"),
+    _bad("qwen2_window", "layer_types", ["full_attention"] * 4, "layer_types has 4 entries for 3 layers"),
+    # --- qwen2: RoPE, both layouts
+    _bad("qwen2_window", "rope_parameters", ["default"]),
+    _bad("qwen2_window", "rope_parameters", "default"),
+    _bad("qwen2_window", "rope_scaling", [1]),
+    _bad("qwen2_window", "rope_theta", "1e4"),
+    _bad("qwen2_window", "rope_theta", -1.0),
+    _bad("qwen2_window", "rope_parameters.rope_theta", 0),
+    _bad("qwen2_window", "rope_parameters.rope_theta", NAN),
+    _bad("qwen2_window", "rope_parameters.rope_type", 5),
+    _bad("qwen2_window", "rope_scaling.type", ["linear"], edit=_v4_rope(scaling={"type": ["linear"], "factor": 2.0})),
+    _bad("qwen2_window", "rope_parameters.partial_rotary_factor", "1"),
+    _bad("qwen2_mqa_tied_linear", "rope_parameters.factor", 0),
+    _bad("qwen2_mqa_tied_linear", "rope_parameters.factor", "4"),
+    _bad("qwen2_mqa_tied_linear", "rope_scaling.factor", -2.0, edit=_v4_rope(scaling={"type": "linear",
+                                                                                      "factor": -2.0})),
+    _bad("qwen2_yarn", "rope_parameters.factor", INF),
+    _bad("qwen2_yarn", "rope_parameters.original_max_position_embeddings", 0),
+    _bad("qwen2_yarn", "rope_parameters.original_max_position_embeddings", "64"),
+    _bad("qwen2_yarn", "original_max_position_embeddings", -5),
+    _bad("qwen2_yarn", "rope_parameters.beta_fast", "32"),
+    _bad("qwen2_yarn", "rope_parameters.beta_slow", 0),
+    _bad("qwen2_yarn", "rope_parameters.attention_factor", -1.0),
+    _bad("qwen2_yarn", "rope_parameters.mscale", "1"),
+    _bad("qwen2_yarn", "rope_parameters.mscale_all_dim", -0.5),
+    _bad("qwen2_yarn", "rope_parameters.truncate", "false"),
+    # --- qwen2: token ids
+    _bad("qwen2_window", "bos_token_id", "1"),
+    _bad("qwen2_window", "bos_token_id", 256, "field 'bos_token_id' must be null or an integer in [0, 255] "
+                                              "(vocab_size 256), got 256 (int)"),
+    _bad("qwen2_window", "eos_token_id", [2, "3"]),
+    _bad("qwen2_window", "eos_token_id", -1),
+    _bad("qwen2_window", "eos_token_id", {"id": 2}),
+    _bad("qwen2_window", "pad_token_id", 1.5),
+    _bad("qwen2_window", "pad_token_id", [0]),
+    # --- gemma2
+    _bad("gemma2", "num_hidden_layers", "3"),
+    _bad("gemma2", "num_hidden_layers", 0),
+    _bad("gemma2", "num_attention_heads", 0),
+    _bad("gemma2", "num_key_value_heads", 3, "num_attention_heads 4 not a multiple of kv heads 3"),
+    _bad("gemma2", "num_key_value_heads", True),
+    _bad("gemma2", "hidden_size", 0),
+    _bad("gemma2", "head_dim", -24),
+    _bad("gemma2", "head_dim", 24.5),
+    _bad("gemma2", "vocab_size", 256.0),
+    _bad("gemma2", "intermediate_size", 0),
+    _bad("gemma2", "max_position_embeddings", -1),
+    _bad("gemma2", "max_position_embeddings", None, "required field 'max_position_embeddings' is missing (null)"),
+    _bad("gemma2", "rms_norm_eps", NAN),
+    _bad("gemma2", "tie_word_embeddings", "true"),
+    _bad("gemma2", "query_pre_attn_scalar", "20"),
+    _bad("gemma2", "query_pre_attn_scalar", 0),
+    _bad("gemma2", "query_pre_attn_scalar", NAN),
+    _bad("gemma2", "query_pre_attn_scalar", None, "required field 'query_pre_attn_scalar' is missing (null)"),
+    _bad("gemma2", "attn_logit_softcapping", "50"),
+    _bad("gemma2", "attn_logit_softcapping", 0),
+    _bad("gemma2", "attn_logit_softcapping", NAN),
+    _bad("gemma2", "final_logit_softcapping", -1.0),
+    _bad("gemma2", "final_logit_softcapping", True),
+    _bad("gemma2", "hidden_activation", 5),
+    _bad("gemma2", "hidden_activation", "relu", "field 'hidden_activation': activation 'relu' is not supported"),
+    _bad("gemma2", "hidden_act", 5, "'hidden_act' = 5 contradicts 'hidden_activation'"),
+    _bad("gemma2", "sliding_window", 0),
+    _bad("gemma2", "sliding_window", "5"),
+    _bad("gemma2", "sliding_window_size", "5", "'sliding_window_size' = '5' contradicts 'sliding_window' = 5"),
+    _bad("gemma2", "layer_types", "sliding_attention"),
+    _bad("gemma2", "layer_types", [], "layer_types has 0 entries for 3 layers"),
+    _bad("gemma2", "attention_bias", "false"),
+    _bad("gemma2", "rope_parameters", [10000.0]),
+    _bad("gemma2", "rope_scaling", "linear"),
+    _bad("gemma2", "rope_theta", NAN),
+    _bad("gemma2", "rope_parameters.rope_theta", "10000"),
+    _bad("gemma2", "original_max_position_embeddings", 64.0,
+         edit=_drop("rope_parameters", rope_scaling={"type": "yarn", "factor": 2.0},
+                    original_max_position_embeddings=64.0)),
+    _bad("gemma2", "bos_token_id", -2),
+    _bad("gemma2", "eos_token_id", [1, 256]),
+    _bad("gemma2", "pad_token_id", "0"),
+    # --- qwen3_moe
+    _bad("qwen3_moe_mixed", "num_hidden_layers", 4.0),
+    _bad("qwen3_moe_mixed", "num_hidden_layers", -4),
+    _bad("qwen3_moe_mixed", "num_attention_heads", "4"),
+    _bad("qwen3_moe_mixed", "num_key_value_heads", 3, "num_attention_heads 4 not a multiple of kv heads 3"),
+    _bad("qwen3_moe_mixed", "hidden_size", 0),
+    _bad("qwen3_moe_mixed", "head_dim", "16"),
+    _bad("qwen3_moe_mixed", "vocab_size", -1),
+    _bad("qwen3_moe_mixed", "intermediate_size", 96.0),
+    _bad("qwen3_moe_mixed", "max_position_embeddings", -1),
+    _bad("qwen3_moe_mixed", "rms_norm_eps", INF),
+    _bad("qwen3_moe_mixed", "tie_word_embeddings", "false"),
+    _bad("qwen3_moe_mixed", "num_local_experts", "8"),
+    _bad("qwen3_moe_mixed", "num_local_experts", -1),
+    _bad("qwen3_moe_mixed", "num_experts", True, edit=_drop("num_local_experts", num_experts=True)),
+    _bad("qwen3_moe_mixed", "num_experts_per_tok", 9,
+         "field 'num_experts_per_tok' = 9 exceeds the number of experts 8"),
+    _bad("qwen3_moe_mixed", "num_experts_per_tok", 0),
+    _bad("qwen3_moe_mixed", "num_experts_per_tok", "2"),
+    _bad("qwen3_moe_mixed", "num_experts_per_tok", None, "required field 'num_experts_per_tok' is missing (null)"),
+    _bad("qwen3_moe_mixed", "num_experts_per_tok", "2", edit=_set(num_local_experts=0, num_experts_per_tok="2")),
+    _bad("qwen3_moe_mixed", "moe_intermediate_size", 0),
+    _bad("qwen3_moe_mixed", "moe_intermediate_size", None, "required field 'moe_intermediate_size' is missing"),
+    _bad("qwen3_moe_mixed", "moe_intermediate_size", -1, edit=_set(num_local_experts=0, moe_intermediate_size=-1)),
+    _bad("qwen3_moe_mixed", "decoder_sparse_step", 0),
+    _bad("qwen3_moe_mixed", "decoder_sparse_step", "2"),
+    _bad("qwen3_moe_mixed", "mlp_only_layers", {"3": True}),
+    _bad("qwen3_moe_mixed", "mlp_only_layers", [4], "field 'mlp_only_layers' must be a list of integers in [0, 3]"),
+    _bad("qwen3_moe_mixed", "mlp_only_layers", [1.0]),
+    _bad("qwen3_moe_mixed", "mlp_only_layers", "3"),
+    _bad("qwen3_moe_mixed", "norm_topk_prob", "true"),
+    _bad("qwen3_moe_mixed", "norm_topk_prob", 1),
+    _bad("qwen3_moe_mixed", "use_sliding_window", "false"),
+    _bad("qwen3_moe_mixed", "sliding_window", 0, edit=_set(use_sliding_window=True, sliding_window=0)),
+    _bad("qwen3_moe_mixed", "sliding_window", 4.5),
+    _bad("qwen3_moe_mixed", "max_window_layers", "48"),
+    _bad("qwen3_moe_mixed", "attention_bias", 1),
+    _bad("qwen3_moe_mixed", "hidden_act", ["silu"]),
+    _bad("qwen3_moe_mixed", "rope_scaling", [2.0]),
+    _bad("qwen3_moe_mixed", "rope_theta", "1e6"),
+    _bad("qwen3_moe_mixed", "rope_parameters", 10000.0),
+    _bad("qwen3_moe_mixed", "rope_parameters.rope_theta", True),
+    _bad("qwen3_moe_mixed", "rope_scaling.factor", 0, edit=_v4_rope(scaling={"type": "yarn", "factor": 0})),
+    _bad("qwen3_moe_mixed", "original_max_position_embeddings", "32",
+         edit=_drop("rope_parameters", rope_scaling={"type": "yarn", "factor": 2.0},
+                    original_max_position_embeddings="32")),
+    _bad("qwen3_moe_mixed", "bos_token_id", True),
+    _bad("qwen3_moe_mixed", "eos_token_id", 1e9),
+    _bad("qwen3_moe_mixed", "pad_token_id", -1),
+]
+
+
+@pytest.mark.parametrize("case, field, edit, expect", BAD)
+def test_wrong_type_or_range_is_refused_by_name(case, field, edit, expect, copy_checkpoint, capsys):
+    """The spec refuses the value with one UnsupportedConfigError naming field and value; the CLI prints it as
+    `error: ...` and exits 2 (no traceback)."""
+    from export.__main__ import main
+
+    path = edit_config(copy_checkpoint(case), edit)
+    with pytest.raises(UnsupportedConfigError) as e:
+        load_spec(path)
+    for text in expect:
+        assert text in str(e.value), (field, str(e.value))
+    capsys.readouterr()
+    assert main(["verify", "--model", str(path), "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expect[0] in err and "Traceback" not in err, err
+
+
+def test_every_read_field_has_a_wrong_value_row():
+    """Each top-level field an adapter reads (on every case's config, v4 spellings and yarn included) has a row in
+    BAD for that family, so a new field cannot be read without a type/range check being tested."""
+    from tests.conftest import hf_config
+
+    rows = {(CASES[p.values[0]][0], p.values[1].split(".")[0]) for p in BAD}
+    missing = set()
+    for case, (family, fields) in CASES.items():
+        for extra in ({}, dict(rope_theta=10000.0, rope_scaling=None), dict(
+                rope_parameters=None, rope_scaling={"type": "yarn", "factor": 2.0}, original_max_position_embeddings=16,
+                layer_types=None)):
+            cfg = dict(hf_config(family, fields).to_dict(), **extra)
+            f = _Fields(cfg)
+            ADAPTERS[family](f)
+            missing |= {(family, k) for k in f.read - (IGNORED - {"bos_token_id", "eos_token_id", "pad_token_id"})
+                        if (family, k) not in rows}
+    assert not missing, f"fields read by an adapter with no wrong-value row in BAD: {sorted(missing)}"
+
+
+def test_valid_edge_values_are_accepted(checkpoints):
+    """The readers are strict about types, not about values transformers accepts: ints for floats, null where
+    transformers has a default, an unused window of 0, a list of eos ids."""
+    cfg = json.loads((checkpoints("qwen2_window") / "config.json").read_text())
+    spec = spec_from_config(dict(cfg, rms_norm_eps=1, num_key_value_heads=None, layer_types=None,
+                                 use_sliding_window=False, sliding_window=0, eos_token_id=[0, 255], bos_token_id=255,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000}))
+    assert (spec.rms_norm_eps, spec.num_kv_heads, spec.eos_token_ids, spec.bos_token_id) == (1.0, 4, (0, 255), 255)
+    assert all(layer.window is None for layer in spec.layers) and spec.rope.theta == 10000.0
+    assert isinstance(spec.rms_norm_eps, float) and isinstance(spec.rope.theta, float)

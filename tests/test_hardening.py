@@ -397,3 +397,13 @@ def test_out_of_range_values_name_the_range(argv, words, tmp_path, capsys):
     err = capsys.readouterr().err
     for w in words:
         assert w in err, err
+
+
+def test_config_symlink_out_of_the_checkpoint_is_refused(ckpt, tmp_path, capsys):
+    elsewhere = tmp_path / "config-elsewhere.json"
+    (ckpt / "config.json").rename(elsewhere)
+    (ckpt / "config.json").symlink_to(elsewhere)
+    rc = main(build_argv(ckpt, tmp_path / "art")[1:])
+    err = capsys.readouterr().err
+    assert rc == 2 and "config.json" in err and "outside the checkpoint" in err, err
+    assert not (tmp_path / "art").exists()
