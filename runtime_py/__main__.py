@@ -1,4 +1,7 @@
-"""Command line: `python -m runtime_py {generate,bench,chat} ARTIFACT ...`. Defaults are defined here, once."""
+"""Command line: `python -m runtime_py {generate,bench,chat} ARTIFACT ...`. Defaults are defined here, once.
+
+Bad input (an unusable artifact, bad values, text that is not UTF-8, a chat template that fails or exceeds its
+bounds) ends with `error: ...` on stderr and exit status 2, no traceback."""
 
 from __future__ import annotations
 
@@ -12,6 +15,25 @@ def _ids(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _utf8(what: str, text: str | None) -> None:
+    """Refuse text with undecodable bytes: Python hands them over as surrogate escapes, which no tokenizer takes."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
+        raise ValueError(f"{what} is not valid UTF-8 ({bad} at character {e.start}); pass UTF-8 text") from None
+
+
+def _check_text_args(args) -> None:
+    for flag in ("prompt", "chat", "system"):
+        _utf8(f"--{flag}", getattr(args, flag, None))
+    for stop in getattr(args, "stop", None) or ():
+        _utf8("--stop", stop)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from artifacts.bundle import ArtifactError
 
     try:
+        _check_text_args(args)
         if args.command == "generate":
             return _generate(args)
         if args.command == "bench":
@@ -139,6 +162,9 @@ def _chat(args) -> int:
             line = input("you> ").strip()
         except EOFError:
             return 0
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the message read from stdin is not valid UTF-8 ({e})") from None
+        _utf8("the message read from stdin", line)
         if not line:
             return 0
         messages.append({"role": "user", "content": line})
