@@ -19,7 +19,8 @@ fields, bad enums and syntax errors are rejected with the line) and then checks 
 match directories, dims are valid, the version directory holds the model file, the python model's I/O is the one
 model.py reads, the graph model's I/O matches the ONNX graph (names and element types), the copied artifact is
 complete. :func:`bundled_server` builds the command line that runs the ``tritonserver`` bundled in nvidia-pytriton
-(python backend only) on a repository; ``python -m artifacts.triton serve REPO`` runs it.
+(python backend only) on a repository; ``python -m artifacts.triton serve REPO`` runs it and stops it on SIGINT,
+SIGTERM or SIGHUP with nothing of the server's process group left behind (see ``_serve``).
 
 TensorRT artifacts: the python model runs the engine through runtime_py when a GPU is present; the raw model is
 ``tensorrt_plan`` (``1/model.plan``) for a full-TensorRT engine and the ONNX graph on ONNX Runtime for a TensorRT-RTX
@@ -32,6 +33,7 @@ when it was built), build engines, or start a full Triton. It never imports expo
 from __future__ import annotations
 
 import argparse
+import json
 import ast
 import os
 import shutil
@@ -72,6 +74,18 @@ def _pb():
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
+REPOSITORY_MARKER = ".llm-export-repository.json"  # what lets --overwrite replace a repository: only ours
+REPOSITORY_FORMAT = "llm-export-triton-repository"
+
+
+def is_repository(path: Path) -> bool:
+    """True when `path` is a model repository this module wrote (its marker file names our format)."""
+    try:
+        return json.loads((Path(path) / REPOSITORY_MARKER).read_text()).get("format") == REPOSITORY_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -207,8 +221,14 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
     graph = manifest["graphs"]["decoder"]
     graph_file = artifact / graph["file"]
     data_files = _external_data(graph_file)
+    unlisted = [rel for rel in data_files if (Path(graph["file"]).parent / rel).as_posix() not in manifest["files"]]
+    if unlisted:
+        raise ArtifactError(f"{artifact}: the graph's external data {unlisted} is not among the manifest's "
+                            "checksummed files")
     graph_name = f"{name}_graph"
-    with staging_dir(Path(out), overwrite=overwrite) as tmp:
+    with staging_dir(Path(out), overwrite=overwrite, owned=is_repository, protect=[artifact]) as tmp:
+        marker = {"format": REPOSITORY_FORMAT, "artifact": str(artifact.resolve()), "models": [name, graph_name]}
+        (tmp / REPOSITORY_MARKER).write_text(json.dumps(marker, indent=2))
         # (a) the streaming python model
         version = tmp / name / "1"
         for rel in [*manifest["files"], MANIFEST]:
@@ -673,7 +693,8 @@ def bundled_server(repo: str | Path, workdir: str | Path, grpc_port: int, http_p
             "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port),
             "--http-address", "127.0.0.1", "--http-port", str(http_port),
             "--metrics-port", str(metrics_port), "--allow-gpu-metrics", "false",
-            "--disable-auto-complete-config", "--exit-timeout-secs", "10", "--log-verbose", "0"]
+            "--disable-auto-complete-config", "--exit-timeout-secs", str(SERVER_EXIT_TIMEOUT_S),
+            "--log-verbose", "0"]
     env = dict(os.environ)
     libdirs = [str(paths["libs"])]
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):  # the stub links libpython3.X: use this Python's
@@ -684,23 +705,141 @@ def bundled_server(repo: str | Path, workdir: str | Path, grpc_port: int, http_p
     return argv, env
 
 
-def _serve(args) -> int:
-    validate_repository(args.repo)
-    with tempfile.TemporaryDirectory(prefix="llm-export-tritonserver-") as work:
-        argv, env = bundled_server(args.repo, work, args.grpc_port, args.http_port, args.metrics_port,
-                                   args.model or None, python_env=args.python_env)
-        print(f"PATH={env['PATH'].split(os.pathsep)[0]}:... LD_LIBRARY_PATH={env['LD_LIBRARY_PATH']} "
-              + " ".join(argv), file=sys.stderr)
-        proc = subprocess.Popen(argv, env=env)
+# -- serve: run the bundled server until it exits or is asked to stop -----------------------------------------------
+SERVER_EXIT_TIMEOUT_S = 10  # tritonserver --exit-timeout-secs: how long it waits for in-flight work on a stop
+STOP_GRACE_S = 5  # beyond that, before the server's whole process group is killed
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+def _prctl(option: int, value: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def _die_with(parent: int):
+    """preexec_fn for the server: SIGKILL when the serve process dies without cleaning up (it was SIGKILLed)."""
+    import signal
+
+    def run():
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl: nobody will stop us
+            os._exit(1)
+
+    return run
+
+
+def _group_pids(pgid: int) -> list[int]:
+    """Pids of every process (zombies included) in process group `pgid`, from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[2]) == pgid:  # fields after "(comm)": state ppid pgrp
+            pids.append(int(entry))
+    return pids
+
+
+def _exited(pid: int) -> bool:
+    """Has child `pid` exited? Does not reap it, so its pid (= the group id) cannot be reused meanwhile."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _kill_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGKILL what is left of the server's process group (its python backend stubs, the server if still running),
+    reap the server and the stubs this process adopted (child subreaper), and wait until the group is empty."""
+    import signal
+    import time
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    deadline = time.monotonic() + timeout
+    while (left := _group_pids(proc.pid)) and time.monotonic() < deadline:
+        for pid in left:
             try:
-                return proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                return proc.wait()
+                os.waitpid(pid, os.WNOHANG)  # an adopted stub's zombie is ours to reap
+            except ChildProcessError:
+                pass  # not our child (its own parent or init reaps it)
+        time.sleep(0.05)
+    if left:
+        print(f"warning: processes {left} of tritonserver's group {proc.pid} are still there", file=sys.stderr)
+
+
+def _serve(args) -> int:
+    """Run the bundled tritonserver on a repository until it exits or this process is asked to stop.
+
+    The server runs in its own session (a terminal's Ctrl-C reaches only this process, never tritonserver or its
+    python backend stubs directly). SIGINT, SIGTERM or SIGHUP forwards one SIGTERM to the server and waits up to
+    its exit timeout plus STOP_GRACE_S; a second signal, or the time running out, kills the server's whole process
+    group. Whatever ended the server, nothing of its process group is left when this returns (stubs orphaned by
+    the server are adopted and reaped: child subreaper). A server that exits by itself is never restarted.
+
+    Returns 0 after a requested stop (with a warning when the server could not finish it cleanly: Triton waits up to
+    its exit timeout for in-flight requests and for clients' open HTTP keep-alive connections and gRPC streams, and
+    never exits while a gRPC stream stays open), 130 when the stop came before the server was started, and otherwise
+    the server's own exit status (128 + N when a signal N it did not get from us ended it)."""
+    import signal
+    import time
+
+    requests: list[int] = []
+
+    def on_signal(signum, _frame):
+        requests.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        validate_repository(args.repo)
+        with tempfile.TemporaryDirectory(prefix="llm-export-tritonserver-") as work:
+            argv, env = bundled_server(args.repo, work, args.grpc_port, args.http_port, args.metrics_port,
+                                       args.model or None, python_env=args.python_env)
+            print(f"PATH={env['PATH'].split(os.pathsep)[0]}:... LD_LIBRARY_PATH={env['LD_LIBRARY_PATH']} "
+                  + " ".join(argv), file=sys.stderr)
+            if requests:
+                return 130
+            _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+            proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with(os.getpid()))
+            forced, deadline, seen = False, None, 0
+            try:
+                while not _exited(proc.pid):
+                    if requests and deadline is None:
+                        print(f"stopping tritonserver (pid {proc.pid}; a second Ctrl-C kills it now)",
+                              file=sys.stderr)
+                        os.kill(proc.pid, signal.SIGTERM)  # not send_signal: it may reap the server
+                        deadline, seen = time.monotonic() + SERVER_EXIT_TIMEOUT_S + STOP_GRACE_S, len(requests)
+                    elif deadline is not None and (len(requests) > seen or time.monotonic() > deadline):
+                        forced = True
+                        break
+                    time.sleep(0.05)
+            finally:
+                _kill_group(proc)
+                _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+            if not requests:
+                return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+            if not forced and proc.returncode in (0, -signal.SIGTERM):  # -SIGTERM: stopped while starting up
+                print("tritonserver stopped", file=sys.stderr)
+                return 0
+            if forced:
+                how = "was killed on a second signal" if len(requests) > seen else \
+                    f"was killed, not gone {SERVER_EXIT_TIMEOUT_S + STOP_GRACE_S} s after the stop request"
+            else:
+                how = f"gave up after its {SERVER_EXIT_TIMEOUT_S} s exit timeout (exit {proc.returncode})"
+            print(f"warning: tritonserver {how}: it waits for in-flight requests, model unloads, clients' open HTTP "
+                  "keep-alive connections and gRPC streams, and whatever was still open was cut. It and its python "
+                  "backend stubs are gone.", file=sys.stderr)
+            return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,7 +173,8 @@ class TritonPythonModel:
         p = {**DEFAULTS, **{k: v for k, v in params.items() if v}}
         artifact = Path(p["artifact"])
         artifact = artifact if artifact.is_absolute() else _HERE / artifact
-        self.generator = Generator(artifact, threads=int(p["ort_threads"]) or None, backend=p["runtime_backend"])
+        self.generator = Generator(artifact, threads=int(p["ort_threads"]) or None, backend=p["runtime_backend"],
+                                   batch=max(1, int(p["max_concurrency"])))  # each generation owns a KV cache
         session = self.generator.session
         if type(session).__name__ != "OrtSession":
             # ORT's run is thread-safe; a TensorRT execution context is not. Generations still interleave (each

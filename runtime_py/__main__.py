@@ -36,6 +36,19 @@ def _check_text_args(args) -> None:
         _utf8("--stop", stop)
 
 
+MAX_THREADS = 1024
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_THREADS}], got {text!r}")
+    return value
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless --temperature etc.)")
@@ -46,7 +59,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="open the artifact even when its estimated memory exceeds what this process may use")
 
 
 def _params(args):
@@ -81,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--prompt-len", type=int, default=64)
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--threads", type=_threads, default=None)
     b.add_argument("--json", action="store_true", help="print only one JSON object")
 
     c = sub.add_parser("chat", help="interactive chat (streams)")
@@ -112,7 +127,7 @@ def _generate(args) -> int:
     params = _params(args)
     if args.stream and args.json:
         raise ValueError("--stream and --json: choose one (--json prints a single object once generation ends)")
-    gen = Generator(args.artifact, threads=args.threads)
+    gen = Generator(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check)
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
     elif args.chat is not None:
@@ -154,7 +169,7 @@ def _chat(args) -> int:
     from runtime_py.generate import Generator
 
     params = _params(args)
-    gen = Generator(args.artifact, threads=args.threads)
+    gen = Generator(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:

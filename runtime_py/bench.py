@@ -24,7 +24,7 @@ def bench(artifact, prompt_len: int, new_tokens: int, batch: int = 1, threads: i
           generator: Generator | None = None) -> dict:
     if prompt_len < 1 or new_tokens < 1 or batch < 1:
         raise ValueError("--prompt-len, --new-tokens and --batch must be >= 1")
-    gen = generator or Generator(artifact, threads=threads)
+    gen = generator or Generator(artifact, threads=threads, batch=batch)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, gen.session.vocab_size, prompt_len).tolist() for _ in range(batch)]
     params = SamplingParams(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)

@@ -60,11 +60,14 @@ class Result:
 
 
 class Generator:
-    def __init__(self, artifact: str | Path, threads: int | None = None, backend: str = "auto"):
+    def __init__(self, artifact: str | Path, threads: int | None = None, backend: str = "auto", batch: int = 1,
+                 check_memory: bool = True):
         """backend: "auto" runs an artifact's TensorRT engine when a CUDA GPU is present and its graph on ONNX
-        Runtime otherwise; "onnxruntime" or "tensorrt" force one."""
+        Runtime otherwise; "onnxruntime" or "tensorrt" force one. `batch`: the sequences whose KV caches will be
+        live at once, for the memory check an ONNX Runtime session makes before loading (runtime_py/memory.py);
+        `check_memory=False` skips that check."""
         self.root = Path(artifact)
-        self.session = self._open(backend, threads)
+        self.session = self._open(backend, threads, batch, check_memory)
         self.tokenizer = None
         if (self.root / "tokenizer.json").exists():
             from runtime_py.tokenizer import Tokenizer
@@ -80,7 +83,7 @@ class Generator:
             pad = self.tokenizer.pad_id
         self.pad_id = 0 if pad is None else pad  # pad slots are masked (or overwritten), so any valid id works
 
-    def _open(self, backend: str, threads: int | None):
+    def _open(self, backend: str, threads: int | None, batch: int, check_memory: bool):
         from artifacts.bundle import read_manifest
 
         if backend not in ("auto", "onnxruntime", "tensorrt"):
@@ -90,7 +93,7 @@ class Generator:
             from runtime_py.trt_session import TrtSession
 
             return TrtSession(self.root)
-        return OrtSession(self.root, threads=threads)
+        return OrtSession(self.root, threads=threads, batch=batch, check_memory=check_memory)
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -9,6 +9,9 @@ step costs one ``run_with_iobinding`` and no rebinding; with the reference graph
 writes a second, then they swap (no allocation, no growing copies). In concat mode the presents ORT allocates are
 fed back as OrtValues without a round trip through numpy.
 
+Before the InferenceSession is created, :func:`runtime_py.memory.check_fits` refuses an artifact that cannot fit
+in the memory this process can get (``check_memory=False`` skips it).
+
 What it does not do: sampling, tokenizing or batching policy (generate.py does), or TensorRT.
 """
 
@@ -21,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from artifacts.bundle import ArtifactError, open_artifact
+from runtime_py.memory import check_fits
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 ORT_LOWERINGS = ("reference", "ort", "trt-native")
@@ -44,7 +48,12 @@ class _Bound:
 
 
 class OrtSession:
-    def __init__(self, artifact: str | Path, threads: int | None = None, verify: bool = True):
+    def __init__(self, artifact: str | Path, threads: int | None = None, verify: bool = True, batch: int = 1,
+                 check_memory: bool = True):
+        """`batch`: how many sequences (of up to max_seq_len tokens) the caller will run at once; with
+        `check_memory` the session refuses, before ONNX Runtime loads anything, an artifact whose estimated memory
+        (weights as the CPU provider holds them, KV buffers for `batch` x max_seq_len, fixed cost) exceeds what this
+        process can get (runtime_py/memory.py: NotEnoughMemoryError, an ArtifactError)."""
         self.root = Path(artifact)
         self.manifest = open_artifact(self.root, verify=verify)
         graph = self.manifest["graphs"]["decoder"]
@@ -68,6 +77,8 @@ class OrtSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.log_severity_level = 3
+        if check_memory:
+            check_fits(self.manifest, batch=batch, where=self.root)
         self.session = ort.InferenceSession(str(self.root / graph["file"]), options,
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
