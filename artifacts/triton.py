@@ -33,8 +33,8 @@ when it was built), build engines, or start a full Triton. It never imports expo
 from __future__ import annotations
 
 import argparse
-import json
 import ast
+import json
 import os
 import shutil
 import socket

@@ -20,9 +20,9 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from export.tiny import CHATML_TEMPLATE, write_tokenizer
-from runtime_py import chat
-from runtime_py.chat import (ChatTemplateCheckError, ChatTemplateError, TemplateLimitError, TemplateRejectedError,
-                             TemplateSecurityError, check_chat_templates, load_chat_template, render_chat)
+from runtime_py import template_sandbox as sandbox
+from runtime_py.chat import ChatTemplateCheckError, check_chat_templates, load_chat_template, render_chat
+from runtime_py.template_sandbox import ChatTemplateError, TemplateLimitError, TemplateRejectedError, TemplateSecurityError
 
 # Qwen2.5-Instruct's template (default system prompt, tools, tool calls, tool responses).
 QWEN25_TEMPLATE = """{%- if tools %}
@@ -301,7 +301,7 @@ def test_qwen3_matches_transformers(tmp_path, case):
     if case == "no_thinking":
         assert ours.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     if case == "long":
-        assert 3_000_000 < len(ours) < chat.MAX_OUTPUT_CHARS
+        assert 3_000_000 < len(ours) < sandbox.MAX_OUTPUT_CHARS
 
 def test_gemma_matches_and_raises_like_transformers(tmp_path):
     d = _dir_with(tmp_path, GEMMA_TEMPLATE, bos_token={"content": "<bos>", "special": True, "lstrip": False,
@@ -395,7 +395,7 @@ def _refused(template: str, bound: str, what: str | None = None, messages=ONE) -
     assert f"chat template exceeded {bound} = " in message, message
     if what is not None:
         assert what in message, message
-    assert isinstance(e.value, ValueError) and chat._current() is None  # a clean error, no budget left behind
+    assert isinstance(e.value, ValueError) and sandbox._current() is None  # a clean error, no budget left behind
     assert wall < 10, f"{template!r} took {wall:.1f} s to fail"
     assert peak < 200 * 2**20, f"{template!r} allocated {peak / 2**20:.0f} MiB before failing"
     return wall, cpu
@@ -450,7 +450,7 @@ def test_nested_range_loops_are_bounded():
 def test_loop_without_output_stops_at_the_time_budget():
     wall, cpu = _refused("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
                          "MAX_RENDER_SECONDS", "CPU time")
-    assert chat.MAX_RENDER_SECONDS * 0.9 < cpu < chat.MAX_RENDER_SECONDS + 2, cpu
+    assert sandbox.MAX_RENDER_SECONDS * 0.9 < cpu < sandbox.MAX_RENDER_SECONDS + 2, cpu
     print(f"\n100 M-iteration silent loop stopped after {wall:.2f} s wall, {cpu:.2f} s CPU")
 
 
@@ -529,7 +529,7 @@ def test_renders_are_bounded_per_thread():
     for t in threads:
         t.join(timeout=60)
     assert results == {0: True, 1: True, 2: True, 3: True}
-    assert chat._current() is None
+    assert sandbox._current() is None
 
 
 def test_every_render_failure_is_a_chat_template_error():

@@ -243,7 +243,7 @@ def test_sigterm_mid_build_cleans_up(ckpt, tmp_path):
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=60)
     err = proc.stderr.read()
-    assert rc == 130 and "nothing was written" in err and "Traceback" not in err, (rc, err)
+    assert rc == 143 and "terminated (SIGTERM): nothing was written" in err and "Traceback" not in err, (rc, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]  # no artifact, no staging, no lock file
 
 
