@@ -7,7 +7,8 @@ import argparse
 import json
 import sys
 
-from export.options import MAX_BATCH, MAX_VERIFY_STEPS, int_in
+from export.options import (ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, DEFAULT_GROUP_SIZE, MAX_BATCH,
+                            MAX_VERIFY_STEPS, QUANT_SCHEMES, int_in)
 
 
 def _ids(text: str) -> list[int]:
@@ -17,12 +18,19 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def terminate_like_interrupt() -> None:
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM. A BaseException (like KeyboardInterrupt, so `except Exception` in
+    libraries does not swallow it and every staging directory is removed on the way out) but not KeyboardInterrupt
+    itself: CPython remembers a KeyboardInterrupt that passed through C-level code evaluation and then re-kills
+    the process with SIGINT at exit, losing our exit status (seen: -2 instead of 143)."""
+
+
+def terminate_cleanly() -> None:
     """SIGTERM (kill, systemd, a CI timeout) unwinds like Ctrl-C: staging directories are removed on the way out."""
     import signal
 
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
 
@@ -55,6 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--logits", choices=["last", "all"], default="last",
                    help="positions whose logits the graph returns: the last of each call (default; what generation "
                         "samples from, and a long prefill skips most of the LM head), or all (for scoring)")
+    b.add_argument("--quantize", choices=QUANT_SCHEMES, default=None,
+                   help="weight-only RTN quantization, symmetric, per group along the input dimension (activations "
+                        "stay --precision); fp8 is TensorRT only. Default: none")
+    b.add_argument("--group-size", type=int_in(2), default=None,
+                   help=f"inputs per scale (default {DEFAULT_GROUP_SIZE['onnxruntime']} for ONNX Runtime, "
+                        f"{DEFAULT_GROUP_SIZE['tensorrt']} for TensorRT int4; TensorRT int8/fp8 are per channel)")
+    b.add_argument("--accuracy-level", type=int_in(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS)), default=None,
+                   help=f"MatMulNBits/QMoE compute (ort lowering): 4 = int8 (default {DEFAULT_ACCURACY_LEVEL}, fast "
+                        "with VNNI), 1 = fp32 (for checking against the reference)")
+    b.add_argument("--quantize-lm-head", action="store_true",
+                   help="also quantize the LM head (default: it stays --precision, like the embeddings and norms)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     b.add_argument("--no-progress", action="store_true")
 
@@ -76,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--json", action="store_true", help="print only one JSON object")
 
     args = parser.parse_args(argv)
-    terminate_like_interrupt()
+    terminate_cleanly()
     from artifacts.bundle import ArtifactError
     from export.checkpoint import CheckpointError
     from export.engine import EngineError
@@ -104,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM): nothing was written", file=sys.stderr)
+        return 143
     except (ArtifactError, CheckpointError, UnsupportedConfigError, OSError, ValueError, EngineError) as e:
         # OSError: a full disk, a permission denied, a file that vanished: the message names the path
         print(f"error: {e}", file=sys.stderr)
@@ -116,7 +138,9 @@ def _build(args) -> int:
 
     path = build(args.model, precision=args.precision, backend=args.backend, out=args.out, kv_mode=args.kv_mode,
                  max_seq_len=args.max_seq_len, max_batch=args.max_batch, overwrite=args.overwrite,
-                 progress=not args.no_progress, lowering=args.lowering, logits=args.logits)
+                 progress=not args.no_progress, lowering=args.lowering, logits=args.logits,
+                 quantize=args.quantize, group_size=args.group_size, accuracy_level=args.accuracy_level,
+                 quantize_lm_head=args.quantize_lm_head)
     print(path)
     return 0
 

@@ -7,7 +7,11 @@ and generation config, runs ``onnx.checker`` on the written graph (with its exte
 ``manifest.json`` with sha256 of every file, and renames the staging directory into place only when everything
 above succeeded (artifacts/bundle.py ``staging_dir``: it replaces only an artifact of ours, never the checkpoint).
 
-What it does not do: the fusion and lowering passes themselves (graphs/, called by export_onnx) or the TensorRT
+`--quantize int4|int8|fp8` (weights only; activations stay `--precision`) is checked against the backend and every
+input dimension before any work (export/quantize.py); the manifest's ``quantization`` records the scheme of every
+tensor.
+
+What it does not do: the fusion, lowering and quantization passes themselves (graphs/, called by export_onnx) or the TensorRT
 build itself (export/engine.py, called here for `--backend tensorrt`).
 """
 
@@ -54,7 +58,8 @@ def _versions() -> dict:
 
 def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out: Path | None = None,
           kv_mode: str = "static", max_seq_len: int | None = None, max_batch: int = 8, overwrite: bool = False,
-          progress: bool = True, lowering: str | None = None, logits: str = "last") -> Path:
+          progress: bool = True, lowering: str | None = None, logits: str = "last", quantize: str | None = None,
+          group_size: int | None = None, accuracy_level: int | None = None, quantize_lm_head: bool = False) -> Path:
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend}: choose from {BACKENDS}")
     dtype = DTYPES[precision]
@@ -73,8 +78,12 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
         raise ValueError(f"--logits {logits}: choose from {LOGITS}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
         raise ValueError(f"--max-batch {max_batch}: must be in [1, {MAX_BATCH}]")
+    from export.quantize import check_group_size, quant_config
+
+    quant = quant_config(quantize, backend, lowering, group_size, accuracy_level, quantize_lm_head)
     model_dir = resolve_model(model)
     spec = load_spec(model_dir)
+    check_group_size(spec, quant)
     ckpt = Checkpoint(model_dir)
     plan = weight_plan(spec)
     warn_unexpected(check_checkpoint(spec, ckpt, plan))
@@ -96,10 +105,12 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
     t0 = time.perf_counter()
     with staging_dir(out, overwrite=overwrite, protect=[model_dir, *allowed_roots(model_dir)]) as tmp:
         total = weight_bytes(plan, spec, dtype)
+        weights = precision if quant is None else f"{quantize} weights (group {quant.group_size or 'per channel'}), " \
+            f"{precision} activations"
         print(f"exporting {spec.model_type} ({spec.num_layers} layers, {total / 2**20:.1f} MiB of weights, "
-              f"{precision}, kv {kv_mode}) from {model_dir}", file=sys.stderr)
+              f"{weights}, kv {kv_mode}) from {model_dir}", file=sys.stderr)
         facts = export_onnx(spec, ckpt, plan, tmp / GRAPH, kv_mode, dtype, progress=progress, lowering=lowering,
-                            max_seq_len=max_seq_len, logits=logits)
+                            max_seq_len=max_seq_len, logits=logits, quant=quant)
         for line in facts["fusion"]["skipped"]:
             print(f"note: left unfused: {line}", file=sys.stderr)
         _check_graph(tmp / GRAPH)
@@ -108,7 +119,8 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
             from export.engine import build_engine, check_engine_io
 
             print("building the TensorRT engine ...", file=sys.stderr)
-            engine = build_engine(tmp / GRAPH, tmp / ENGINE, kv_mode, max_batch, max_seq_len, precision)
+            engine = build_engine(tmp / GRAPH, tmp / ENGINE, kv_mode, max_batch, max_seq_len, precision,
+                                  fp8_weights=quantize == "fp8")
             check_engine_io(io, engine["io"])
         for name, path in tokenizer_files.items():
             shutil.copyfile(path, tmp / name)  # contents only: never a link, never the source's mode
@@ -128,6 +140,7 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
                                    # GQA updates the KV buffer in place: present must be bound to past's memory
                                    "kv_binding": "in_place" if facts["fusion"].get("GroupQueryAttention")
                                    else ("swap" if kv_mode == "static" else "grow")}},
+            "quantization": facts["quantization"],  # None: every weight in `precision`
             "sliding_window_cache": "full-length cache on every layer (windows are applied by the mask)",
             **({"engine": engine} if engine else {}),
             "versions": _versions(),

@@ -46,10 +46,12 @@ def load_tensorrt():
 # TensorRT-RTX compiles for these when the build machine has no GPU to ask. Turing (SM75) has no fp32 or bf16
 # GEMM in TensorRT-RTX, so it is a target only for fp16 engines.
 RTX_TARGETS = ("SM80", "SM86", "SM89", "SM120")
+FP8_TARGETS = ("SM89", "SM120")  # FP8 tensor cores: Ada and Blackwell
 
 
 def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: int, max_seq_len: int,
-                 precision: str = "fp32", opt_seq_len: int = 128) -> dict:
+                 precision: str = "fp32", opt_seq_len: int = 128, fp8_weights: bool = False) -> dict:
+    """fp8_weights: the graph holds FP8E4M3 weights, which TensorRT-RTX compiles only for SM89 (Ada) and newer."""
     trt, flavour = load_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -67,6 +69,8 @@ def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: in
     targets = []
     if flavour == "tensorrt_rtx":
         targets = (["SM75"] if precision == "fp16" else []) + list(RTX_TARGETS)
+        if fp8_weights:
+            targets = [t for t in targets if t in FP8_TARGETS]
         config.num_compute_capabilities = len(targets)
         for i, name in enumerate(targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, name), i)

@@ -18,6 +18,9 @@ only samples from it, and a 128-token prefill skips 127/128 of the LM head) or `
 (``--logits all``, for scoring every position). Static mode has no attention_mask: position_ids are also the
 cache slots.
 
+With a quantization config (``build --quantize``) the lowered graph's linears are rewritten by
+graphs/quantize.py before it is written; the quantized tensors are lazy too (quantized as they stream).
+
 What it does not do: fuse anything (graphs/ passes do) or write the artifact directory (build.py does).
 """
 
@@ -195,7 +198,7 @@ def _sole_transpose(value):
 
 def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path: Path, kv_mode: str,
                 dtype: torch.dtype, progress: bool = True, lowering: str = "reference",
-                max_seq_len: int = 4096, logits: str = "last") -> dict:
+                max_seq_len: int = 4096, logits: str = "last", quant=None) -> dict:
     """Trace, attach lazy weights and write `out_path` + `out_path.data`. Returns facts for the manifest."""
     import contextlib
     import sys
@@ -216,6 +219,11 @@ def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path:
     np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16}[dtype]
     lowered = lower(model, spec, lowering, kv_mode, max_seq_len, np_dtype)
     _fold_constants(model)
+    quantization = None
+    if quant is not None:  # after folding: the optimizer must not fold a dequantize back into a float weight
+        from graphs.quantize import quantize_graph
+
+        quantization = quantize_graph(model, quant, lowering, np_dtype)
     model.producer_name = "llm-export"
     initializers = list(model.graph.initializers.values())
     with tqdm(total=len(initializers), unit="tensor", desc="writing weights", disable=not progress,
@@ -223,8 +231,12 @@ def export_onnx(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight], out_path:
         ir.save(model, out_path, external_data=out_path.name + ".data", max_workers=1,
                 callback=lambda tensor, info: bar.update(1))
         bar.update(bar.total - bar.n)  # tensors small enough to stay inside model.onnx have no callback
+    if quant is not None:
+        from graphs.quantize import release
+
+        release()  # drop the last quantized tensor the pass kept for its scales
     return {"transposes_folded": folded, "nodes": len(list(model.graph)),
-            "op_histogram": op_histogram(model), "fusion": lowered}
+            "op_histogram": op_histogram(model), "fusion": lowered, "quantization": quantization}
 
 
 def _fold_constants(model) -> None:

@@ -30,3 +30,11 @@ def int_in(low: int, high: int | None = None):
         return value
 
     return parse
+
+# Weight-only quantization (`build --quantize`): export/quantize.py checks these against the model and backend.
+QUANT_SCHEMES = ("int4", "int8", "fp8")
+DEFAULT_GROUP_SIZE = {"onnxruntime": 32, "tensorrt": 128}  # MLAS int4 kernels like 32; TensorRT's INT4 takes 64/128
+ORT_GROUP_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits / QMoE: a power of two, 16..256
+TRT_INT4_GROUP_SIZES = (64, 128)  # TensorRT's weight-only INT4 GEMM
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
+DEFAULT_ACCURACY_LEVEL = 4  # int8 compute: fast with VNNI; 1 = fp32 compute, for checking against the reference

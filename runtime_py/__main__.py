@@ -1,4 +1,4 @@
-"""Command line: `python -m runtime_py {generate,bench,chat} ARTIFACT ...`. Defaults are defined here, once.
+"""Command line: `python -m runtime_py {generate,bench,score,chat} ARTIFACT ...`. Defaults are defined here, once.
 
 Bad input (an unusable artifact, bad values, text that is not UTF-8, a chat template that fails or exceeds its
 bounds) ends with `error: ...` on stderr and exit status 2, no traceback."""
@@ -99,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=_threads, default=None)
     b.add_argument("--json", action="store_true", help="print only one JSON object")
 
+    s = sub.add_parser("score", help="teacher-forced log-probs of a token sequence and its perplexity")
+    s.add_argument("artifact")
+    ssrc = s.add_mutually_exclusive_group(required=True)
+    ssrc.add_argument("--ids", type=_ids, help="comma-separated token ids")
+    ssrc.add_argument("--text", help="text, tokenized with the artifact's tokenizer")
+    ssrc.add_argument("--file", help="a UTF-8 text file, tokenized with the artifact's tokenizer")
+    s.add_argument("--threads", type=_threads, default=None)
+    s.add_argument("--json", action="store_true",
+                   help='print one object last: {"logprobs": [...], "nll": float, "ppl": float, "mode": ...}')
+
     c = sub.add_parser("chat", help="interactive chat (streams)")
     c.add_argument("artifact")
     c.add_argument("--system", default=None, help="system prompt")
@@ -113,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "score":
+            from runtime_py.score import main as score_main
+
+            return score_main(args)
         return _chat(args)
     except (ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,95 @@
+"""`python -m runtime_py score`: teacher-forced log-probabilities of a token sequence, and its perplexity.
+
+What it does: :func:`score` runs one artifact over ``ids`` and returns ``logprobs[i] = log P(ids[i+1] | ids[:i+1])``
+(float64 log-softmax of the raw logits), ``nll`` (their negated mean) and ``ppl = exp(nll)``. How it runs depends
+on the graph, and the result says which (``mode``):
+
+* ``all-positions``: a graph built with ``--logits all`` returns every position's logits, so the whole sequence is
+  one prefill call;
+* ``stepwise``: a ``--logits last`` graph (the default build) returns only the last position's, so the runtime feeds
+  the tokens one call per position through the KV cache, as a decode loop does.
+
+Both give the same numbers up to float rounding (tests/test_score.py checks it). Users compare a quantized artifact
+with its fp32 twin this way.
+
+What it does not do: batch several sequences, or sample (generate.py does).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from runtime_py.sampling import logprobs_of
+
+
+def score(artifact: str | Path, ids: list[int], threads: int | None = None, generator=None) -> dict:
+    from runtime_py.generate import Generator
+
+    gen = generator or Generator(artifact, threads=threads)
+    session = gen.session
+    if len(ids) < 2:
+        raise ValueError(f"score needs at least 2 tokens (the first is only context), got {len(ids)}")
+    if len(ids) > session.max_seq_len:
+        raise ValueError(f"{len(ids)} tokens > the artifact's context length {session.max_seq_len}")
+    bad = [t for t in ids if not 0 <= t < session.vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, {session.vocab_size})")
+    S = len(ids)
+    static = session.kv_mode == "static"
+    cache = session.new_cache(1, S)
+    tokens = np.asarray(ids, dtype=np.int64).reshape(1, S)
+    if not session.last_logits:
+        mode = "all-positions"
+        mask = None if static else np.ones((1, S), dtype=np.int64)
+        logits = session.forward(tokens, np.arange(S, dtype=np.int64).reshape(1, S), mask, cache)[0, :S - 1]
+    else:
+        mode = "stepwise"
+        rows = []
+        for i in range(S - 1):
+            mask = None if static else np.ones((1, i + 1), dtype=np.int64)
+            out = session.forward(tokens[:, i:i + 1], np.array([[i]], dtype=np.int64), mask, cache)
+            rows.append(out[0, -1])
+        logits = np.stack(rows)
+    lps = logprobs_of(logits, tokens[0, 1:])
+    nll = float(-lps.mean())
+    return {"logprobs": [float(x) for x in lps], "nll": nll, "ppl": math.exp(nll), "mode": mode, "tokens": S}
+
+
+def _text_ids(gen, text: str, what: str) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 (at character {e.start}); pass UTF-8 text") from None
+    return gen.encode(text)
+
+
+def main(args) -> int:
+    """The CLI subcommand (registered in runtime_py/__main__.py): a table per token, or --json."""
+    import json
+
+    from runtime_py.generate import Generator
+
+    gen = Generator(args.artifact, threads=args.threads)
+    if args.ids is not None:
+        ids = args.ids
+    elif args.text is not None:
+        ids = _text_ids(gen, args.text, "--text")
+    else:
+        try:
+            text = Path(args.file).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--file {args.file}: not valid UTF-8 ({e})") from None
+        except OSError as e:
+            raise ValueError(f"--file {args.file}: {e.strerror or e}") from None
+        ids = _text_ids(gen, text, f"--file {args.file}")
+    r = score(args.artifact, ids, generator=gen)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    for i, lp in enumerate(r["logprobs"]):
+        print(f"{i + 1:6d}  id {ids[i + 1]:7d}  logprob {lp:10.4f}")
+    print(f"tokens {r['tokens']}  nll {r['nll']:.6f}  ppl {r['ppl']:.4f}  ({r['mode']})")
+    return 0

@@ -1,0 +1,441 @@
+"""Weight-only quantization (`build --quantize`): the RTN maths, the ONNX Runtime contrib ops against numpy, the
+weights read back from every lowering's graph against quantize-dequantize of the checkpoint (exactly), `ort`
+against `reference` on the same quantized weights, int8 greedy tokens against fp32 on the trained tiny models,
+TensorRT-RTX engine builds (ahead of time) for int4/int8/fp8, and the refused flag values.
+
+Every check runs real ONNX Runtime sessions / real TensorRT-RTX builds on the tiny trap checkpoints of conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from export.build import build
+from export.checkpoint import Checkpoint
+from export.spec import load_spec
+from export.weights import load_tensor, weight_plan
+from graphs import quantize as gq
+from graphs.quantize import dequantize, pack_nbits, quantize_rtn, unpack_nbits
+from tests.conftest import CASES, save_hf_checkpoint
+
+IDS = [5, 17, 33, 100, 7, 8, 9, 200, 3, 4, 5, 6, 77, 12]
+FAMILY_CASES = ["qwen2_window", "gemma2", "qwen3_moe_mixed"]
+ALL_CASES = ["qwen2_window", "qwen2_mqa_tied_linear", "gemma2", "gemma2_mqa_untied", "qwen3_moe_mixed",
+             "qwen3_moe_nonorm"]
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    model.ir_version = min(model.ir_version, 10)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+# ---- maths ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", 16), ("int4", 0), ("fp8", 0)])
+def test_rtn_error_bound_and_range(scheme, group):
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((24, 64)) * rng.uniform(0.01, 3, (24, 1))).astype(np.float32)
+    w[3, :32] = 0.0  # an all-zero group: scale 0, q 0, dequantized exactly 0
+    q, s = quantize_rtn(w, scheme, group)
+    g = group or 64
+    assert s.shape == (24, 64 // g)
+    dq = dequantize(q, s)
+    assert np.all(dq[3, :32] == 0)
+    err = np.abs(dq - w).reshape(24, 64 // g, g)
+    if scheme == "fp8":  # 3 mantissa bits: relative error <= 2^-4
+        assert np.all(np.abs(dq - w) <= np.abs(w) * 2 ** -4 + s.repeat(g, axis=1) * 2 ** -9 + 1e-12)
+    else:
+        m = gq.qmax(scheme)
+        assert q.dtype == np.int8 and q.min() >= -m - 1 and q.max() <= m
+        assert np.all(err <= s[..., None] / 2 * (1 + 1e-6) + 1e-12)  # round to nearest
+        assert np.abs(q).max() == m  # absmax maps to +-qmax: the full range is used
+    # wrong group size is refused, not silently truncated
+    with pytest.raises(gq.QuantizeError, match="not a multiple"):
+        quantize_rtn(w, scheme, 48)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_roundtrip_and_layout(bits):
+    rng = np.random.default_rng(2)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = rng.integers(lo, hi + 1, size=(3, 5, 64)).astype(np.int8)
+    b = pack_nbits(q, bits, 32)
+    assert b.dtype == np.uint8 and b.shape == (3, 5, 2, 32 * bits // 8)
+    assert np.array_equal(unpack_nbits(b, bits), q)
+    if bits == 4:  # low nibble first, offset binary (implicit zero point 8)
+        assert b[0, 0, 0, 0] == ((int(q[0, 0, 0]) + 8) | ((int(q[0, 0, 1]) + 8) << 4))
+
+
+# ---- the contrib ops against numpy ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmul_nbits_matches_numpy(bits):
+    rng = np.random.default_rng(3)
+    K, N, g = 96, 40, 32
+    w = rng.standard_normal((N, K)).astype(np.float32) * 0.2
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    q, s = quantize_rtn(w, f"int{bits}", g)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
+                            block_size=g, accuracy_level=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, N])],
+                              [numpy_helper.from_array(pack_nbits(q, bits, g), "b"), numpy_helper.from_array(s, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(gq.MS, 1)])
+    y = _session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ dequantize(q, s).T, atol=2e-5)
+
+
+def _moe_numpy(x, logits, w1, w2, k, normalize):
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    out = np.zeros_like(x)
+    for t in range(len(x)):
+        top = np.argsort(-p[t])[:k]
+        wt = p[t, top] / (p[t, top].sum() if normalize else 1.0)
+        for e, a in zip(top, wt):
+            h = w1[e] @ x[t]
+            gate, up = h[0::2], h[1::2]  # interleaved (swiglu_fusion=1)
+            out[t] += a * (w2[e] @ (gate / (1 + np.exp(-gate)) * up))
+    return out
+
+
+@pytest.mark.parametrize("normalize", [1, 0])
+@pytest.mark.parametrize("bits,atol", [(4, 2e-5), (8, 0.2)])
+def test_qmoe_matches_numpy(bits, atol, normalize):
+    """QMoE's layout (weights [E, N, K*bits/8] raw, scales [E, N, K/block], implicit zero point) against numpy.
+    int4 at accuracy_level 1 is fp32 compute (exact); the block-wise int8 kernel always quantizes activations to
+    int8, hence the loose bound (and why the ort lowering dequantizes int8 experts at --accuracy-level 1).
+    Without renormalisation the full softmax goes in as router_weights (QMoE's normalize_routing_weights=0 alone
+    still renormalises over the top-k)."""
+    rng = np.random.default_rng(4)
+    E, H, I, k, n, g = 4, 64, 32, 2, 6, 32
+    fc1 = rng.standard_normal((E, 2 * I, H)).astype(np.float32) * 0.2
+    fc2 = rng.standard_normal((E, H, I)).astype(np.float32) * 0.2
+    (q1, s1), (q2, s2) = quantize_rtn(fc1, f"int{bits}", g), quantize_rtn(fc2, f"int{bits}", g)
+    x = rng.standard_normal((n, H)).astype(np.float32)
+    logits = rng.standard_normal((n, E)).astype(np.float32)
+    inits = [numpy_helper.from_array(pack_nbits(q1, bits, g).reshape(E, 2 * I, -1), "w1"),
+             numpy_helper.from_array(s1, "s1"),
+             numpy_helper.from_array(pack_nbits(q2, bits, g).reshape(E, H, -1), "w2"),
+             numpy_helper.from_array(s2, "s2")]
+    extra = [] if normalize else [""] * 6 + ["rw"]
+    node = helper.make_node("QMoE", ["x", "r", "w1", "s1", "", "w2", "s2", "", *extra], ["y"], domain=gq.MS, k=k,
+                            activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=normalize,
+                            activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=bits, block_size=g,
+                            quant_type="int", weights_prepacked=0, accuracy_level=1)
+    ins = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [n, sz]) for v, sz in (("x", H), ("r", E), ("rw", E))]
+    graph = helper.make_graph([node], "g", ins[:2 if normalize else 3],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, H])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(gq.MS, 1)])
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    y = _session(model).run(None, {"x": x, "r": logits, **({} if normalize else {"rw": probs})})[0]
+    ref = _moe_numpy(x, logits, dequantize(q1, s1), dequantize(q2, s2), k, bool(normalize))
+    assert np.abs(y - ref).max() <= atol
+
+
+# ---- built artifacts ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qbuild(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    made = {}
+
+    def get(case, scheme=None, lowering="ort", source=None, **kw):
+        key = (case, scheme, lowering, tuple(sorted(kw.items())))
+        if key not in made:
+            if lowering == "ort" and scheme is not None:
+                kw.setdefault("accuracy_level", 1)
+            name = "-".join(str(p) for p in (case, scheme, lowering, *sorted(kw.items())))
+            made[key] = build(str(source or checkpoints(case)), quantize=scheme, lowering=lowering,
+                              out=root / name.replace(" ", "").replace("'", ""), max_seq_len=64, progress=False, **kw)
+        return made[key]
+
+    return get
+
+
+def _initializers(path: Path) -> tuple[onnx.ModelProto, dict]:
+    model = onnx.load(str(path / "model.onnx"))  # external data loaded from model.onnx.data
+    return model, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _to_np(a):
+    return np.asarray(a).astype(np.float32) if a.dtype != np.int8 else a
+
+
+def read_back(path: Path) -> dict[str, np.ndarray]:
+    """Every quantized weight of an artifact's graph, dequantized in numpy, as [..., N, K] (out, in), keyed by the
+    graph's weight name."""
+    model, inits = _initializers(path)
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            bits = next(a.i for a in node.attribute if a.name == "bits")
+            q = unpack_nbits(inits[node.input[1]], bits)
+            out[node.input[1].rsplit(".", 2)[0]] = dequantize(q, inits[node.input[2]])
+        elif node.op_type == "QMoE":
+            attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+            bits, g = attrs["expert_weight_bits"], attrs["block_size"]
+            for wi, si in ((2, 3), (5, 6)):
+                b = inits[node.input[wi]]
+                E, N, _ = b.shape
+                scales = inits[node.input[si]]
+                q = unpack_nbits(b.reshape(E, N, scales.shape[-1], -1), bits)
+                out[node.input[wi].rsplit(".", 1)[0]] = dequantize(q, scales)
+        elif node.op_type == "DequantizeLinear" and node.input[0].endswith(".weight"):
+            q, s = inits[node.input[0]], inits[node.input[1]]
+            attrs = {a.name: a.i for a in node.attribute}
+            base = node.input[0].rsplit(".", 2)[0]
+            qf = q.astype(np.float32)
+            if "block_size" in attrs:
+                w = qf * np.repeat(s, attrs["block_size"], axis=attrs["axis"])
+            else:
+                w = qf * (s[None, :] if attrs["axis"] == 1 else s[:, None])
+            if attrs["axis"] == 0 and "block_size" in attrs or attrs["axis"] == 1 and "block_size" not in attrs:
+                w = w.T  # a linear's [K, N]
+            out[base] = w
+        elif node.op_type == "Cast" and node.input[0].endswith(".weight") and node.input[0] in inits:
+            q = inits[node.input[0]]
+            base = node.input[0].rsplit(".", 2)[0]
+            s = inits[node.input[0][:-len("weight")] + "scales"]
+            if q.ndim == 2:  # [K, N] with scales [K/g, 1, N]
+                out[base] = dequantize(q.T, s[:, 0, :].T)
+            else:  # [E, N, K] with scales [E, N, K/g, 1]
+                out[base] = dequantize(q, s[..., 0])
+    return out
+
+
+def expected(ckpt_dir: Path, scheme: str, group: int) -> dict[str, np.ndarray]:
+    """quantize-dequantize of each checkpoint linear ([..., N, K]) keyed by our parameter name."""
+    spec = load_spec(ckpt_dir)
+    ckpt = Checkpoint(ckpt_dir)
+    out = {}
+    for w in weight_plan(spec):
+        if w.fp32 or w.name == "embed.weight" or "router" in w.name or w.name.endswith(".bias"):
+            continue
+        t = load_tensor(w, ckpt, torch.float32, spec.norm_offset).numpy()
+        out[w.name] = dequantize(*quantize_rtn(t, scheme, group))
+    return out
+
+
+def _graph_to_params(name: str, E: dict) -> np.ndarray:
+    """The expectation for one graph weight name (packed q|k|v and gate|up concatenated along N, ORT's MoE fc1
+    interleaved)."""
+    base = name.removeprefix("decoder.")
+    if base.endswith(".attention.qkv.weight"):
+        i = base.split(".")[1]
+        return np.concatenate([E[f"layers.{i}.attn.{p}.weight"] for p in "qkv"])
+    if base.endswith(".mlp.gate_up.weight"):
+        i = base.split(".")[1]
+        return np.concatenate([E[f"layers.{i}.mlp.gate.weight"], E[f"layers.{i}.mlp.up.weight"]])
+    if base.endswith(".moe.gate_up.interleaved"):
+        w = E[base.removesuffix(".interleaved")]
+        half = w.shape[1] // 2
+        out = np.empty_like(w)
+        out[:, 0::2], out[:, 1::2] = w[:, :half], w[:, half:]
+        return out
+    return E[base.removesuffix(".as_lm_head")]
+
+
+def _check_weights(path: Path, ckpt_dir: Path, scheme: str, group: int, lm_head: bool) -> int:
+    got = read_back(path)
+    want = expected(ckpt_dir, scheme, group)
+    covered = set()
+    for name, w in got.items():
+        ref = _graph_to_params(name, want)
+        if w.ndim != ref.ndim:  # trt-native dequantizes an expert stack flat, [E*N, K]
+            w = w.reshape(ref.shape)
+        assert w.shape == ref.shape, name
+        assert np.array_equal(w, ref), f"{name}: max diff {np.abs(w - ref).max()}"
+        covered.add(name)
+    linears = {k for k in want if k != "lm_head.weight" or lm_head}
+    n_packed = sum(1 for n in covered if "qkv" in n) * 2 + sum(1 for n in covered if "mlp.gate_up" in n)
+    assert len(covered) + n_packed == len(linears), (sorted(covered), sorted(linears))
+    return len(covered)
+
+
+def _score(path):
+    from runtime_py.score import score
+
+    return np.array(score(path, IDS)["logprobs"])
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_int4_ort_and_reference(case, qbuild, checkpoints):
+    ort_path, ref_path = qbuild(case, "int4", "ort"), qbuild(case, "int4", "reference")
+    for path in (ort_path, ref_path):
+        _check_weights(path, checkpoints(case), "int4", 32, lm_head=False)
+    m = json.loads((ort_path / "manifest.json").read_text())
+    q = m["quantization"]
+    assert q["scheme"] == "int4" and q["group_size"] == 32 and q["accuracy_level"] == 1 and not q["lm_head"]
+    ops = m["graphs"]["decoder"]["op_histogram"]
+    spec = load_spec(checkpoints(case))
+    assert ops.get("com.microsoft.QMoE", 0) == len(spec.sparse_layers) and "com.microsoft.MoE" not in ops
+    assert ops["com.microsoft.MatMulNBits"] == q["counts"]["linear"] > 0
+    assert m["graphs"]["decoder"]["fusion"].get("GroupQueryAttention", 0) == m["graphs"]["decoder"]["fusion"][
+        "attention_fused"]  # the fused attention paths are kept
+    # every tensor has a scheme: embeddings and norms stay fp32, linears int4
+    assert q["tensors"]["decoder.embed.weight" if "decoder.embed.weight" in q["tensors"] else
+                        "decoder.lm_head.weight"]["scheme"] == "float"
+    assert any(v["scheme"] == "int4-rtn-symmetric" and v["group_size"] == 32 for v in q["tensors"].values())
+    assert all(v["scheme"] == "float" for k, v in q["tensors"].items() if "norm" in k)
+    diff = np.abs(_score(ort_path) - _score(ref_path)).max()
+    assert diff < 1e-3, diff
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_int8_ort_and_reference(case, qbuild, checkpoints, artifacts):
+    ort_path, ref_path = qbuild(case, "int8", "ort"), qbuild(case, "int8", "reference")
+    for path in (ort_path, ref_path):
+        _check_weights(path, checkpoints(case), "int8", 32, lm_head=False)
+    fp32 = _score(artifacts(case, "static", "fp32", "reference"))  # shared with the other test files
+    a, b = _score(ort_path), _score(ref_path)
+    assert np.abs(a - b).max() < 1e-3
+    assert 0 < np.abs(b - fp32).max() < 0.1  # int8 is close to fp32, and it did change the weights
+
+
+def test_lm_head_quantized_tied(qbuild, checkpoints):
+    """The tied head (the exporter's Transpose of the embedding) quantized; the embedding itself stays fp32."""
+    case = "qwen2_mqa_tied_linear"
+    paths = [qbuild(case, "int4", low, quantize_lm_head=True) for low in ("ort", "reference")]
+    for path in paths:
+        _check_weights(path, checkpoints(case), "int4", 32, lm_head=True)
+        m = json.loads((path / "manifest.json").read_text())
+        assert m["quantization"]["counts"]["lm_head"] == 1 and m["quantization"]["lm_head"]
+        assert m["quantization"]["tensors"]["decoder.lm_head.weight"]["scheme"] == "float"  # the Gather's table
+    assert np.abs(_score(paths[0]) - _score(paths[1])).max() < 1e-3
+
+
+def test_int4_smaller_than_fp32(qbuild):
+    sizes = {s: (qbuild("qwen3_moe_mixed", s, "ort" if s else "reference") / "model.onnx.data").stat().st_size
+             for s in (None, "int4")}
+    assert sizes["int4"] < sizes[None] / 2.5, sizes
+
+
+def test_unquantized_linear_fails_the_build(monkeypatch, qbuild):
+    real = gq._to_matmul_nbits
+
+    def skip_o(graph, node, quant, tag, *args):
+        if ".attn.o." not in tag:
+            real(graph, node, quant, tag, *args)
+
+    monkeypatch.setattr(gq, "_to_matmul_nbits", skip_o)
+    with pytest.raises(gq.QuantizeError, match=r"not quantized: decoder\.layers\.0\.attn\.o\.weight"):
+        qbuild("qwen2_window", "int4", "ort", group_size=16)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-gemma2", "tiny-qwen3-moe"])
+def test_int8_greedy_equals_fp32_on_trained_tiny(name, tmp_path):
+    from runtime_py.generate import Generator
+    from runtime_py.sampling import SamplingParams
+
+    tokens = {}
+    for scheme in (None, "int8"):
+        path = build(name, quantize=scheme, out=tmp_path / str(scheme), max_seq_len=64, progress=False)
+        gen = Generator(path)
+        prompt = gen.encode("Hello world! How are")
+        tokens[scheme] = gen.generate([prompt], SamplingParams(greedy=True, max_new_tokens=16,
+                                                               ignore_eos=True)).tokens[0]
+    assert tokens["int8"] == tokens[None]
+
+
+# ---- bad values -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--quantize", "int4", "--lowering", "reference", "--group-size", "48"], "does not divide"),
+    (["--quantize", "int4", "--group-size", "48"], "MatMulNBits/QMoE take 16, 32"),
+    (["--quantize", "fp8"], "TensorRT only"),
+    (["--quantize", "int3"], "invalid choice: 'int3'"),
+    (["--quantize", "int4", "--accuracy-level", "7"], "expected an integer in [0, 4]"),
+    (["--group-size", "32"], "need --quantize"),
+])
+def test_bad_values_exit_2(argv, message, checkpoints, tmp_path, capsys):
+    from export.__main__ import main
+
+    try:
+        code = main(["build", "--model", str(checkpoints("qwen2_window")), "--out", str(tmp_path / "a"),
+                     "--no-progress", *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err and not (tmp_path / "a").exists()
+
+
+# ---- TensorRT-RTX (ahead of time, no GPU) ---------------------------------------------------------------------
+
+try:
+    from export.engine import load_tensorrt
+
+    load_tensorrt()
+    HAVE_TRT = True
+except Exception:  # noqa: BLE001
+    HAVE_TRT = False
+needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="neither tensorrt nor tensorrt_rtx_bindings is installed")
+
+# TensorRT's INT4 block is 64 or 128 along K: the trap checkpoints with every input dimension a multiple of 64.
+TRT_CASES = {"qwen2_window": dict(intermediate_size=128), "gemma2_mqa_untied": dict(intermediate_size=128),
+             "qwen3_moe_mixed": dict(intermediate_size=128, moe_intermediate_size=64)}
+
+
+@pytest.fixture(scope="module")
+def trt_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trt_ckpt")
+    made = {}
+
+    def get(case):
+        if case not in made:
+            family, fields = CASES[case]
+            made[case] = save_hf_checkpoint(family, dict(fields, **TRT_CASES[case]), root / case)
+        return made[case]
+
+    return get
+
+
+@needs_trt
+@pytest.mark.parametrize("scheme", ["int4", "int8", "fp8"])
+@pytest.mark.parametrize("case", list(TRT_CASES))
+def test_trt_engine_builds(case, scheme, trt_checkpoint, tmp_path):
+    from tests.test_engine import ONNX_TO_TRT
+
+    ckpt = trt_checkpoint(case)
+    group = 64 if scheme == "int4" else None
+    path = build(str(ckpt), backend="tensorrt", quantize=scheme, group_size=group, out=tmp_path / "a",
+                 max_seq_len=32, max_batch=2, progress=False)
+    m = json.loads((path / "manifest.json").read_text())
+    engine, graph = m["engine"], m["graphs"]["decoder"]
+    assert (path / engine["file"]).stat().st_size > 0 and graph["lowering"] == "trt-native"
+    for ours, trt in ((graph["inputs"], engine["io"]["inputs"]), (graph["outputs"], engine["io"]["outputs"])):
+        assert [t["name"] for t in ours] == [t["name"] for t in trt]
+        assert [ONNX_TO_TRT[t["dtype"]] for t in ours] == [t["dtype"] for t in trt]
+    if scheme == "fp8":
+        assert set(engine["compute_capabilities"]) == {"SM89", "SM120"}
+    # the weights: typed DequantizeLinear (no zero point) into the unchanged MatMul / expert Einsum
+    model, inits = _initializers(path)
+    want = {"int4": np.dtype(ml_dtypes.int4), "int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight")]
+    assert dqs and all(len(n.input) == 2 and inits[n.input[0]].dtype == want[scheme] for n in dqs)
+    assert len(dqs) == m["quantization"]["counts"]["linear"] + m["quantization"]["counts"]["experts"]
+    if scheme == "int4":
+        assert all({a.name: a.i for a in n.attribute}["block_size"] == 64 for n in dqs)
+    # the same graph on ONNX Runtime: its weights are quantize-dequantize of the checkpoint (int4 blocked along K,
+    # int8/fp8 per output channel)
+    _check_weights(path, ckpt, scheme, 64 if scheme == "int4" else 0, lm_head=False)
+
+
+@needs_trt
+def test_trt_int4_group_size_checked(trt_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="TensorRT's INT4 weights take block sizes 64 or 128"):
+        build(str(trt_checkpoint("qwen2_window")), backend="tensorrt", quantize="int4", group_size=32,
+              out=tmp_path / "a", progress=False)
