@@ -276,13 +276,17 @@ def _to_matmul_nbits(graph, node, quant, tag, K, N, cfg, act) -> None:
     ir.convenience.replace_nodes_and_values(graph, node, [node], [new], list(node.outputs), list(new.outputs))
 
 
+# scheme -> (ONNX type, numpy type) of the stored weights in the trt-native (DequantizeLinear) form
+_TRT_QTYPES = {"int4": (ir.DataType.INT4, ml_dtypes.int4), "int8": (ir.DataType.INT8, np.int8),
+               "fp8": (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn)}
+
+
 def _dequant_2d(graph, node, quant, tag, K, N, cfg, lowering, act, group) -> ir.Value:
     """W [K, N] in the activation dtype, computed from q and the scales (block along K)."""
     g = group or K
     groups = K // g
     if lowering == "trt-native":
-        qtype = {"int4": ir.DataType.INT4, "int8": ir.DataType.INT8, "fp8": ir.DataType.FLOAT8E4M3FN}[cfg.scheme]
-        np_q = {"int4": ml_dtypes.int4, "int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn}[cfg.scheme]
+        qtype, np_q = _TRT_QTYPES[cfg.scheme]
         q = _lazy(graph, f"{tag}.weight", qtype, [K, N], lambda: quant.get()[0].T.astype(np_q))
         if group:  # int4: blocked along K (axis 0), scales [K/g, N]
             s = _lazy(graph, f"{tag}.scales", act, [groups, N], lambda: quant.get()[1].T)
@@ -311,8 +315,7 @@ def _dequant_experts(graph, quant, tag, E, N, K, cfg, lowering, act, group) -> i
     g = group or K
     groups = K // g
     if lowering == "trt-native":
-        qtype = {"int4": ir.DataType.INT4, "int8": ir.DataType.INT8, "fp8": ir.DataType.FLOAT8E4M3FN}[cfg.scheme]
-        np_q = {"int4": ml_dtypes.int4, "int8": np.int8, "fp8": ml_dtypes.float8_e4m3fn}[cfg.scheme]
+        qtype, np_q = _TRT_QTYPES[cfg.scheme]
         # TensorRT (Myelin) refuses a 3-D blocked DequantizeLinear: dequantize the stack as one 2-D weight
         # [E*N, K] blocked along K, then view it as [E, N, K].
         q = _lazy(graph, f"{tag}.weight", qtype, [E * N, K], lambda: quant.get()[0].reshape(E * N, K).astype(np_q))
