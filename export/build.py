@@ -1,18 +1,25 @@
-"""`python -m export build`: checkpoint -> artifact directory (ONNX graph + tokenizer + manifest).
+"""`python -m export build`: checkpoint -> artifact directory. The one orchestrator of the export stages.
 
-What it does: checks the flags, resolves the model, checks every tensor against config.json and the tokenizer files
-(each a regular file inside the checkpoint, tokenizer.json parsing, chat templates rendering within bounds) before
-any work, exports the graph with weights streamed from safetensors (export/onnx_export.py), copies the tokenizer
-and generation config, runs ``onnx.checker`` on the written graph (with its external data), writes
-``manifest.json`` with sha256 of every file, and renames the staging directory into place only when everything
-above succeeded (artifacts/bundle.py ``staging_dir``: it replaces only an artifact of ours, never the checkpoint).
+Stages, in order, each a function below (the work itself lives in the module named):
 
-`--quantize int4|int8|fp8` (weights only; activations stay `--precision`) is checked against the backend and every
-input dimension before any work (export/quantize.py); the manifest's ``quantization`` records the scheme of every
-tensor.
+1. ``check`` the flags, resolve the model, read the spec and check every checkpoint tensor against config.json
+   and the tokenizer files (each a regular file inside the checkpoint, tokenizer.json parsing, chat templates
+   rendering within bounds), all before any work (export/checkpoint.py, spec.py, weights.py, quantize.py);
+2. ``trace`` the decoder with meta weights (export/trace.py, the graph contract);
+3. ``attach_weights``: lazy loaders from safetensors (export/weights.py);
+4. ``fuse_and_lower`` attention, MoE and norms for the lowering's target (graphs/lower.py, fuse.py, ...);
+5. ``fold`` constants (graphs/fold.py);
+6. ``quantize_weights`` when ``--quantize`` (graphs/quantize.py, after folding);
+7. ``save`` the graph and its external data tensor by tensor (weights stream: checked for NaN/Inf and overflow
+   as they are read) and run ``onnx.checker`` on it;
+8. ``engine``: the TensorRT engine for ``--backend tensorrt`` (export/engine.py);
+9. copy the tokenizer files and write ``manifest.json`` with sha256 of every file (artifacts/bundle.py).
 
-What it does not do: the fusion, lowering and quantization passes themselves (graphs/, called by export_onnx) or the TensorRT
-build itself (export/engine.py, called here for `--backend tensorrt`).
+All of it happens in a staging directory renamed into place only when everything succeeded (artifacts/bundle.py
+``staging_dir``: it replaces only an artifact of ours, never the checkpoint). The manifest's ``quantization``
+records the scheme of every quantized tensor.
+
+What it does not do: any stage's work itself (the modules above), or run the artifact (runtime_py/).
 """
 
 from __future__ import annotations
@@ -22,23 +29,25 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from artifacts.bundle import staging_dir, write_manifest
-from export.options import MAX_BATCH
+from export.options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_KV_MODE, DEFAULT_LOGITS, DEFAULT_MAX_BATCH,
+                            DEFAULT_PRECISION, KV_MODES, LOGITS, LOWERINGS, MAX_BATCH, PRECISIONS, TRT_LOWERINGS,
+                            default_lowering)
 from export.checkpoint import Checkpoint, CheckpointError, allowed_roots, checkpoint_file, resolve_model
-from export.model import LOGITS
-from export.onnx_export import DTYPES, export_onnx, io_description, weight_bytes
+from artifacts.manifest import histogram
+from export.trace import DTYPES, NP_DTYPES, io_description, trace_graph
 from export.spec import load_spec
-from export.weights import check_checkpoint, warn_unexpected, weight_plan
+from export.weights import attach_weights, check_checkpoint, warn_unexpected, weight_bytes, weight_plan
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 GRAPH = "model.onnx"
 ENGINE = "model.engine"
-BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def default_out(model: str, precision: str, kv_mode: str) -> Path:
@@ -56,21 +65,41 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out: Path | None = None,
-          kv_mode: str = "static", max_seq_len: int | None = None, max_batch: int = 8, overwrite: bool = False,
-          progress: bool = True, lowering: str | None = None, logits: str = "last", quantize: str | None = None,
-          group_size: int | None = None, accuracy_level: int | None = None, quantize_lm_head: bool = False) -> Path:
+@dataclass(frozen=True)
+class Plan:
+    """What stage 1 resolved and checked: everything the later stages read."""
+
+    model_dir: Path
+    spec: object  # export.spec.ModelSpec
+    ckpt: Checkpoint
+    weights: list  # export.weights.Weight, one per decoder parameter
+    dtype: torch.dtype
+    lowering: str
+    max_seq_len: int
+    quant: object  # export.quantize.QuantConfig | None
+    tokenizer_files: dict[str, Path]
+
+
+def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: int | None, max_batch: int,
+          lowering: str | None, logits: str, quantize: str | None, group_size: int | None,
+          accuracy_level: int | None, quantize_lm_head: bool) -> Plan:
+    """Stage 1: every flag, the checkpoint's config and tensors and the tokenizer files, checked before any work
+    (ValueError / CheckpointError / UnsupportedConfigError naming the problem)."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend}: choose from {BACKENDS}")
-    dtype = DTYPES[precision]
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: choose from {PRECISIONS}")
+    if kv_mode not in KV_MODES:
+        raise ValueError(f"--kv-mode {kv_mode}: choose from {KV_MODES}")
     if backend == "tensorrt":
         from export.engine import load_tensorrt
 
         load_tensorrt()  # fail before any work when TensorRT is missing
-        lowering = lowering or "trt-native"
-        if lowering not in ("trt-native", "trt-plugin", "reference"):
+        if lowering is not None and lowering not in TRT_LOWERINGS:
             raise ValueError(f"--lowering {lowering} is for ONNX Runtime; TensorRT takes trt-native or trt-plugin")
-    lowering = lowering or ("ort" if kv_mode == "static" else "reference")
+    lowering = lowering or default_lowering(backend, kv_mode)
+    if lowering not in LOWERINGS:
+        raise ValueError(f"--lowering {lowering}: choose from {LOWERINGS}")
     if precision == "bf16" and backend == "onnxruntime":
         raise ValueError("--precision bf16: ONNX Runtime has no bf16 kernels on the CPU; use fp32/fp16 here, or "
                          "--backend tensorrt for a bf16 engine")
@@ -85,8 +114,8 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
     spec = load_spec(model_dir)
     check_group_size(spec, quant)
     ckpt = Checkpoint(model_dir)
-    plan = weight_plan(spec)
-    warn_unexpected(check_checkpoint(spec, ckpt, plan))
+    weights = weight_plan(spec)
+    warn_unexpected(check_checkpoint(spec, ckpt, weights))
     if max_seq_len is None:
         max_seq_len = spec.max_position_embeddings
     elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or \
@@ -100,31 +129,44 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
         note = cpu_expansion_warning(precision)
         if note:
             print(f"warning: {note}", file=sys.stderr)
+    return Plan(model_dir, spec, ckpt, weights, DTYPES[precision], lowering, max_seq_len, quant, tokenizer_files)
+
+
+def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT_BACKEND, out: Path | None = None,
+          kv_mode: str = DEFAULT_KV_MODE, max_seq_len: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+          overwrite: bool = False, progress: bool = True, lowering: str | None = None, logits: str = DEFAULT_LOGITS,
+          quantize: str | None = None, group_size: int | None = None, accuracy_level: int | None = None,
+          quantize_lm_head: bool = False) -> Path:
+    """Run the stages (module docstring) into a staging directory; the artifact's path once it is in place."""
+    plan = check(model, precision, backend, kv_mode, max_seq_len, max_batch, lowering, logits, quantize, group_size,
+                 accuracy_level, quantize_lm_head)
+    model_dir, spec, ckpt, dtype, lowering = plan.model_dir, plan.spec, plan.ckpt, plan.dtype, plan.lowering
+    max_seq_len, quant = plan.max_seq_len, plan.quant
     out = Path(out) if out else default_out(model, precision, kv_mode)
     io = io_description(spec, kv_mode, dtype, logits)
     t0 = time.perf_counter()
     with staging_dir(out, overwrite=overwrite, protect=[model_dir, *allowed_roots(model_dir)]) as tmp:
-        total = weight_bytes(plan, spec, dtype)
+        total = weight_bytes(plan.weights, spec, dtype)
         weights = precision if quant is None else f"{quantize} weights (group {quant.group_size or 'per channel'}), " \
             f"{precision} activations"
         print(f"exporting {spec.model_type} ({spec.num_layers} layers, {total / 2**20:.1f} MiB of weights, "
               f"{weights}, kv {kv_mode}) from {model_dir}", file=sys.stderr)
-        facts = export_onnx(spec, ckpt, plan, tmp / GRAPH, kv_mode, dtype, progress=progress, lowering=lowering,
-                            max_seq_len=max_seq_len, logits=logits, quant=quant)
-        for line in facts["fusion"]["skipped"]:
+        graph = trace(spec, kv_mode, dtype, logits, progress)
+        folded = attach_weights(graph, spec, plan.weights, ckpt, dtype)
+        fusion = fuse_and_lower(graph, spec, lowering, kv_mode, max_seq_len, dtype)
+        for line in fusion["skipped"]:
             print(f"note: left unfused: {line}", file=sys.stderr)
-        _check_graph(tmp / GRAPH)
+        fold(graph)
+        quantization = quantize_weights(graph, quant, lowering, dtype)
+        save(graph, tmp / GRAPH, progress)
+        op_histogram = histogram(graph)
+        del graph  # its lazy tensors are written: let them go before the engine build
         engine = None
         if backend == "tensorrt":
-            from export.engine import build_engine, check_engine_io
-
-            print("building the TensorRT engine ...", file=sys.stderr)
-            engine = build_engine(tmp / GRAPH, tmp / ENGINE, kv_mode, max_batch, max_seq_len, precision,
-                                  fp8_weights=quantize == "fp8")
-            check_engine_io(io, engine["io"])
-        for name, path in tokenizer_files.items():
+            engine = build_engine_stage(tmp, io, kv_mode, max_batch, max_seq_len, precision, quantize)
+        for name, path in plan.tokenizer_files.items():
             shutil.copyfile(path, tmp / name)  # contents only: never a link, never the source's mode
-        if "tokenizer.json" not in tokenizer_files:
+        if "tokenizer.json" not in plan.tokenizer_files:
             print(f"warning: {model_dir} has no tokenizer.json; generate will need --prompt-ids", file=sys.stderr)
         manifest = {
             "model": {"source": str(model_dir), "name": model, "model_type": spec.model_type},
@@ -136,20 +178,99 @@ def build(model: str, precision: str = "fp32", backend: str = "onnxruntime", out
             "max_batch": max_batch,
             "graphs": {"decoder": {"file": GRAPH, "lowering": lowering, "logits": logits,
                                    **io,
-                                   "op_histogram": facts["op_histogram"], "fusion": facts["fusion"],
+                                   "op_histogram": op_histogram, "fusion": fusion,
                                    # GQA updates the KV buffer in place: present must be bound to past's memory
-                                   "kv_binding": "in_place" if facts["fusion"].get("GroupQueryAttention")
+                                   "kv_binding": "in_place" if fusion.get("GroupQueryAttention")
                                    else ("swap" if kv_mode == "static" else "grow")}},
-            "quantization": facts["quantization"],  # None: every weight in `precision`
+            "quantization": quantization,  # None: every weight in `precision`
             "sliding_window_cache": "full-length cache on every layer (windows are applied by the mask)",
             **({"engine": engine} if engine else {}),
             "versions": _versions(),
             "build": {"seconds": round(time.perf_counter() - t0, 2), "weight_bytes": total,
+                      "transposes_folded": folded,
                       "checkpoint_bytes": ckpt.size_bytes()},
         }
         write_manifest(tmp, manifest)
         tmp.chmod(0o755)
     return out.resolve()
+
+
+# -- the stages --------------------------------------------------------------------------------------------------
+def trace(spec, kv_mode: str, dtype: torch.dtype, logits: str, progress: bool):
+    """Stage 2: the decoder traced with meta weights (export/trace.py); the exporter's own stdout goes to stderr."""
+    import contextlib
+
+    if progress:
+        print("tracing the decoder (torch.export, meta weights) ...", file=sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):
+        return trace_graph(spec, kv_mode, dtype, logits)
+
+
+def fuse_and_lower(model, spec, lowering: str, kv_mode: str, max_seq_len: int, dtype: torch.dtype) -> dict:
+    """Stage 4: fuse the attention/MoE/norm regions for `lowering` and lower them (graphs/lower.py); the counts of
+    what was fused, lowered and left unfused (the manifest's ``fusion``)."""
+    from graphs.lower import lower
+
+    return lower(model, spec, lowering, kv_mode, max_seq_len, NP_DTYPES[dtype])
+
+
+def fold(model) -> None:
+    """Stage 5: constant folding (graphs/fold.py); a bad weight read meanwhile stays a CheckpointError."""
+    from graphs.fold import fold_constants
+
+    fold_constants(model, keep=(CheckpointError,))
+
+
+def quantize_weights(model, quant, lowering: str, dtype: torch.dtype) -> dict | None:
+    """Stage 6: weight-only quantization of the linears (graphs/quantize.py), after folding so the optimizer never
+    folds a dequantize back into a float weight. None (no --quantize): every weight stays in the precision."""
+    if quant is None:
+        return None
+    from graphs.quantize import quantize_graph
+
+    return quantize_graph(model, quant, lowering, NP_DTYPES[dtype])
+
+
+def save(model, path: Path, progress: bool) -> None:
+    """Stage 7: write `path` and `path.data` tensor by tensor (``onnx_ir.save``: the lazy weights are read, checked
+    and, when quantizing, quantized one at a time), then check the written graph with ``onnx.checker``. Progress is
+    a bar on a terminal; into a log (stderr not a TTY) it is a line per tenth of the tensors, no carriage returns."""
+    import onnx_ir as ir
+    from tqdm import tqdm
+
+    model.producer_name = "llm-export"
+    total = len(model.graph.initializers)
+    tty = sys.stderr.isatty()
+    done = [0]
+
+    def tick(tensor, info):
+        done[0] += 1
+        if progress and not tty and done[0] * 10 // total != (done[0] - 1) * 10 // total:
+            print(f"writing weights: {done[0]}/{total} tensors", file=sys.stderr, flush=True)
+
+    with tqdm(total=total, unit="tensor", desc="writing weights", disable=not (progress and tty),
+              file=sys.stderr) as bar:
+        ir.save(model, path, external_data=path.name + ".data", max_workers=1,
+                callback=lambda tensor, info: (bar.update(1), tick(tensor, info)))
+        bar.update(bar.total - bar.n)  # tensors small enough to stay inside model.onnx have no callback
+    if progress and not tty:
+        print(f"writing weights: done ({total} tensors)", file=sys.stderr)
+    from graphs.quantize import release
+
+    release()  # drop the last quantized tensor the pass kept for its scales (a no-op without --quantize)
+    _check_graph(path)
+
+
+def build_engine_stage(tmp: Path, io: dict, kv_mode: str, max_batch: int, max_seq_len: int, precision: str,
+                       quantize: str | None) -> dict:
+    """Stage 8: the TensorRT engine from the saved graph (export/engine.py), its I/O checked against the contract."""
+    from export.engine import build_engine, check_engine_io
+
+    print("building the TensorRT engine ...", file=sys.stderr)
+    engine = build_engine(tmp / GRAPH, tmp / ENGINE, kv_mode, max_batch, max_seq_len, precision,
+                          fp8_weights=quantize == "fp8")
+    check_engine_io(io, engine["io"])
+    return engine
 
 
 def _tokenizer_files(model_dir: Path) -> dict[str, Path]:
@@ -183,7 +304,3 @@ def _check_graph(path: Path) -> None:
     except onnx.checker.ValidationError as e:
         raise RuntimeError(f"exported graph failed onnx.checker: {e}") from None
 
-
-def describe(path: Path) -> str:
-    m = json.loads((path / "manifest.json").read_text())
-    return f"{m['model']['model_type']} {m['precision']} kv={m['kv_mode']} max_seq_len={m['max_seq_len']}"

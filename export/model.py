@@ -1,8 +1,8 @@
 """One tracing-friendly decoder for Qwen2/Qwen2.5, Gemma2 and Qwen3-MoE, built from a ModelSpec.
 
-What it does: ``Decoder(spec, kv_mode, logits=...)`` is a pure function of its inputs
+What it does: ``Decoder(spec, kv_mode, dtype, logits)`` is a pure function of its inputs
 ``(input_ids [B,S], position_ids [B,S], attention_mask, *past)`` returning ``(logits, *present)``: fp32 logits
-``[B,S,V]`` of every position (``logits="all"``, the default) or ``[B,1,V]`` of the last position only
+``[B,S,V]`` of every position (``logits="all"``, what ``load_model`` builds) or ``[B,1,V]`` of the last position only
 (``"last"``: the norm and LM head run on one position, which saves most of a long prefill's LM-head work).
 Prefill and decode are the same forward. The forward never tests a family; the spec's data picks what is built
 (qkv bias, q/k norm, sandwich norms, norm offset, embedding scale, softcaps, windows, dense or MoE MLP).
@@ -28,10 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.options import EAGER_KV_MODE, KV_MODES, LOGITS
 from export.spec import ModelSpec
-
-KV_MODES = ("concat", "static")
-LOGITS = ("last", "all")  # which positions the LM head runs on
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,7 +87,8 @@ class Attention(nn.Module):
 
 class AttentionCore(nn.Module):
     """Everything between the q/k/v projections and the output projection: q/k norm, RoPE, KV update, masked
-    (windowed, softcapped) attention. It is a module of its own so the exported nodes carry its name scope and
+    (windowed, softcapped) attention. It is a module of its own so the exported nodes carry its name scope
+    (``graphs.scopes.attn_core``: the attribute names ``Block.attn`` and ``Attention.core`` make it) and
     graphs/fuse.py can replace the whole region by one fused node."""
 
     def __init__(self, spec: ModelSpec, window: int | None, kv_mode: str):
@@ -200,8 +199,7 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, spec: ModelSpec, kv_mode: str = "concat", dtype: torch.dtype = torch.float32,
-                 logits: str = "all"):
+    def __init__(self, spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str):
         super().__init__()
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
@@ -262,8 +260,9 @@ class Decoder(nn.Module):
         return [torch.zeros(shape, dtype=self.dtype) for _ in range(2 * self.spec.num_layers)]
 
 
-def load_model(model_dir, kv_mode: str = "concat", dtype: torch.dtype = torch.float32, progress: bool = False):
-    """Build a Decoder and fill it from a checkpoint directory, one tensor at a time. Returns (model, spec)."""
+def load_model(model_dir, kv_mode: str = EAGER_KV_MODE, dtype: torch.dtype = torch.float32, progress: bool = False):
+    """Build a Decoder returning every position's logits (what the HF comparisons need) and fill it from a
+    checkpoint directory, one tensor at a time. Returns (model, spec)."""
     from tqdm import tqdm
 
     from export.checkpoint import Checkpoint
@@ -274,7 +273,7 @@ def load_model(model_dir, kv_mode: str = "concat", dtype: torch.dtype = torch.fl
     ckpt = Checkpoint(model_dir)
     plan = weight_plan(spec)
     warn_unexpected(check_checkpoint(spec, ckpt, plan))
-    model = Decoder(spec, kv_mode, dtype)
+    model = Decoder(spec, kv_mode, dtype, logits="all")
     tied = None
     for w in tqdm(plan, desc="loading weights", unit="tensor", disable=not progress):
         if w.name == "lm_head.weight" and spec.tie_embeddings:

@@ -11,9 +11,30 @@ from __future__ import annotations
 
 import argparse
 
+# -- build ---------------------------------------------------------------------------------------------------------
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEFAULT_PRECISION = "fp32"
+BACKENDS = ("onnxruntime", "tensorrt")
+DEFAULT_BACKEND = "onnxruntime"
+KV_MODES = ("static", "concat")  # static: preallocated buffers, slot == position; concat: a cache that grows
+DEFAULT_KV_MODE = "static"
+EAGER_KV_MODE = "concat"  # the torch decoder of `export verify` and the parity tests grows its cache like HF's
+LOWERINGS = ("reference", "ort", "trt-plugin", "trt-native")  # graphs/lower.py implements them (test_graphs checks)
+TRT_LOWERINGS = ("trt-native", "trt-plugin", "reference")  # what a TensorRT engine is built from
+LOGITS = ("last", "all")  # which positions the LM head runs on: each call's last (generation) or all (scoring)
+DEFAULT_LOGITS = "last"
+DEFAULT_MAX_BATCH = 8  # static KV slots, and Triton's max_batch_size
 MAX_BATCH = 1024  # static KV slots a graph is built for; beyond this the buffers alone exceed any machine
 MAX_INSTANCES = 64  # Triton instance_group count: each instance loads its own session
 MAX_VERIFY_STEPS = 4096
+DEFAULT_VERIFY_STEPS = 8
+
+
+def default_lowering(backend: str, kv_mode: str) -> str:
+    """trt-native for TensorRT; ort (GroupQueryAttention on the static buffer) or reference (concat) otherwise."""
+    if backend == "tensorrt":
+        return "trt-native"
+    return "ort" if kv_mode == "static" else "reference"
 
 
 def int_in(low: int, high: int | None = None):

@@ -8,7 +8,7 @@ share to the first layer that needs them, so a first-of-kind subgraph is not sel
 then appends layers ``T..N-1`` to the traced graph, each a copy of its kind's template with the layer index
 replaced everywhere it appears: initializer names (``decoder.layers.i.*``, still meta: ``attach_weights`` fills
 them by name), the KV inputs/outputs (``past_key_values.i.*``, ``present.i.*``), node names and the name-scope
-metadata the fusion passes read (``layers.i.attn.core``). A template's input is the residual stream, the output of
+metadata the fusion passes read (graphs/scopes.py: ``decoder.layers.i.attn.core`` ...). A template's input is the residual stream, the output of
 the last node of the layer before it; every other value it reads from outside (positions, RoPE tables, masks,
 shared shape values) is read by the copy as is. The final norm is rewired to the last copy's output.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 
 from export.spec import ModelSpec
+from graphs import scopes
 
 
 def traced_layers(spec: ModelSpec) -> int:
@@ -35,7 +36,7 @@ def traced_layers(spec: ModelSpec) -> int:
 
 
 def _layer_of(node) -> int | None:
-    m = re.search(r"layers\.(\d+)\b", node.metadata_props.get("pkg.torch.onnx.name_scopes", ""))
+    m = re.search(r"layers\.(\d+)\b", node.metadata_props.get(scopes.KEY, ""))
     return int(m.group(1)) if m else None
 
 

@@ -10,7 +10,11 @@ tensor and its file) a source tensor holding NaN/Inf, or one whose values overfl
 cast to fp16). Those checks run on each tensor as it streams, so a bad weight is found while the graph is written
 (inside the build's staging directory), not at generate time.
 
-What it does not do: it does not read config.json (spec.py) or open files (checkpoint.py).
+:func:`attach_weights` points every meta initializer of a traced graph (export/trace.py) at a lazy loader that
+reads its source tensors only when the graph is written, and stores linear weights pre-transposed (``[in, out]``)
+so no Transpose runs at inference; :func:`weight_bytes` is what those weights weigh in the build precision.
+
+What it does not do: it does not read config.json (spec.py), open files (checkpoint.py) or write the graph.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from export.checkpoint import _DTYPES, Checkpoint, CheckpointError
@@ -173,3 +178,78 @@ def warn_unexpected(unexpected: list[str]) -> None:
     if unexpected:
         head = ", ".join(unexpected[:8]) + (f" ... (+{len(unexpected) - 8})" if len(unexpected) > 8 else "")
         print(f"warning: {len(unexpected)} checkpoint tensor(s) not used by the model: {head}", file=sys.stderr)
+
+
+# -- the traced graph's initializers -------------------------------------------------------------------------
+def _ir_tensor(t: torch.Tensor, name: str):
+    import onnx_ir as ir
+
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return ir.Tensor(t.view(torch.uint16).numpy(), dtype=ir.DataType.BFLOAT16, name=name)
+    return ir.Tensor(t.numpy(), name=name)
+
+
+def attach_weights(model, spec: ModelSpec, plan: list[Weight], ckpt: Checkpoint, dtype: torch.dtype) -> int:
+    """Replace each meta initializer by a lazy tensor read from the checkpoint; fold weight transposes.
+
+    Returns the number of Transpose nodes folded into pre-transposed weights."""
+    import onnx_ir as ir
+
+    by_name = {w.name: w for w in plan}  # tied: the exporter names the shared tensor after one of its users
+    folded = 0
+    for name, value in list(model.graph.initializers.items()):
+        if name == "decoder.inv_freq" or name.endswith("inv_freq"):
+            inv, _ = spec.rope.inv_freq_and_scale(spec.head_dim)
+            value.const_value = _ir_tensor(inv, name)
+            continue
+        key = name.removeprefix("decoder.")
+        if key not in by_name:
+            raise RuntimeError(f"exported graph has an initializer '{name}' that no checkpoint tensor fills")
+        w = by_name[key]
+        transpose = _sole_transpose(value)
+        if transpose is not None:  # store [in, out]; consumers of the Transpose read the weight directly
+            out = transpose.outputs[0]
+            out.replace_all_uses_with(value)
+            model.graph.remove(transpose, safe=True)
+            folded += 1
+        w_dtype = torch.float32 if w.fp32 else dtype  # norms stay fp32 whatever the precision
+        shape = (w.shape[1], w.shape[0]) if transpose is not None else w.shape
+        value.shape = ir.Shape(shape)
+
+        def load(w=w, name=name, w_dtype=w_dtype, transposed=transpose is not None):
+            t = load_tensor(w, ckpt, w_dtype, spec.norm_offset)
+            return _ir_tensor(t.t() if transposed else t, name)
+
+        value.const_value = ir.LazyTensor(load, dtype=_ir_dtype(w_dtype), shape=ir.Shape(shape), name=name)
+    return folded
+
+
+def _ir_dtype(dtype: torch.dtype):
+    import onnx_ir as ir
+
+    return {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
+            torch.bfloat16: ir.DataType.BFLOAT16}[dtype]
+
+
+def _sole_transpose(value):
+    """The Transpose(perm=[1,0]) node that is the only consumer of a 2-D initializer, if any."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.shape is None or len(value.shape) != 2:
+        return None
+    node = uses[0].node if hasattr(uses[0], "node") else uses[0][0]
+    perm = node.attributes.get("perm")
+    if node.op_type == "Transpose" and perm is not None and list(perm.value) == [1, 0]:
+        return node
+    return None
+
+
+
+
+def weight_bytes(plan: list[Weight], spec: ModelSpec, dtype: torch.dtype) -> int:
+    total = 0
+    for w in plan:
+        if w.name == "lm_head.weight" and spec.tie_embeddings:
+            continue
+        total += int(np.prod(w.shape)) * (4 if w.fp32 else torch.empty((), dtype=dtype).element_size())
+    return total

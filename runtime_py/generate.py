@@ -1,10 +1,12 @@
 """The generation loop: prefill, decode steps, sampling, stop conditions, streaming, batches.
 
-What it does: :class:`Generator` opens an artifact (checksums verified) and runs ``steps()``, one generator that
-yields after every model call; ``generate`` (a batch of prompts, different lengths allowed) and ``stream``
-(text deltas of one prompt) are thin consumers of it, so the streamed text equals the non-streamed text by
-construction. Batches are right-padded in static-buffer mode (cache slot == position) and left-padded with an
-attention mask in concat mode. Log-probs (only with ``SamplingParams(logprobs=True)``: a log-softmax over the
+What it does: :class:`Generator` opens an artifact (checksums verified). Its loop is three small functions, as in
+gpt-fast: ``prefill`` (the prompts, laid out by the session's padding policy: right-padded static buffers,
+left-padded masked concat; the ragged two-call prefill for graphs that return only the last position's logits),
+``decode_one_token`` (one token per row at its next position) and ``steps``, which samples, applies EOS / stop
+strings / the length limit per row (``_accept``) and yields after every model call. ``generate`` (a batch of
+prompts, different lengths allowed) and ``stream`` (text deltas of one prompt) are thin consumers of ``steps``, so
+the streamed text equals the non-streamed text by construction. Log-probs (only with ``SamplingParams(logprobs=True)``: a log-softmax over the
 vocabulary costs ~0.3 ms a token at a 152k vocabulary) are of the raw model distribution.
 
 What it does not do: know the graph's internals (session.py) or render chat templates (chat.py).
@@ -19,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from runtime_py.sampling import SamplingParams, logprobs_of, sample
+from runtime_py.sampling import SamplingParams, logprobs_of, make_rng, sample
 from runtime_py.session import OrtSession
 
 
@@ -42,6 +44,16 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "eos" | "stop" | "length"
+
+
+@dataclass
+class Batch:
+    """The model-side state of one batch between calls: its cache, the concat-mode mask, each row's next
+    position."""
+
+    cache: object  # session KVCache
+    mask: np.ndarray | None
+    next_positions: np.ndarray  # [B] int64
 
 
 @dataclass
@@ -132,73 +144,72 @@ class Generator:
             raise ValueError(f"batch of {len(prompts)} prompts > the artifact's max batch "
                              f"{self.session.manifest['max_batch']}")
 
-    # -- the loop -------------------------------------------------------------------------------------------------
+    # -- the loop: prefill, decode_one_token, steps (gpt-fast's prefill / decode_one_token / decode_n_tokens) -------
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[np.ndarray, "Batch"]:
+        """Run the prompts (laid out by the session's padding policy) into a new cache with room for
+        `max_new_tokens` more; logits [B, V] at each row's last prompt token, and the batch's state."""
+        B, lens = len(prompts), np.array([len(p) for p in prompts])
+        padded = self.session.pad(prompts, self.pad_id)
+        cache = self.session.new_cache(B, padded.ids.shape[1] + max_new_tokens)
+        ids, positions, last = padded.ids, padded.positions, padded.last
+        if self.session.last_logits:  # the graph returns the logits of each call's last index only
+            if padded.mask is None and len(set(lens.tolist())) > 1:
+                # Right-padded rows end at different indices: prefill all but the last index (pads write slots
+                # past their prompt, overwritten later), then every row's last prompt token in one S=1 call.
+                S = ids.shape[1]
+                self.session.forward(ids[:, :S - 1], positions[:, :S - 1], None, cache)
+                ids, positions = np.array([[p[-1]] for p in prompts], dtype=np.int64), (lens - 1).reshape(B, 1)
+            last = np.zeros(B, dtype=np.int64)
+        logits = self.session.forward(ids, positions, padded.mask, cache)
+        return logits[np.arange(B), last], Batch(cache, padded.mask, lens.copy())
+
+    def decode_one_token(self, batch: "Batch", tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row at its next position; logits [B, V]."""
+        B = len(tokens)
+        if batch.mask is not None:
+            batch.mask = np.concatenate([batch.mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+        logits = self.session.forward(tokens.reshape(B, 1).astype(np.int64), batch.next_positions.reshape(B, 1),
+                                      batch.mask, batch.cache)
+        batch.next_positions += 1
+        return logits[:, -1]
+
     def steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[list[Row], float]]:
         """Yield (rows, seconds since start) after the prefill and after every decode step."""
         params.validate()
         self.check_context(prompts, params)
-        rng = np.random.default_rng(params.seed)
+        rng = make_rng(params.seed)
         rows = [Row(list(p)) for p in prompts]
-        B, lens = len(prompts), [len(p) for p in prompts]
-        S = max(lens)
-        static = self.session.kv_mode == "static"
-        ids = np.full((B, S), self.pad_id, dtype=np.int64)
-        mask = np.zeros((B, S), dtype=np.int64)
-        pos = np.zeros((B, S), dtype=np.int64)
-        for b, p in enumerate(prompts):
-            if static:  # right-pad; pad slots get positions past the prompt and are overwritten later
-                ids[b, :len(p)] = p
-                pos[b] = np.arange(S)
-            else:  # left-pad, masked
-                ids[b, S - len(p):] = p
-                mask[b, S - len(p):] = 1
-                pos[b, S - len(p):] = np.arange(len(p))
-        cache = self.session.new_cache(B, S + params.max_new_tokens)
-        last = np.array([n - 1 for n in lens]) if static else np.full(B, S - 1)  # each row's last prompt token
         seen = [list(p) for p in prompts]
-        decoders = [self._stream_decoder() for _ in range(B)]
+        decoders = [self._stream_decoder() for _ in rows]
         t0 = time.perf_counter()
-        if self.session.last_logits:  # the graph returns the logits of each call's last index only
-            if static and len(set(lens)) > 1:
-                # Right-padded rows end at different indices: prefill all but the last index (pads write slots
-                # past their prompt, overwritten later), then every row's last prompt token in one S=1 call.
-                self.session.forward(ids[:, :S - 1], pos[:, :S - 1], None, cache)
-                ids = np.array([[p[-1]] for p in prompts], dtype=np.int64)
-                pos = last.reshape(B, 1)
-            last = np.zeros(B, dtype=np.int64)
-        for step in range(params.max_new_tokens):
-            logits = self.session.forward(ids, pos, mask if not static else None, cache)
-            logits = logits[np.arange(B), last]  # [B, V] at each row's last real token (index 0 of [B,1,V])
+        logits, batch = self.prefill(prompts, params.max_new_tokens)
+        for _ in range(params.max_new_tokens):
             chosen = sample(logits, params, rng, seen)
             lps = logprobs_of(logits, chosen) if params.logprobs else None
             for b, row in enumerate(rows):
-                if row.finish_reason is not None:
-                    continue
-                tok = int(chosen[b])
-                if tok in self.eos_ids and not params.ignore_eos:
-                    row.finish_reason = "eos"
-                    self._flush(row, decoders[b])
-                    continue
-                row.tokens.append(tok)
-                if lps is not None:
-                    row.logprobs.append(float(lps[b]))
-                seen[b].append(tok)
-                self._append_text(row, decoders[b], params)
-                if row.finish_reason is None and len(row.tokens) >= params.max_new_tokens:
-                    row.finish_reason = "length"
-                    self._flush(row, decoders[b])
+                if row.finish_reason is None:
+                    self._accept(row, int(chosen[b]), None if lps is None else float(lps[b]), decoders[b], params)
+                    seen[b].append(int(chosen[b]))
             yield rows, time.perf_counter() - t0
             if all(r.finish_reason is not None for r in rows):
                 return
-            # next call: one token per row at its next position
-            ids = chosen.reshape(B, 1).astype(np.int64)
-            cur = np.array([lens[b] + step for b in range(B)])
-            pos = cur.reshape(B, 1)
-            if not static:
-                mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
-            last = np.zeros(B, dtype=np.int64)
+            logits = self.decode_one_token(batch, chosen)
         for row in rows:
             row.finish_reason = row.finish_reason or "length"
+
+    def _accept(self, row: Row, tok: int, logprob: float | None, decoder, params: SamplingParams) -> None:
+        """One chosen token for a running row: EOS, the text so far and its stop strings, the length limit."""
+        if tok in self.eos_ids and not params.ignore_eos:
+            row.finish_reason = "eos"
+            self._flush(row, decoder)
+            return
+        row.tokens.append(tok)
+        if logprob is not None:
+            row.logprobs.append(logprob)
+        self._append_text(row, decoder, params)
+        if row.finish_reason is None and len(row.tokens) >= params.max_new_tokens:
+            row.finish_reason = "length"
+            self._flush(row, decoder)
 
     def _stream_decoder(self):
         if self.tokenizer is None:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+DEFAULT_MAX_NEW_TOKENS = 32  # the CLI's --max-new-tokens, the Triton model's and the server's max_tokens default
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     greedy: bool = True
@@ -30,7 +33,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off; HF semantics (CTRL paper): > 1 discourages repeats
     seed: int | None = None
-    max_new_tokens: int = 32
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # report each chosen token's log-prob (a log-softmax over the vocabulary per token)
@@ -39,6 +42,20 @@ class SamplingParams:
         if isinstance(self.stop, list):  # a list from JSON/argparse is fine; a bare str is a bug (checked below)
             object.__setattr__(self, "stop", tuple(self.stop))
         self.validate()
+
+    @classmethod
+    def from_options(cls, temperature: float | None = None, top_k: int = 0, top_p: float = 1.0,
+                     greedy: bool = False, **rest) -> "SamplingParams":
+        """What a user's options mean, the one rule every front end (CLI flags, Triton request fields, HTTP
+        request bodies) applies: greedy unless a temperature, a top_k > 0 or a top_p != 1 is given; `greedy=True`
+        together with any of those is refused (a temperature <= 0 is refused by validate: a front end whose protocol
+        means greedy by temperature 0, like OpenAI's, passes None). `rest`: the other fields as they are
+        (max_new_tokens, stop, seed, ...)."""
+        sampled = temperature is not None or bool(top_k) or top_p != 1.0
+        if greedy and sampled:
+            raise ValueError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+        return cls(greedy=not sampled, temperature=1.0 if temperature is None else temperature, top_k=top_k,
+                   top_p=top_p, **rest)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""

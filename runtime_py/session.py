@@ -12,12 +12,16 @@ fed back as OrtValues without a round trip through numpy.
 Before the InferenceSession is created, :func:`runtime_py.memory.check_fits` refuses an artifact that cannot fit
 in the memory this process can get (``check_memory=False`` skips it).
 
-What it does not do: sampling, tokenizing or batching policy (generate.py does), or TensorRT.
+:func:`pad_prompts` is the padding policy each KV mode needs (right-padded static buffers, left-padded masked
+concat), which both sessions apply through ``session.pad``.
+
+What it does not do: sampling, tokenizing or choosing what runs together (generate.py does), or TensorRT.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,37 @@ from runtime_py.memory import check_fits
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 ORT_LOWERINGS = ("reference", "ort", "trt-native")
+
+
+@dataclass
+class Padded:
+    """A batch of prompts laid out for one prefill call (see :func:`pad_prompts`)."""
+
+    ids: np.ndarray  # [B, S] int64
+    positions: np.ndarray  # [B, S] int64
+    mask: np.ndarray | None  # [B, S] int64 in concat mode (1 = real token), None in static mode
+    last: np.ndarray  # [B] index of each row's last prompt token in the call
+
+
+def pad_prompts(kv_mode: str, prompts: list[list[int]], pad_id: int) -> Padded:
+    """The padding policy of a KV mode. Static buffers (slot == position): right-padded, positions 0..S-1 in every
+    row; a pad writes a slot past its row's prompt, which that row's own tokens overwrite before anything reads
+    it. Concat (the cache grows for the whole batch): left-padded, the pads masked, positions counted from each
+    row's first real token."""
+    B, S = len(prompts), max(len(p) for p in prompts)
+    ids = np.full((B, S), pad_id, dtype=np.int64)
+    positions = np.zeros((B, S), dtype=np.int64)
+    if kv_mode == "static":
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = p
+        positions[:] = np.arange(S)
+        return Padded(ids, positions, None, np.array([len(p) - 1 for p in prompts]))
+    mask = np.zeros((B, S), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, S - len(p):] = p
+        mask[b, S - len(p):] = 1
+        positions[b, S - len(p):] = np.arange(len(p))
+    return Padded(ids, positions, mask, np.full(B, S - 1))
 
 
 class KVCache:
@@ -84,6 +119,9 @@ class OrtSession:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.kv_in = [n for n in self.input_names if n.startswith("past_key_values.")]
         self.kv_out = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+
+    def pad(self, prompts: list[list[int]], pad_id: int) -> Padded:
+        return pad_prompts(self.kv_mode, prompts, pad_id)
 
     def _zeros(self, batch: int, length: int) -> list:
         shape = (batch, self.kv_heads, length, self.head_dim)

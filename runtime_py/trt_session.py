@@ -103,6 +103,11 @@ class TrtSession:
             self.contexts[name] = ctx
         self.stream = torch.cuda.current_stream()
 
+    def pad(self, prompts: list[list[int]], pad_id: int):
+        from runtime_py.session import pad_prompts
+
+        return pad_prompts(self.kv_mode, prompts, pad_id)
+
     def new_cache(self, batch: int, max_len: int):
         from runtime_py.session import KVCache
 

@@ -216,12 +216,11 @@ def test_tampered_and_missing_artifact(artifacts, tmp_path):
 def test_interrupted_build_leaves_nothing(checkpoints, tmp_path, monkeypatch):
     import export.build as build_mod
 
-    def boom(*args, **kwargs):
-        out = args[3]
-        out.write_bytes(b"partial")
+    def boom(model, path, progress):  # the save stage, interrupted after writing part of the graph
+        path.write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_mod, "export_onnx", boom)
+    monkeypatch.setattr(build_mod, "save", boom)
     with pytest.raises(KeyboardInterrupt):
         build(str(checkpoints("qwen2_window")), out=tmp_path / "art", progress=False)
     assert os.listdir(tmp_path) == []

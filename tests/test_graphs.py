@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from export.checkpoint import Checkpoint
-from export.onnx_export import attach_weights, trace_graph
+from export.trace import trace_graph
+from export.weights import attach_weights
 from export.spec import load_spec
 from export.weights import weight_plan
 from graphs import fuse
@@ -116,7 +117,7 @@ def test_trt_plugin_graph(case, artifacts):
 def _traced(case, checkpoints):
     path = checkpoints(case)
     spec = load_spec(path)
-    model = trace_graph(spec, "static", torch.float32)
+    model = trace_graph(spec, "static", torch.float32, "last")
     attach_weights(model, spec, weight_plan(spec), Checkpoint(path), torch.float32)
     return model, spec
 
@@ -163,3 +164,22 @@ def test_inspect_cli(artifacts, capsys):
     assert ops["com.microsoft.GroupQueryAttention"] == 4 and ops["com.microsoft.MoE"] == 1
     assert report["graphs"]["decoder"]["fusion"]["attention_fused"] == 4
     assert report["graphs"]["decoder"]["logits"] == "last"  # the build default
+
+
+def test_every_named_scope_is_in_the_traced_graph(checkpoints):
+    """graphs/scopes.py names the regions; export/model.py's module names must produce exactly those scopes."""
+    from graphs import scopes
+
+    for case in ("qwen3_moe_mixed", "gemma2"):
+        model, spec = _traced(case, checkpoints)
+        seen = {s for node in model.graph for s in fuse.scopes(node)}
+        wanted = [scopes.attn_core(i) for i in range(spec.num_layers)] + scopes.norms(spec) + \
+            [scopes.moe(i) for i in spec.sparse_layers]
+        assert [w for w in wanted if w not in seen] == [], case
+
+
+def test_cli_lowerings_are_the_implemented_ones():
+    from export.options import LOWERINGS
+    from graphs import lower as lower_mod
+
+    assert LOWERINGS == lower_mod.LOWERINGS

@@ -69,7 +69,7 @@ def test_window_changes_output(checkpoints):
     for case in ("qwen2_window", "gemma2"):
         model, spec = load_model(checkpoints(case))
         full = Decoder(dataclasses.replace(spec, layers=tuple(dataclasses.replace(l, window=None)
-                                                              for l in spec.layers)))
+                                                              for l in spec.layers)), "concat", torch.float32, "all")
         full.load_state_dict(model.state_dict(), assign=True)
         a = run_ours(model, PROMPT, steps=0).logits[0]
         b = run_ours(full, PROMPT, steps=0).logits[0]
