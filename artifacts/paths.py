@@ -8,6 +8,8 @@ refuses it when any component under the root is a symlink (a link may lead anywh
 above it (``dir_fd``) with ``O_NOFOLLOW``, so a symlink planted anywhere on the way is refused by the kernel, not
 by a check that a race could defeat. :func:`real_inside` says whether a path's real location lies under one of
 some roots (for files that may legitimately be links, such as an HF cache snapshot pointing into its blobs/).
+And :func:`cache_root`: the one directory llm-export caches in (``$LLM_EXPORT_CACHE``, else
+``$XDG_CACHE_HOME/llm-export``, else ``~/.cache/llm-export``).
 
 What it does not do: decide which names a format lists (artifacts/bundle.py, artifacts/edge.py do).
 """
@@ -104,3 +106,18 @@ def create_inside(root_fd: int, rel: str, what: str):
 def open_dir(path: str | Path) -> int:
     """An fd for directory `path` (the caller closes it); `path` itself may be reached through links."""
     return os.open(str(path), os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+
+
+def cache_root() -> Path:
+    """The one directory llm-export caches in: tiny checkpoints (``tiny/``), default artifact directories, bench
+    models and results, the Triton python backend stub's environment (``triton-stub-env-*``).
+
+    ``$LLM_EXPORT_CACHE`` when set (used as is: no ``llm-export`` appended), else ``$XDG_CACHE_HOME/llm-export``,
+    else ``~/.cache/llm-export``. An empty variable counts as unset, as does a relative ``XDG_CACHE_HOME`` (the XDG
+    spec says to ignore it)."""
+    own = os.environ.get("LLM_EXPORT_CACHE")
+    if own:
+        return Path(own).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "llm-export"

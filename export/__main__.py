@@ -1,5 +1,5 @@
-"""Command line: `python -m export {build,verify,inspect,triton,bundle,engine} ...`. Defaults are defined here,
-once."""
+"""Command line: `python -m export {build,verify,inspect,triton,bundle,engine} ...`. Defaults, limits and choices
+come from export/options.py, where each is defined once."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import argparse
 import json
 import sys
 
-from export.options import (ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, DEFAULT_GROUP_SIZE, MAX_BATCH,
-                            MAX_VERIFY_STEPS, QUANT_SCHEMES, int_in)
+from export.options import (ACCURACY_LEVELS, BACKENDS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BACKEND, DEFAULT_GROUP_SIZE,
+                            DEFAULT_KV_MODE, DEFAULT_LOGITS, DEFAULT_MAX_BATCH, DEFAULT_PRECISION,
+                            DEFAULT_VERIFY_STEPS, EAGER_KV_MODE, KV_MODES, LOGITS, LOWERINGS, MAX_BATCH,
+                            MAX_VERIFY_STEPS, PRECISIONS, QUANT_SCHEMES, int_in)
 
 
 def _ids(text: str) -> list[int]:
@@ -42,25 +44,27 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="compare our decoder with HF transformers on one prompt")
     v.add_argument("--model", required=True, help="checkpoint dir, preset name, HF repo id (cached) or tiny-*")
     v.add_argument("--prompt-ids", type=_ids, default=None, help="comma-separated token ids (default: 8 fixed ids)")
-    v.add_argument("--steps", type=int_in(0, MAX_VERIFY_STEPS), default=8, help="greedy decode steps after the prefill")
-    v.add_argument("--kv-mode", choices=["concat", "static"], default="concat")
+    v.add_argument("--steps", type=int_in(0, MAX_VERIFY_STEPS), default=DEFAULT_VERIFY_STEPS,
+                   help="greedy decode steps after the prefill")
+    v.add_argument("--kv-mode", choices=KV_MODES, default=EAGER_KV_MODE,
+                   help=f"the torch decoder's cache (default {EAGER_KV_MODE}: it grows, like HF's)")
     v.add_argument("--json", action="store_true", help="print only one JSON object")
 
     b = sub.add_parser("build", help="export a checkpoint to a deployable artifact directory")
     b.add_argument("--model", required=True, help="checkpoint dir, preset name, HF repo id (cached) or tiny-*")
-    b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    b.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+    b.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION)
+    b.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
                    help="tensorrt: also build an engine (full TensorRT or TensorRT-RTX, ahead of time)")
-    b.add_argument("--kv-mode", choices=["static", "concat"], default="static",
+    b.add_argument("--kv-mode", choices=KV_MODES, default=DEFAULT_KV_MODE,
                    help="static: fixed-length KV buffer updated in place (fast); concat: present = past + new")
     b.add_argument("--out", default=None, help="artifact directory (default: ~/.cache/llm-export/artifacts/...)")
     b.add_argument("--max-seq-len", type=int_in(2), default=None,
                    help="context length, 2 .. the model's max_position_embeddings (default: the model's)")
-    b.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=8,
+    b.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=DEFAULT_MAX_BATCH,
                    help=f"sequences one call runs at once (static KV slots), 1..{MAX_BATCH}")
-    b.add_argument("--lowering", choices=["reference", "ort", "trt-plugin", "trt-native"], default=None,
+    b.add_argument("--lowering", choices=LOWERINGS, default=None,
                    help="graph lowering (default: ort for --kv-mode static, reference for concat)")
-    b.add_argument("--logits", choices=["last", "all"], default="last",
+    b.add_argument("--logits", choices=LOGITS, default=DEFAULT_LOGITS,
                    help="positions whose logits the graph returns: the last of each call (default; what generation "
                         "samples from, and a long prefill skips most of the LM head), or all (for scoring)")
     b.add_argument("--quantize", choices=QUANT_SCHEMES, default=None,
@@ -97,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     terminate_cleanly()
     from artifacts.bundle import ArtifactError
-    from export.checkpoint import CheckpointError
-    from export.engine import EngineError
-    from export.spec import UnsupportedConfigError
 
+    errors: tuple[type[BaseException], ...] = (ArtifactError, OSError, ValueError)
+    if args.command not in ("inspect", "triton"):  # these run without torch (export.checkpoint, export.spec need it)
+        from export.checkpoint import CheckpointError
+        from export.engine import EngineError
+        from export.spec import UnsupportedConfigError
+
+        errors += (CheckpointError, UnsupportedConfigError, EngineError)
     try:
         if args.command == "verify":
             return _verify(args)
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("terminated (SIGTERM): nothing was written", file=sys.stderr)
         return 143
-    except (ArtifactError, CheckpointError, UnsupportedConfigError, OSError, ValueError, EngineError) as e:
+    except errors as e:
         # OSError: a full disk, a permission denied, a file that vanished: the message names the path
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,7 +51,7 @@ ENGINE = "model.engine"
 
 
 def default_out(model: str, precision: str, kv_mode: str) -> Path:
-    from export.tiny import cache_root
+    from artifacts.paths import cache_root
 
     name = Path(model).name if Path(model).is_dir() else model.replace("/", "--")
     return cache_root() / "artifacts" / f"{name}-{precision}-{kv_mode}"

@@ -15,13 +15,14 @@ prompt with words from it. What it does not do: be a useful language model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from artifacts.paths import cache_root  # noqa: F401 - also what bench/ imports from here
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -53,10 +54,6 @@ TINY_MODELS: dict[str, dict] = {
                            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                            decoder_sparse_step=1, mlp_only_layers=[0]),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LLM_EXPORT_CACHE", Path.home() / ".cache" / "llm-export"))
 
 
 def write_tokenizer(out_dir: str | Path, vocab_size: int, eos_token: str = "<|im_end|>") -> None:

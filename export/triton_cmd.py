@@ -1,6 +1,6 @@
 """`python -m export triton ARTIFACT --out REPO [--name NAME] [--instances N] [--max-batch B] [--overwrite]`.
 
-Writes a Triton model repository (artifacts/triton.py): a decoupled python-backend model NAME streaming runtime_py
+Writes a Triton model repository (artifacts/triton_write.py): a decoupled python-backend model NAME streaming runtime_py
 generations, the raw graph model NAME_graph, and a README with launch and client commands. Every config.pbtxt is
 validated against Triton's ModelConfig protobuf before the repository appears; prints its path last.
 """
@@ -30,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from artifacts.bundle import ArtifactError
-    from artifacts.triton import RepositoryError, write_repository
+    from artifacts.triton_contract import RepositoryError
+    from artifacts.triton_write import write_repository
 
     try:
         path = write_repository(args.artifact, args.out, name=args.name, instances=args.instances,

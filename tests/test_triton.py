@@ -24,11 +24,14 @@ import numpy as np
 import pytest
 
 from artifacts.bundle import open_artifact
-from artifacts.triton import (RepositoryError, bundled_server, free_ports, pytriton_paths, stub_env,
-                              validate_repository, write_repository)
-from artifacts.triton_model import INPUTS, RequestError, parse_request
+from artifacts.triton_check import validate_repository
+from artifacts.triton_contract import RepositoryError
+from artifacts.triton_launch import bundled_server, free_ports, pytriton_paths
+from artifacts.triton_stub_env import stub_env
+from artifacts.triton_write import write_repository
 from runtime_py.generate import Generator
 from runtime_py.sampling import SamplingParams
+from runtime_py.triton_model import INPUTS, RequestError, parse_request
 
 NAME = "llm"
 CASE = "qwen2_window"  # static KV, ort lowering (GroupQueryAttention): the default build
@@ -193,7 +196,7 @@ def test_engine_artifact_repository(artifact, tmp_path, flavour):
 
 def test_invalid_repository_is_never_left_behind(artifact, tmp_path, monkeypatch):
     _pb()
-    import artifacts.triton as triton
+    import artifacts.triton_write as triton
 
     def reject(path):
         raise RepositoryError(f"{path}: rejected on purpose")
@@ -307,7 +310,7 @@ def test_graph_model_runs_with_plain_session_run(repo, artifact, generator):
 # -- end to end: the real tritonserver ------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def stub_python():
-    """The Python environment for the python backend stub (numpy<2; see artifacts.triton.stub_env)."""
+    """The Python environment for the python backend stub (numpy<2; see artifacts.triton_stub_env)."""
     pytest.importorskip("tritonclient.grpc")
     try:
         pytriton_paths()

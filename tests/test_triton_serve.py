@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from artifacts.triton import SERVER_EXIT_TIMEOUT_S, STOP_GRACE_S, free_ports
+from artifacts.triton_launch import SERVER_EXIT_TIMEOUT_S, free_ports
+from artifacts.triton_serve import STOP_GRACE_S
 from tests.test_triton import NAME, artifact, repo, stub_python  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent

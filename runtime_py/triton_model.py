@@ -16,8 +16,9 @@ one error response (flagged FINAL); the model keeps serving. A cancelled request
 What it does not do: batch requests together (each generation has its own RNG, so seeded output does not depend on
 what else is in flight) or log-probs.
 
-Importable without Triton (pb_utils is None then): the writer reads :data:`INPUTS`/:data:`OUTPUTS` from here and the
-tests call :func:`parse_request` directly.
+Importable without Triton (pb_utils is None then): the tests call :func:`parse_request` directly. The repository
+writer (artifacts/triton_write.py) never imports this module (artifacts does not import runtime_py): it reads
+:data:`INPUTS`, :data:`OUTPUTS` and :data:`DEFAULTS` from this file's source, so they must stay plain literals.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 _HERE = Path(__file__).resolve().parent
-_RUNTIME = _HERE / "runtime"  # runtime_py/ + artifacts/ sources, copied by artifacts.triton.write_repository
+_RUNTIME = _HERE / "runtime"  # runtime_py/ + artifacts/ sources, copied by artifacts.triton_write
 if _RUNTIME.is_dir() and str(_RUNTIME) not in sys.path:
     sys.path.insert(0, str(_RUNTIME))
 
@@ -56,9 +57,10 @@ INPUTS: dict[str, tuple[str, list[int], bool]] = {
 OUTPUTS: dict[str, tuple[str, list[int]]] = {
     "text_output": ("TYPE_STRING", [1]),  # one text delta per response
 }
-DEFAULT_MAX_TOKENS = 32  # the runtime_py CLI's --max-new-tokens default
-DEFAULTS = {"max_concurrency": "8", "default_max_tokens": str(DEFAULT_MAX_TOKENS), "ort_threads": "0",
-            "runtime_backend": "auto", "artifact": "artifact"}
+# config.pbtxt parameters and their values when absent (a literal: the writer reads it from this file's source).
+DEFAULTS = {"max_concurrency": "8", "default_max_tokens": "32", "ort_threads": "0", "runtime_backend": "auto",
+            "artifact": "artifact"}
+DEFAULT_MAX_TOKENS = int(DEFAULTS["default_max_tokens"])  # the runtime_py CLI's --max-new-tokens default
 
 
 class RequestError(ValueError):

@@ -1,0 +1,226 @@
+"""Writing a Triton Inference Server model repository from an artifact: staged, validated, then renamed into place.
+
+What it does: :func:`write_repository` stages a repository in a hidden directory beside ``out`` and renames it into
+place only after :func:`artifacts.triton_check.validate_repository` accepted it. The repository holds
+
+- ``NAME/``: a decoupled python-backend model (``runtime_py/triton_model.py`` as ``1/model.py``) that streams
+  runtime_py generations; the artifact is copied into ``1/artifact/`` and the first-party packages the model
+  imports (``runtime_py/``, ``artifacts/``, ...: :func:`runtime_packages`, sources only) into ``1/runtime/``, which
+  model.py puts first on ``sys.path``. Third-party packages (numpy, onnxruntime, tokenizers, jinja2) come from the
+  Python environment the backend's stub runs in (see the repository README);
+- ``NAME_graph/``: the raw decoder for Triton's ONNX Runtime backend (``1/model.onnx`` + its external data),
+  with the KV tensors as inputs/outputs exactly as the artifact manifest lists them (symbolic dims -> -1,
+  ``max_batch_size: 0`` so the batch dim is explicit), for clients that run their own generation loop; for a
+  full-TensorRT engine, ``tensorrt_plan`` (``1/model.plan``) instead (a TensorRT-RTX engine has no Triton backend:
+  the ONNX graph is served, the engine runs inside ``NAME`` through runtime_py);
+- ``config.pbtxt`` of each, written from Triton's ``ModelConfig`` protobuf; the python model's I/O and parameter
+  defaults are the ones ``runtime_py/triton_model.py`` declares (read from its source, never imported);
+- ``README.md`` (artifacts/triton_readme.py) and a marker file that lets ``overwrite`` replace only our repositories.
+
+Files are hard-linked from the artifact when the filesystem allows (artifacts are immutable), copied otherwise.
+
+What it does not do: validate (artifacts/triton_check.py), serve (artifacts/triton_serve.py), build engines, or
+import runtime_py or export/: the runtime is copied as files.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+from pathlib import Path
+
+from artifacts.bundle import MANIFEST, ArtifactError, open_artifact, staging_dir
+from artifacts.triton_check import external_data, validate_repository
+from artifacts.triton_contract import (MODEL_SOURCE, ONNX_TYPES, PACKAGE_ROOT, RepositoryError, model_constants,
+                                       protobuf, triton_dims)
+from artifacts.triton_readme import graph_opsets, repository_readme
+
+FIRST_PARTY = ("runtime_py", "artifacts", "plugins", "graphs", "export")
+REPOSITORY_MARKER = ".llm-export-repository.json"  # what lets --overwrite replace a repository: only ours
+REPOSITORY_FORMAT = "llm-export-triton-repository"
+
+
+def is_repository(path: Path) -> bool:
+    """True when `path` is a model repository this module wrote (its marker file names our format)."""
+    try:
+        return json.loads((Path(path) / REPOSITORY_MARKER).read_text()).get("format") == REPOSITORY_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _first_party_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(FIRST_PARTY)
+
+
+def runtime_packages() -> list[str]:
+    """The first-party packages the python model needs: the one holding it (runtime_py), what it imports, and what
+    those import in turn (today runtime_py and artifacts)."""
+    todo, seen = [MODEL_SOURCE.parent.name, *sorted(_first_party_imports(MODEL_SOURCE))], set()
+    while todo:
+        pkg = todo.pop()
+        if pkg in seen or not (PACKAGE_ROOT / pkg).is_dir():
+            continue
+        seen.add(pkg)
+        for f in (PACKAGE_ROOT / pkg).rglob("*.py"):
+            todo.extend(_first_party_imports(f) - seen)
+    return sorted(seen)
+
+
+def _copy_sources(dst: Path) -> list[str]:
+    pkgs = runtime_packages()
+    for pkg in pkgs:
+        shutil.copytree(PACKAGE_ROOT / pkg, dst / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.cu", "*.o"))
+    return pkgs
+
+
+def _config_text(cfg, comment: str) -> str:
+    text_format, _ = protobuf()
+    body = text_format.MessageToString(cfg)
+    # proto3 omits zero values; max_batch_size 0 is a decision worth seeing in the file.
+    lines = body.splitlines()
+    if cfg.max_batch_size == 0:
+        at = next(i for i, line in enumerate(lines) if not line.startswith(("name:", "platform:", "backend:")))
+        lines.insert(at, "max_batch_size: 0")
+    return "".join(f"# {c}\n" for c in comment.splitlines()) + "\n".join(lines) + "\n"
+
+
+def _tensor(cls, name: str, data_type: str, dims: list[int], optional: bool = False):
+    _, pb = protobuf()
+    t = cls(name=name, data_type=pb.DataType.Value(data_type), dims=dims)
+    if optional:
+        t.optional = True
+    return t
+
+
+def _model_constants() -> dict:
+    """INPUTS, OUTPUTS and DEFAULTS of the python model this writer copies (from its source)."""
+    if not MODEL_SOURCE.is_file():
+        raise RepositoryError(f"the python-backend model {MODEL_SOURCE} is missing: writing a repository needs "
+                              "runtime_py installed beside artifacts/")
+    declared = model_constants(MODEL_SOURCE)
+    if declared is None or not isinstance(declared.get("DEFAULTS"), dict):
+        raise RepositoryError(f"{MODEL_SOURCE}: INPUTS, OUTPUTS and DEFAULTS must be literals")
+    return declared
+
+
+def _python_config(name: str, instances: int, max_batch: int, has_engine: bool, model: dict):
+    _, pb = protobuf()
+    cfg = pb.ModelConfig(name=name, backend="python", max_batch_size=0)
+    cfg.model_transaction_policy.decoupled = True
+    for n, (dt, dims, optional) in model["INPUTS"].items():
+        cfg.input.append(_tensor(pb.ModelInput, n, dt, dims, optional))
+    for n, (dt, dims) in model["OUTPUTS"].items():
+        cfg.output.append(_tensor(pb.ModelOutput, n, dt, dims))
+    # An engine runs on a GPU when there is one (runtime_py picks it), the ONNX graph on the CPU otherwise.
+    kind = pb.ModelInstanceGroup.KIND_AUTO if has_engine else pb.ModelInstanceGroup.KIND_CPU
+    cfg.instance_group.append(pb.ModelInstanceGroup(count=instances, kind=kind))
+    params = {**model["DEFAULTS"], "max_concurrency": str(max_batch)}
+    for k, v in params.items():
+        cfg.parameters[k].string_value = v
+    return cfg
+
+
+def _graph_config(name: str, graph: dict, instances: int, plan: bool):
+    """The raw graph model: the ONNX graph on Triton's ONNX Runtime backend, or (`plan`) the TensorRT engine on its
+    TensorRT backend. The engine's I/O is the graph's (checked when the engine was built)."""
+    _, pb = protobuf()
+    if plan:
+        cfg = pb.ModelConfig(name=name, platform="tensorrt_plan", backend="tensorrt", max_batch_size=0)
+    else:
+        cfg = pb.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0)
+    for src, cls, dst in ((graph["inputs"], pb.ModelInput, cfg.input), (graph["outputs"], pb.ModelOutput, cfg.output)):
+        for t in src:
+            if t["dtype"] not in ONNX_TYPES:
+                raise ArtifactError(f"graph tensor {t['name']}: dtype {t['dtype']} has no Triton type")
+            dst.append(_tensor(cls, t["name"], ONNX_TYPES[t["dtype"]], triton_dims(t["shape"])))
+    kind = pb.ModelInstanceGroup.KIND_GPU if plan else pb.ModelInstanceGroup.KIND_AUTO
+    cfg.instance_group.append(pb.ModelInstanceGroup(count=instances, kind=kind))
+    return cfg
+
+
+def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", instances: int = 1,
+                     max_batch: int = 8, overwrite: bool = False) -> Path:
+    """Write a validated Triton model repository for `artifact` at `out`; returns its path.
+
+    `instances`: instance_group count of each model (each python instance loads its own session). `max_batch`: how
+    many generations one python instance streams at once (each on its own thread; more requests wait)."""
+    artifact = Path(artifact)
+    if not name or not name.replace("_", "").replace("-", "").isalnum() or name.startswith(("-", ".")):
+        raise ValueError(f"model name must be letters, digits, '_' or '-', got {name!r}")
+    for flag, value in (("instances", instances), ("max_batch", max_batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{flag} must be an int >= 1, got {value!r}")
+    manifest = open_artifact(artifact)  # checksums verified once, here
+    if manifest.get("backend") not in ("onnxruntime", "tensorrt"):
+        raise ArtifactError(f"{artifact}: backend {manifest.get('backend')!r}: expected onnxruntime or tensorrt")
+    engine = manifest.get("engine")
+    if manifest["backend"] == "tensorrt" and not engine:
+        raise ArtifactError(f"{artifact}: a tensorrt artifact without an engine in its manifest; rebuild it")
+    plan = bool(engine) and engine.get("flavour") == "tensorrt"  # TensorRT-RTX engines: no Triton backend
+    graph = manifest["graphs"]["decoder"]
+    graph_file = artifact / graph["file"]
+    data_files = external_data(graph_file)
+    unlisted = [rel for rel in data_files if (Path(graph["file"]).parent / rel).as_posix() not in manifest["files"]]
+    if unlisted:
+        raise ArtifactError(f"{artifact}: the graph's external data {unlisted} is not among the manifest's "
+                            "checksummed files")
+    graph_name = f"{name}_graph"
+    model = _model_constants()
+    with staging_dir(Path(out), overwrite=overwrite, owned=is_repository, protect=[artifact]) as tmp:
+        marker = {"format": REPOSITORY_FORMAT, "artifact": str(artifact.resolve()), "models": [name, graph_name]}
+        (tmp / REPOSITORY_MARKER).write_text(json.dumps(marker, indent=2))
+        # (a) the streaming python model
+        version = tmp / name / "1"
+        for rel in [*manifest["files"], MANIFEST]:
+            _link_or_copy(artifact / rel, version / "artifact" / rel)
+        pkgs = _copy_sources(version / "runtime")
+        shutil.copy2(MODEL_SOURCE, version / "model.py")
+        (tmp / name / "config.pbtxt").write_text(_config_text(
+            _python_config(name, instances, max_batch, bool(engine), model),
+            f"Streaming text generation (decoupled) with runtime_py on {artifact.name}.\n"
+            f"Written by llm-export; runtime sources in 1/runtime ({', '.join(pkgs)}), artifact in 1/artifact."))
+        # (b) the raw graph
+        gdir = tmp / graph_name / "1"
+        if plan:
+            _link_or_copy(version / "artifact" / engine["file"], gdir / "model.plan")
+            what = f"TensorRT {engine.get('version')} engine"
+        else:
+            _link_or_copy(version / "artifact" / graph["file"], gdir / "model.onnx")
+            for rel in data_files:
+                _link_or_copy(version / "artifact" / Path(graph["file"]).parent / rel, gdir / rel)
+            what = "ONNX decoder graph"
+        (tmp / graph_name / "config.pbtxt").write_text(_config_text(
+            _graph_config(graph_name, graph, instances, plan),
+            f"Raw {what} of {artifact.name} (lowering {graph.get('lowering')}, KV mode {manifest['kv_mode']}, "
+            f"{manifest['precision']}).\nOne prefill/decode step per request; the client owns the KV cache."))
+        (tmp / "README.md").write_text(repository_readme(name, manifest, instances, max_batch, graph_opsets(graph_file),
+                                                         int(model["DEFAULTS"]["default_max_tokens"])))
+        validate_repository(tmp)
+        publishable(tmp)
+    return Path(out).resolve()
+
+
+def publishable(path: Path) -> None:
+    """mkdtemp makes 0700 directories; give the staged tree the permissions a plain mkdir would (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
