@@ -5,8 +5,16 @@ How regions are found: the decoder's attention core and MoE are torch modules of
 (``pkg.torch.onnx.name_scopes``). A region is the set of nodes of that scope; its boundary (values it reads from
 outside, values read outside it) must be exactly the expected one, or the region is left untouched and reported,
 never half-rewritten. The fused node carries every attribute the kernel needs (plugins/attention.py,
-plugins/moe.py). Each pass returns a :class:`Report` and the caller checks the count (attention = layers,
-MoE = sparse layers) when it requires full fusion.
+plugins/moe.py: ``ATTRS`` names them, ``VALUES`` the values a string attribute may take); a node whose attributes
+differ from that definition is never built. Each pass returns a :class:`Report` and the caller checks the count
+(attention = layers, MoE = sparse layers) when it requires full fusion.
+
+Each lowering declares what it does with every attribute of every fused node in a table (attribute ->
+:class:`Consumed` / :class:`Matches` / :class:`Needs`; the tables live with the lowerings: lower.py, native.py,
+quantize.py); the vocabulary and its two checks are here. :func:`supports` turns a table into the passes'
+``supports`` hook (a value the target cannot express leaves the region decomposed, reported, or refuses the build),
+and :func:`lowered_attrs` checks a fused node against the table when the lowering rewrites it. Both raise
+:class:`LoweringError` for an attribute the table does not name, so a new attribute must be taught to every lowering.
 
 These passes work on ``onnx_ir`` models, the exporter's own IR: its initializers are lazy tensors that read the
 checkpoint only when the graph is written, so a pass never loads the weights (onnx-graphsurgeon would have to
@@ -35,15 +43,124 @@ class Report:
     name: str
     fused: int = 0
     skipped: list[str] = field(default_factory=list)  # "layer 3: why"
+    unsupported: int = 0  # regions left decomposed on purpose: the target cannot express an attribute value
 
     def require(self, expected: int) -> None:
-        if self.fused != expected:
+        """Every one of `expected` regions was fused or left decomposed on purpose (a region that did not match is
+        the failure)."""
+        if self.fused + self.unsupported != expected:
             why = "; ".join(self.skipped) or "no region found"
-            raise FusionError(f"{self.name}: fused {self.fused} region(s), expected {expected} ({why})")
+            raise FusionError(f"{self.name}: fused {self.fused} region(s), expected {expected - self.unsupported} "
+                              f"({why})")
 
 
 class FusionError(RuntimeError):
     """A pass that had to fire a known number of times did not."""
+
+
+class LoweringError(ValueError):
+    """A fused node attribute (or value) that a lowering does not handle or cannot express; names the lowering,
+    the node, the attribute and the value. A ValueError: the CLI reports it as ``error: ...`` with exit status 2."""
+
+
+# ---- what each lowering does with each attribute of a fused node ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Consumed:
+    """Every value the fused node defines is expressed by the lowering; `how` says where it goes."""
+    how: str
+
+
+@dataclass(frozen=True)
+class Matches:
+    """The target takes this value from the node's inputs instead (e.g. the expert count from a weight's shape):
+    `infer(node)` gives it, and a fused node whose attribute differs is refused (it would be silently ignored)."""
+    infer: Callable[[ir.Node], object]
+    what: str
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Values with `ok(value)` are expressed; any other value is `why` the target cannot. Before fusion such a region
+    stays decomposed (reported; the exporter's standard ops compute every value) when `fallback`, else the build is
+    refused; a fused node that already carries such a value is always refused."""
+    ok: Callable[[object], bool]
+    why: str
+    fallback: bool = True
+
+
+Rules = dict  # attribute name -> Consumed | Matches | Needs
+
+
+def _op(plugin) -> str:
+    return f"{plugin.DOMAIN}.{plugin.OP}"
+
+
+def _known(lowering: str, rules: Rules, op: str, node_name: str, attrs: dict) -> None:
+    unknown = [name for name in attrs if name not in rules]
+    if unknown:
+        raise LoweringError(f"lowering {lowering} does not handle attribute {unknown[0]!r} "
+                            f"(= {attrs[unknown[0]]!r}) of node {node_name} ({op}): add it to that lowering's "
+                            "attribute table (consume it, check it, or refuse its values)")
+    missing = [name for name in rules if name not in attrs]
+    if missing:
+        raise LoweringError(f"node {node_name} ({op}) has no attribute {missing[0]!r}, which lowering {lowering} "
+                            "reads")
+
+
+def _refused(lowering: str, node_name: str, name: str, value, why: str) -> LoweringError:
+    return LoweringError(f"lowering {lowering} cannot express attribute {name}={value!r} of node {node_name}: {why}")
+
+
+def supports(lowering: str, plugin, rules: Rules) -> Callable[[str, dict], str | None]:
+    """The fusion passes' hook for `lowering`: ``(node name, attrs) -> None`` when the lowering expresses every value,
+    else why the region stays decomposed. Raises LoweringError for an attribute the table does not name and for
+    a value it refuses (``Needs(fallback=False)``)."""
+
+    def check(node_name: str, attrs: dict) -> str | None:
+        _known(lowering, rules, _op(plugin), node_name, attrs)
+        reasons = []
+        for name, value in attrs.items():
+            rule = rules[name]
+            if isinstance(rule, Needs) and not rule.ok(value):
+                if not rule.fallback:
+                    raise _refused(lowering, node_name, name, value, rule.why)
+                reasons.append(f"{name}={value!r}: {rule.why}")
+        return "; ".join(reasons) or None
+
+    return check
+
+
+def lowered_attrs(lowering: str, rules: Rules, node: ir.Node) -> dict:
+    """The attributes of fused `node` as a dict, once every one is checked against the lowering's table: raises
+    LoweringError for an unknown or missing attribute, a value the target cannot express, or one that disagrees
+    with what the target infers from the inputs."""
+    attrs = {k: v.value for k, v in node.attributes.items()}
+    _known(lowering, rules, f"{node.domain}.{node.op_type}", node.name, attrs)
+    for name, value in attrs.items():
+        rule = rules[name]
+        if isinstance(rule, Needs) and not rule.ok(value):
+            raise _refused(lowering, node.name, name, value, rule.why)
+        if isinstance(rule, Matches):
+            inferred = rule.infer(node)
+            if inferred != value:
+                raise _refused(lowering, node.name, name, value, f"{rule.what} gives {inferred!r}")
+    return attrs
+
+
+def _definition(plugin, node_name: str, attrs: dict) -> dict:
+    """`attrs`, checked against the fused node's definition (plugin.ATTRS names and types, plugin.VALUES)."""
+    if set(attrs) != set(plugin.ATTRS):
+        raise LoweringError(f"node {node_name} ({_op(plugin)}): attributes {sorted(attrs)} differ from the node's "
+                            f"definition {sorted(plugin.ATTRS)}")
+    for name, value in attrs.items():
+        kind = plugin.ATTRS[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise LoweringError(f"node {node_name}: attribute {name}={value!r} is not a {kind.__name__}")
+        allowed = plugin.VALUES.get(name)
+        if allowed is not None and value not in allowed:
+            raise LoweringError(f"node {node_name}: attribute {name}={value!r} is not one of {allowed}")
+    return attrs
 
 
 def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -172,8 +289,9 @@ def attention_attrs(spec, layer: int, kv_mode: str) -> dict:
 
 
 def fuse_attention(model: ir.Model, spec, kv_mode: str, max_seq_len: int, np_dtype,
-                   supports: Callable[[dict], str | None] = lambda attrs: None) -> Report:
-    """Fuse layers.{i}.attn.core into llm_export.Attention. `supports(attrs)` returns a reason to skip, or None."""
+                   supports: Callable[[str, dict], str | None] = lambda name, attrs: None) -> Report:
+    """Fuse layers.{i}.attn.core into llm_export.Attention. `supports(node name, attrs)` returns a reason to leave
+    the region decomposed, or None (see :func:`supports`)."""
     graph = model.graph
     report = Report("attention fusion")
     inputs = {v.name: v for v in graph.inputs}
@@ -189,10 +307,12 @@ def fuse_attention(model: ir.Model, spec, kv_mode: str, max_seq_len: int, np_dty
                     and any(_in_scope(u.node, f"{prefix}.o") for u in v.uses())]
         region, problems = trim_shape_outputs(graph, region, {id(v) for v in region.outputs
                                                               if v.name in present_names} | {id(v) for v in attn_out})
-        attrs = attention_attrs(spec, i, kv_mode)
-        why = supports(attrs)
+        name = f"layers.{i}.attention"
+        attrs = _definition(attn_plugin, name, attention_attrs(spec, i, kv_mode))
+        why = supports(name, attrs)
         if why:
             report.skipped.append(f"layer {i}: {why}")
+            report.unsupported += 1
             continue
         q = [v for v in region.inputs if _from_scope(v, f"{prefix}.q")]
         k = [v for v in region.inputs if _from_scope(v, f"{prefix}.k")]
@@ -216,8 +336,7 @@ def fuse_attention(model: ir.Model, spec, kv_mode: str, max_seq_len: int, np_dty
         by_name = {v.name: v for v in norms}
         node_inputs = [q[0], k[0], v_[0], past_k, past_v, inputs["position_ids"], inputs.get("attention_mask"),
                        cos, sin, by_name.get(f"{prefix}.q_norm.weight"), by_name.get(f"{prefix}.k_norm.weight")]
-        node = ir.node(attn_plugin.OP, node_inputs, attrs, domain=attn_plugin.DOMAIN, num_outputs=3,
-                       name=f"layers.{i}.attention")
+        node = ir.node(attn_plugin.OP, node_inputs, attrs, domain=attn_plugin.DOMAIN, num_outputs=3, name=name)
         _replace(graph, region, node, [others[0], present[f"present.{i}.key"], present[f"present.{i}.value"]])
         report.fused += 1
     return report
@@ -225,7 +344,14 @@ def fuse_attention(model: ir.Model, spec, kv_mode: str, max_seq_len: int, np_dty
 
 # ---- MoE -------------------------------------------------------------------------------------------------------
 
-def fuse_moe(model: ir.Model, spec) -> Report:
+def moe_attrs(spec) -> dict:
+    return {"num_experts": spec.num_experts, "top_k": spec.top_k, "norm_topk_prob": int(spec.norm_topk_prob),
+            "moe_intermediate_size": spec.moe_intermediate_size, "activation": spec.hidden_act}
+
+
+def fuse_moe(model: ir.Model, spec, supports: Callable[[str, dict], str | None] = lambda name, attrs: None) -> Report:
+    """Fuse each sparse layer's layers.{i}.moe into llm_export.MoE. `supports(node name, attrs)` returns a reason to
+    leave the region decomposed, or None (see :func:`supports`)."""
     graph = model.graph
     report = Report("MoE fusion")
     for i in spec.sparse_layers:
@@ -233,6 +359,13 @@ def fuse_moe(model: ir.Model, spec) -> Report:
         nodes = region_nodes(graph, scope)
         if not nodes:
             report.skipped.append(f"layer {i}: no nodes in scope {scope}")
+            continue
+        name = f"layers.{i}.moe"
+        attrs = _definition(moe_plugin, name, moe_attrs(spec))
+        why = supports(name, attrs)
+        if why:
+            report.skipped.append(f"layer {i}: {why}")
+            report.unsupported += 1
             continue
         region = boundary(graph, nodes)
         out = [v for v in region.outputs if v.dtype is not None and v.dtype.is_floating_point()]
@@ -253,10 +386,8 @@ def fuse_moe(model: ir.Model, spec) -> Report:
             report.skipped.append(f"layer {i}: " + "; ".join(problems))
             continue
         router_hE = _router_as_h_by_e(graph, router, spec)
-        attrs = {"num_experts": spec.num_experts, "top_k": spec.top_k, "norm_topk_prob": int(spec.norm_topk_prob),
-                 "moe_intermediate_size": spec.moe_intermediate_size, "activation": spec.hidden_act}
         node = ir.node(moe_plugin.OP, [hidden[0], router_hE, gate_up, down], attrs, domain=moe_plugin.DOMAIN,
-                       num_outputs=1, name=f"layers.{i}.moe")
+                       num_outputs=1, name=name)
         _replace(graph, region, node, region.outputs)
         report.fused += 1
     return report

@@ -6,17 +6,29 @@ Targets (DESIGN.md section 3):
   tested against).
 * ``ort``: attention -> ``com.microsoft.GroupQueryAttention`` on the shared static KV buffer (present aliases
   past; RoPE from the cos/sin caches inside the op; softcap; ``local_window_size = window``, which matches
-  transformers' window measured against it), preceded by
-  a per-head RMSNorm on q/k for Qwen3 (the CPU kernel ignores GQA's own q/k norm inputs); q/k/v projections
-  packed into one MatMul where there is no q/k norm, and gate/up likewise (graphs/pack.py);
-  MoE -> ``com.microsoft.MoE`` on the flattened tokens (router logits in, SwiGLU with gate/up interleaved,
-  ``swiglu_fusion=1``); RMSNorms -> ``RMSNormalization``, with the residual add folded in as
-  ``com.microsoft.SkipSimplifiedLayerNormalization`` in fp32 (graphs/norms.py).
-  Concat-mode attention (left padding + attention mask) has no GQA form: those regions stay unfused, reported.
+  transformers' window measured against it), preceded by a per-head RMSNorm on q/k for Qwen3 (the CPU kernel
+  ignores GQA's own q/k norm inputs); q/k/v projections packed into one MatMul where there is no q/k norm, and
+  gate/up likewise (graphs/pack.py); MoE -> ``com.microsoft.MoE`` on the flattened tokens (router logits in,
+  SwiGLU with gate/up interleaved, ``swiglu_fusion=1``); RMSNorms -> ``RMSNormalization``, with the residual add
+  folded in as ``com.microsoft.SkipSimplifiedLayerNormalization`` in fp32 (graphs/norms.py).
+  Left decomposed (the exporter's standard ops), each layer reported in the counts' ``skipped``: concat-mode
+  attention (left padding + attention mask has no GQA form), head_dim not a multiple of 16 (the CPU kernel), a zero
+  scale (GQA reads 0 as its default), and MoE layers whose experts are not SwiGLU (com.microsoft.MoE gates only with
+  swiglu: GeGLU, ``gelu_tanh``, has no form).
 * ``trt-plugin``: every fused node becomes a TensorRT plugin node: op_type = plugin name, attributes
-  ``plugin_namespace``/``plugin_version`` plus the node's own fields (names from plugins/).
+  ``plugin_namespace``/``plugin_version`` plus the node's own fields (names from plugins/). Refused: concat KV mode
+  (the attention plugin implements the static buffer). Left decomposed, reported: MoE layers with ``gelu_tanh``
+  experts (the MoE plugin's kernels implement silu only).
 * ``trt-native``: opset-23 ``Attention``/``RotaryEmbedding``/``RMSNormalization`` that TensorRT builds itself,
-  decomposed fallback for softcap layers and MoE (graphs/native.py).
+  decomposed fallback for softcap layers (and a scale <= 0, which ONNX Attention refuses) and MoE
+  (graphs/native.py).
+
+What each lowering does with every attribute of every fused node is a table (attribute -> consumed, matched
+against the inputs, or needed to be one of the values the target expresses; graphs/fuse.py has the vocabulary):
+:data:`RULES`, one per lowering and node, with graphs/native.py's for trt-native and graphs/quantize.py's for the
+QMoE rewrite. A region whose values the target cannot express stays decomposed or the build is refused
+(:class:`graphs.fuse.LoweringError`, a ValueError naming the lowering, node, attribute and value); an attribute a
+table does not name refuses the build, so an attribute added to a fused node must be taught to every lowering.
 
 Each lowering returns a dict of counts; the build records them in the manifest.
 
@@ -28,20 +40,80 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs import fuse, norms, pack
+from graphs import fuse, native, norms, pack
+from graphs.fuse import Consumed, LoweringError, Matches, Needs
 from plugins import attention as attn_plugin
 from plugins import moe as moe_plugin
 
 LOWERINGS = ("reference", "ort", "trt-plugin", "trt-native")
 MS = "com.microsoft"
+PLUGIN_DOMAIN = "trt.plugins"
 
 
-def _ort_supports(attrs: dict) -> str | None:
-    if attrs["kv_mode"] != "static":
-        return "GroupQueryAttention needs the static KV buffer (build with --kv-mode static)"
-    if attrs["head_dim"] % 16:
-        return f"GroupQueryAttention (CPU) needs head_dim % 16 == 0, got {attrs['head_dim']}"
-    return None
+# ---- what each lowering does with each attribute --------------------------------------------------------------
+
+def _experts(node: ir.Node) -> int:
+    return node.inputs[2].shape[0]  # gate_up [E, 2I, H]
+
+
+def _inner(node: ir.Node) -> int:
+    return node.inputs[2].shape[1] // 2
+
+
+# the fused node's activation -> com.microsoft.MoE's gated activation_type
+ORT_ACTIVATIONS = {"silu": "swiglu"}
+
+ORT_ATTENTION: fuse.Rules = {
+    "num_heads": Consumed("GroupQueryAttention num_heads"),
+    "num_kv_heads": Consumed("GroupQueryAttention kv_num_heads"),
+    "head_dim": Needs(lambda d: d % 16 == 0, "GroupQueryAttention (CPU) needs head_dim % 16 == 0"),
+    "scale": Needs(lambda s: s != 0, "GroupQueryAttention reads scale 0 as 1/sqrt(head_dim)"),
+    "softcap": Consumed("GroupQueryAttention softcap (0 = off in both)"),
+    "window": Consumed("GroupQueryAttention local_window_size (-1 for window 0)"),
+    "kv_mode": Needs(lambda m: m == "static",
+                     "GroupQueryAttention needs the static KV buffer (build with --kv-mode static)"),
+    "qk_norm": Consumed("a per-head RMSNorm on q and k before GroupQueryAttention (standard ops)"),
+    "rms_eps": Consumed("the epsilon of that RMSNorm"),
+}
+
+ORT_MOE: fuse.Rules = {
+    "num_experts": Matches(_experts, "com.microsoft.MoE takes the expert count from the gate_up weight's shape"),
+    "top_k": Consumed("com.microsoft.MoE k"),
+    "norm_topk_prob": Consumed("com.microsoft.MoE normalize_routing_weights"),
+    "moe_intermediate_size": Matches(_inner, "com.microsoft.MoE takes the inner size from the gate_up weight's shape"),
+    "activation": Needs(lambda a: a in ORT_ACTIVATIONS,
+                        "com.microsoft.MoE gates only with swiglu (silu(gate) * up); its gelu is ungated, so "
+                        "gelu_tanh(gate) * up (GeGLU) has no form"),
+}
+
+TRT_PLUGIN_ATTENTION: fuse.Rules = {
+    "num_heads": Consumed("plugin attribute"),
+    "num_kv_heads": Consumed("plugin attribute"),
+    "head_dim": Consumed("plugin attribute"),
+    "scale": Consumed("plugin attribute (compiled into the AOT kernel)"),
+    "softcap": Consumed("plugin attribute (compiled into the AOT kernel)"),
+    "window": Consumed("plugin attribute"),
+    "kv_mode": Needs(lambda m: m == "static", "the attention plugin implements the static KV buffer only "
+                     "(build with --kv-mode static)", fallback=False),
+    "qk_norm": Consumed("plugin attribute (the norm weights are always inputs: ones when 0)"),
+    "rms_eps": Consumed("plugin attribute"),
+}
+
+TRT_PLUGIN_MOE: fuse.Rules = {
+    "num_experts": Matches(_experts, "plugin attribute; the kernels read the expert count from gate_up's shape"),
+    "top_k": Consumed("plugin attribute"),
+    "norm_topk_prob": Consumed("plugin attribute"),
+    "moe_intermediate_size": Matches(_inner, "plugin attribute; the kernels read the inner size from gate_up's shape"),
+    "activation": Needs(lambda a: a in moe_plugin.KERNEL_ACTIVATIONS,
+                        f"the MoE plugin's kernels implement {', '.join(moe_plugin.KERNEL_ACTIVATIONS)} only"),
+}
+
+# lowering -> fused op -> its table; None: the lowering never fuses that node (the region stays decomposed)
+RULES: dict[str, dict[str, fuse.Rules | None]] = {
+    "ort": {attn_plugin.OP: ORT_ATTENTION, moe_plugin.OP: ORT_MOE},
+    "trt-plugin": {attn_plugin.OP: TRT_PLUGIN_ATTENTION, moe_plugin.OP: TRT_PLUGIN_MOE},
+    "trt-native": {attn_plugin.OP: native.ATTENTION, moe_plugin.OP: None},  # TensorRT has no MoE layer
+}
 
 
 def lower(model: ir.Model, spec, lowering: str, kv_mode: str, max_seq_len: int, np_dtype) -> dict:
@@ -50,49 +122,65 @@ def lower(model: ir.Model, spec, lowering: str, kv_mode: str, max_seq_len: int, 
         raise ValueError(f"unknown lowering {lowering!r}; choose from {LOWERINGS}")
     if lowering == "reference":
         return {"lowering": "reference", "attention_fused": 0, "moe_fused": 0, "skipped": []}
-    from graphs import native
-
-    supports = {"ort": _ort_supports, "trt-native": native.supports}.get(lowering, lambda attrs: None)
-    att = fuse.fuse_attention(model, spec, kv_mode, max_seq_len, np_dtype, supports=supports)
-    if lowering == "trt-plugin":  # the plugin handles every form: anything left unfused is a bug
+    rules = RULES[lowering]
+    att = fuse.fuse_attention(model, spec, kv_mode, max_seq_len, np_dtype,
+                              supports=fuse.supports(lowering, attn_plugin, rules[attn_plugin.OP]))
+    if lowering == "trt-plugin":  # the plugin handles every form it accepts: a region left unmatched is a bug
         att.require(spec.num_layers)
     moe = fuse.Report("MoE fusion")
-    if lowering != "trt-native":  # TensorRT has no native MoE layer: the expert loop stays decomposed
-        moe = fuse.fuse_moe(model, spec)
+    if rules[moe_plugin.OP] is not None:
+        moe = fuse.fuse_moe(model, spec, supports=fuse.supports(lowering, moe_plugin, rules[moe_plugin.OP]))
         moe.require(len(spec.sparse_layers))
     counts = {"lowering": lowering, "attention_fused": att.fused, "moe_fused": moe.fused,
               "skipped": att.skipped + moe.skipped}
     if lowering == "ort":
         counts["qkv_packed"] = pack.pack_qkv(model, lambda n: not n.attributes["qk_norm"].value)
         counts["gate_up_packed"] = pack.pack_gate_up(model, spec)
-        counts.update(_lower_ort(model, spec))
+    counts.update(lower_fused(model, lowering))
+    if lowering == "ort":
         counts.update(norms.fuse_rmsnorm(model, spec, skip_fusion=True))
-    elif lowering == "trt-plugin":
-        counts.update(_lower_trt_plugin(model))
-    else:
-        counts.update(native.lower_trt_native(model))
+    elif lowering == "trt-native":
         counts.update(norms.fuse_rmsnorm(model, spec, skip_fusion=False))
     fuse.remove_unused(model)
     _strip_debug_metadata(model)
     return counts
 
 
+def lower_fused(model: ir.Model, lowering: str) -> dict:
+    """Rewrite every fused node in the graph for `lowering` (in place); counts of the nodes written. Each node's
+    attributes are checked against the lowering's table first: a node the lowering has no form for, or an attribute
+    it does not handle or cannot express, raises LoweringError (no fallback is left once a node is fused)."""
+    rules = RULES.get(lowering)
+    for node in model.graph:
+        if node.domain != attn_plugin.DOMAIN:
+            continue
+        if rules is None or rules.get(node.op_type) is None:
+            raise LoweringError(f"lowering {lowering} has no form for node {node.name} "
+                                f"({node.domain}.{node.op_type})")
+    if lowering == "ort":
+        return _lower_ort(model)
+    if lowering == "trt-plugin":
+        return _lower_trt_plugin(model)
+    return native.lower_trt_native(model)
+
+
 # ---- ort -------------------------------------------------------------------------------------------------------
 
-def _lower_ort(model: ir.Model, spec) -> dict:
+def _lower_ort(model: ir.Model) -> dict:
     graph = model.graph
     gqa = moe = 0
     lengths = None
     for node in list(graph):
-        if node.domain != fuse.attn_plugin.DOMAIN:
+        if node.domain != attn_plugin.DOMAIN:
             continue
         if node.op_type == attn_plugin.OP:
+            a = fuse.lowered_attrs("ort", ORT_ATTENTION, node)
             if lengths is None:
                 lengths = _seq_lengths(graph, node, node.inputs[5])
-            _attention_to_gqa(graph, node, *lengths)
+            _attention_to_gqa(graph, node, a, *lengths)
             gqa += 1
         elif node.op_type == moe_plugin.OP:
-            _moe_to_ort(graph, node)
+            _moe_to_ort(graph, node, fuse.lowered_attrs("ort", ORT_MOE, node))
             moe += 1
     model.opset_imports.setdefault(MS, 1)
     return {"GroupQueryAttention": gqa, "MoE": moe}
@@ -115,8 +203,8 @@ def _seq_lengths(graph: ir.Graph, before: ir.Node, position_ids: ir.Value):
     return seqlens.outputs[0], total.outputs[0]
 
 
-def _attention_to_gqa(graph: ir.Graph, node: ir.Node, seqlens: ir.Value, total: ir.Value) -> None:
-    a = {k: v.value for k, v in node.attributes.items()}
+def _attention_to_gqa(graph: ir.Graph, node: ir.Node, a: dict, seqlens: ir.Value, total: ir.Value) -> None:
+    """One fused attention node (attributes `a`, checked against ORT_ATTENTION) -> [q/k RMSNorm] + GQA."""
     q, k, v, past_k, past_v, _pos, _mask, cos, sin, q_norm, k_norm = node.inputs
     new = []
     if a["qk_norm"]:
@@ -156,8 +244,9 @@ def _head_rms_norm(graph, x, weight, heads, a, new, name):
     return nodes[-1].outputs[0]
 
 
-def _moe_to_ort(graph: ir.Graph, node: ir.Node) -> None:
-    a = {k: v.value for k, v in node.attributes.items()}
+def _moe_to_ort(graph: ir.Graph, node: ir.Node, a: dict) -> None:
+    """One fused MoE node (attributes `a`, checked against ORT_MOE) -> com.microsoft.MoE on the flattened tokens;
+    the expert count and inner size come from the weights' shapes (checked equal to the attributes)."""
     hidden, router, gate_up, down = node.inputs
     H = router.shape[0]
     flat = fuse.initializer(graph, "moe.flat_shape", np.array([-1, H], dtype=np.int64))
@@ -167,7 +256,7 @@ def _moe_to_ort(graph: ir.Graph, node: ir.Node) -> None:
     # The 2-D (token-major) form: with a 3-D input, ORT 1.31's CPU MoE gave wrong results downstream in a full
     # graph (the residual add after it), while the same op on the flattened tokens is exact.
     moe = ir.node("MoE", [x2.outputs[0], logits.outputs[0], fc1, None, down],
-                  {"k": a["top_k"], "activation_type": "swiglu", "swiglu_fusion": 1,
+                  {"k": a["top_k"], "activation_type": ORT_ACTIVATIONS[a["activation"]], "swiglu_fusion": 1,
                    "normalize_routing_weights": a["norm_topk_prob"], "activation_alpha": 1.0,
                    "activation_beta": 0.0},
                   domain=MS, num_outputs=1, name=f"{node.name}.ort")
@@ -196,16 +285,14 @@ def _swap(graph: ir.Graph, old: ir.Node, new: list[ir.Node], new_outputs) -> Non
 
 # ---- trt-plugin ------------------------------------------------------------------------------------------------
 
-PLUGIN_DOMAIN = "trt.plugins"
-
-
 def _lower_trt_plugin(model: ir.Model) -> dict:
     counts = {attn_plugin.PLUGIN_NAME: 0, moe_plugin.PLUGIN_NAME: 0}
     for node in list(model.graph):
         if node.domain != attn_plugin.DOMAIN:
             continue
-        plugin = attn_plugin if node.op_type == attn_plugin.OP else moe_plugin
-        attrs = {k: v.value for k, v in node.attributes.items()}
+        plugin, rules = ((attn_plugin, TRT_PLUGIN_ATTENTION) if node.op_type == attn_plugin.OP
+                         else (moe_plugin, TRT_PLUGIN_MOE))
+        attrs = fuse.lowered_attrs("trt-plugin", rules, node)  # every one becomes a plugin attribute
         attrs.update(plugin_namespace=plugin.PLUGIN_NAMESPACE, plugin_version=plugin.PLUGIN_VERSION)
         inputs = list(node.inputs)
         if plugin is attn_plugin:  # the registered plugin takes TRT_INPUTS: no mask, norm weights always present

@@ -5,7 +5,13 @@ by position_ids), the static KV buffer updated with ``ScatterElements`` at the p
 (one output, scale, boolean mask from positions: causal + sliding window) on the updated buffer.
 TensorRT's attention has no logit softcap, so layers with a softcap (Gemma2) are not fused here: they keep the
 exporter's decomposed form (the "decomposed fallback"), reported by the fusion pass. Concat-mode attention is left
-decomposed too. MoE stays decomposed in this lowering (TensorRT has no native MoE layer).
+decomposed too. MoE stays decomposed in this lowering (TensorRT has no native MoE layer): it is never fused, and
+a fused MoE node is refused (graphs/lower.py).
+
+:data:`ATTENTION` is this lowering's table of what it does with each attribute of the fused attention node
+(graphs/fuse.py's vocabulary): the fusion pass reads it to leave a layer decomposed, and :func:`lower_trt_native`
+checks every node against it (an attribute it does not name, or a value it cannot express, raises
+``LoweringError``).
 
 The same graph runs on ONNX Runtime (CPU), which is how its numerics are tested against the unfused graph.
 
@@ -18,17 +24,22 @@ import numpy as np
 import onnx_ir as ir
 
 from graphs import fuse
+from graphs.fuse import Consumed, Needs
 from plugins import attention as attn_plugin
 
 OPSET = 23
 
-
-def supports(attrs: dict) -> str | None:
-    if attrs["kv_mode"] != "static":
-        return "trt-native attention needs the static KV buffer (--kv-mode static)"
-    if attrs["softcap"]:
-        return "TensorRT's attention has no softcap: decomposed fallback"
-    return None
+ATTENTION: fuse.Rules = {
+    "num_heads": Consumed("head split (Reshape) and RotaryEmbedding num_heads of q"),
+    "num_kv_heads": Consumed("head split (Reshape) and RotaryEmbedding num_heads of k"),
+    "head_dim": Consumed("head split (Reshape)"),
+    "scale": Needs(lambda s: s > 0, "ONNX Attention takes a scale > 0 only (ONNX Runtime checks it)"),
+    "softcap": Needs(lambda c: not c, "TensorRT's attention has no softcap: decomposed fallback"),
+    "window": Consumed("the boolean mask (causal, and p - k < window)"),
+    "kv_mode": Needs(lambda m: m == "static", "trt-native attention needs the static KV buffer (--kv-mode static)"),
+    "qk_norm": Consumed("per-head RMSNormalization on q and k"),
+    "rms_eps": Consumed("RMSNormalization epsilon"),
+}
 
 
 def _i64(graph, name, values):
@@ -80,7 +91,7 @@ def _mask(graph, pos, past_k, window: int, shared) -> ir.Value:
 
 
 def _attention(graph, node, shared):
-    a = {k: v.value for k, v in node.attributes.items()}
+    a = fuse.lowered_attrs("trt-native", ATTENTION, node)
     q, k, v, past_k, past_v, pos, _mask_in, cos, sin, qn, kn = node.inputs
     nh, kvh, d, name = a["num_heads"], a["num_kv_heads"], a["head_dim"], node.name
     new = []

@@ -11,11 +11,15 @@ of ``group`` consecutive inputs (qmax 7 for int4, 127 for int8; no zero point); 
 The pass (:func:`quantize_graph`), run after fusion and lowering, per lowering:
 
 * ``ort``: ``MatMul(x, W)`` -> ``MatMulNBits(x, B, scales)``; ``com.microsoft.MoE`` -> ``com.microsoft.QMoE``
-  (``expert_weight_bits``, ``block_size``, raw un-prepacked weights).
+  (``expert_weight_bits``, ``block_size``, raw un-prepacked weights; every MoE attribute carried over as
+  :data:`QMOE_FROM_MOE` declares, an attribute it does not name refuses the build). MoE layers the ort lowering
+  left decomposed (experts it cannot express, e.g. GeGLU) get the reference form below.
 * ``trt-native``: the weight becomes ``DequantizeLinear`` (INT4 with ``block_size`` along K; INT8/FP8 per output
   channel, what TensorRT's Q/DQ takes) feeding the unchanged ``MatMul`` / expert ``Einsum``.
 * ``reference``: the integers stored as int8 and dequantized with Cast/Reshape/Mul (no quantization op at all:
   the oracle the other two are checked against).
+
+A graph still holding a fused ``llm_export`` node (one no lowering rewrote) is refused: the pass has no form for it.
 
 Every new initializer is lazy: a weight is read, quantized and dropped while the graph is written, so the build
 holds one tensor at a time (a one-slot memo lets the packed weight and its scales share one quantization).
@@ -35,6 +39,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graphs import fuse
+from graphs.fuse import Consumed
+from plugins import attention as attn_plugin
 
 MS = "com.microsoft"
 FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN
@@ -43,6 +49,19 @@ LM_HEAD = "decoder.lm_head.weight"  # also the tied embedding's name in the expo
 
 class QuantizeError(RuntimeError):
     """A linear that should have been quantized was not, or a weight cannot be quantized as asked."""
+
+
+# What the QMoE rewrite does with each attribute of com.microsoft.MoE as graphs/lower.py writes it (that lowering's
+# own table, lower.ORT_MOE, maps the fused node's attributes onto these).
+QMOE_FROM_MOE: fuse.Rules = {
+    "k": Consumed("QMoE k"),
+    "activation_type": Consumed("QMoE activation_type (QMoE and MoE share the CPU activation code)"),
+    "swiglu_fusion": Consumed("QMoE swiglu_fusion"),
+    "normalize_routing_weights": Consumed("QMoE normalize_routing_weights; when 0 the full softmax also goes in as "
+                                          "router_weights (QMoE alone still renormalises over the top-k)"),
+    "activation_alpha": Consumed("QMoE activation_alpha"),
+    "activation_beta": Consumed("QMoE activation_beta"),
+}
 
 
 @dataclass(frozen=True)
@@ -178,6 +197,10 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig, lowering: str, np_dtype) -
     if cfg.scheme == "fp8" and lowering == "ort":
         raise QuantizeError("fp8 weights have no ONNX Runtime CPU kernel (MatMulNBits takes int4/int8)")
     graph = model.graph
+    for node in graph:
+        if node.domain == attn_plugin.DOMAIN:
+            raise fuse.LoweringError(f"quantization ({lowering}) has no form for the fused node {node.name} "
+                                     f"({node.domain}.{node.op_type}): lower it first (graphs/lower.py)")
     act = ir.DataType.from_numpy(np.dtype(np_dtype))
     _Quantized.slot[:] = [None, None]
     schemes: dict[str, dict] = {}
@@ -208,15 +231,17 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig, lowering: str, np_dtype) -
         elif node.domain == MS and node.op_type == "MoE" and lowering == "ort" and not _qmoe_inexact(cfg):
             _to_qmoe(graph, node, cfg, np_dtype, act, schemes)
             counts["experts"] += 2
-    if lowering != "ort" or _qmoe_inexact(cfg):
-        for value in list(graph.initializers.values()):
-            if _expert_weight(value) and list(value.uses()):
-                E, N, K = value.shape
-                quant = _Quantized(value.const_value, cfg.scheme, group, np_dtype, transpose=False)
-                out = _dequant_experts(graph, quant, value.name + ".q", E, N, K, cfg, lowering, act, group)
-                value.replace_all_uses_with(out)
-                schemes[value.name] = _scheme(cfg, group or K, [E, N, K])
-                counts["experts"] += 1
+    # Expert stacks still read as floats: the decomposed expert loop (reference, trt-native, and MoE layers the ort
+    # lowering left unfused) and com.microsoft.MoE kept for exactness (_qmoe_inexact): dequantized in the graph.
+    # (QMoE's own scales are float stacks too: not weights.)
+    for value in list(graph.initializers.values()):
+        if _expert_weight(value) and not _is_scale(value.name) and list(value.uses()):
+            E, N, K = value.shape
+            quant = _Quantized(value.const_value, cfg.scheme, group, np_dtype, transpose=False)
+            out = _dequant_experts(graph, quant, value.name + ".q", E, N, K, cfg, lowering, act, group)
+            value.replace_all_uses_with(out)
+            schemes[value.name] = _scheme(cfg, group or K, [E, N, K])
+            counts["experts"] += 1
     fuse.remove_unused(model)
     left = _float_linears(graph, cfg)
     if left:
@@ -347,7 +372,10 @@ def _dequant_experts(graph, quant, tag, E, N, K, cfg, lowering, act, group) -> i
 
 def _to_qmoe(graph, node, cfg, np_dtype, act, schemes) -> None:
     """com.microsoft.MoE (fc1 = gate|up interleaved [E, 2I, H], fc2 = down [E, H, I]) -> QMoE, same routing."""
-    x, logits, fc1, _fc1_bias, fc2 = node.inputs[:5]
+    attrs = fuse.lowered_attrs("ort (QMoE)", QMOE_FROM_MOE, node)
+    x, logits, fc1, fc1_bias, fc2 = node.inputs[:5]
+    if fc1_bias is not None or any(v is not None for v in node.inputs[5:]):
+        raise fuse.LoweringError(f"the QMoE rewrite of node {node.name} carries no expert biases or fc3 weights")
     g, bits = cfg.group_size, cfg.bits
     new_inputs = [x, logits]
     for tag, w in (("fc1", fc1), ("fc2", fc2)):
@@ -358,9 +386,8 @@ def _to_qmoe(graph, node, cfg, np_dtype, act, schemes) -> None:
         scales = _lazy(graph, f"{w.name}.{tag}_scales", act, [E, N, K // g], lambda quant=quant: quant.get()[1])
         new_inputs += [packed, scales, None]
         schemes[w.name] = _scheme(cfg, g, [E, N, K])
-    attrs = {k: v.value for k, v in node.attributes.items()}
     pre = []
-    if not attrs.get("normalize_routing_weights"):
+    if not attrs["normalize_routing_weights"]:
         # QMoE with normalize_routing_weights=0 still mixes with a softmax over the top-k logits only (measured:
         # renormalised). Without renormalisation the mixing weights are the full softmax's: pass them as
         # router_weights (router_probs then only selects the experts).

@@ -59,6 +59,7 @@ ATTRS = {
     "qk_norm": int,  # 1 = RMSNorm q and k per head with q_norm_weight/k_norm_weight before RoPE
     "rms_eps": float,
 }
+VALUES = {"kv_mode": ("static", "concat")}  # the values a string attribute may take
 
 # The TensorRT plugin's inputs: static KV mode only, so no attention_mask; the norm weights are always present
 # (a [D] tensor of ones when qk_norm == 0; unread) because a Python-defined plugin has no optional inputs.

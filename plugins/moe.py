@@ -3,19 +3,21 @@ reference, its Triton kernels and its TensorRT registration.
 
 What it does: defines the canonical fused MoE op (domain ``llm_export``, op ``MoE``) that ``graphs/fuse.py`` puts
 in place of each sparse layer's MoE region: router logits (x @ router_weight), softmax in fp32, top-k, optional
-renormalisation of the top-k weights (``norm_topk_prob``), SwiGLU experts (gate and up concatenated in
-``gate_up [E, 2I, H]``, gate rows first, ``down [E, H, I]``), weighted sum. ``hidden [B,S,H]``,
+renormalisation of the top-k weights (``norm_topk_prob``), gated experts ``act(x @ gate.T) * (x @ up.T) @ down.T``
+with ``act`` = ``activation``: ``silu`` (SwiGLU) or ``gelu_tanh`` (tanh-approximated GELU: GeGLU), gate and up
+concatenated in ``gate_up [E, 2I, H]``, gate rows first, ``down [E, H, I]``; weighted sum. ``hidden [B,S,H]``,
 ``router_weight [H,E]``; output ``[B,S,H]``.
 
 Three implementations of one contract:
 
 * :func:`reference`: torch, the maths of ``export.model.MoE`` (same rounding points), run as a loop over the
-  experts that received tokens.
+  experts that received tokens; both activations.
 * :func:`triton_forward`: routing in torch (:func:`route`: one small matmul, fp32 softmax, top-k, renorm; shared
-  with the reference so both pick the same experts), then two Triton kernels over a tile list built from the
-  tokens sorted by expert: ``_moe_gate_up_kernel`` (x @ gate/up rows of the tile's expert, silu(gate) * up) and
-  ``_moe_down_kernel`` (@ down, times the routing weight, written to the token's (token, k) slot); the k slots
-  of each token are then summed in fp32 (the scatter-add, deterministic). A tile is (expert, up to BLOCK_M of its
+  with the reference so both pick the same experts), then two Triton kernels (silu only:
+  :data:`KERNEL_ACTIVATIONS`) over a tile list built from the tokens sorted by expert: ``_moe_gate_up_kernel``
+  (x @ gate/up rows of the tile's expert, silu(gate) * up) and ``_moe_down_kernel`` (@ down, times the routing
+  weight, written to the token's (token, k) slot); the k slots of each token are then summed in fp32 (the
+  scatter-add, deterministic). A tile is (expert, up to BLOCK_M of its
   tokens); experts with no tokens have no tiles, so they cost nothing. The grid is an upper bound on the tile
   count computed without a host sync (spare programs exit at once), so the launch can be graph-captured.
 * :func:`register_trt_plugin`: TensorRT ``tensorrt.plugin`` registration (untested here, see its docstring).
@@ -23,7 +25,8 @@ Three implementations of one contract:
 Importing this module needs neither torch nor triton; :func:`_kernels` jit-wraps the kernels on first launch
 (without a GPU, set ``TRITON_INTERPRET=1`` before triton is imported to run them in its CPU interpreter).
 
-What it does not do: activations other than silu, or an ahead-of-time (single kernel) TensorRT implementation.
+What it does not do: gelu_tanh in the Triton kernels (so the TensorRT plugin; the ``trt-plugin`` lowering leaves such
+MoE layers decomposed), or an ahead-of-time (single kernel) TensorRT implementation.
 """
 
 DOMAIN = "llm_export"
@@ -41,8 +44,11 @@ ATTRS = {
     "top_k": int,
     "norm_topk_prob": int,
     "moe_intermediate_size": int,
-    "activation": str,  # "silu": SwiGLU experts
+    "activation": str,  # "silu": SwiGLU experts; "gelu_tanh": GeGLU (tanh-approximated GELU) experts
 }
+ACTIVATIONS = ("silu", "gelu_tanh")  # what the node (and :func:`reference`) defines
+KERNEL_ACTIVATIONS = ("silu",)  # what the Triton kernels, and so the TensorRT plugin, implement
+VALUES = {"activation": ACTIVATIONS}  # the values a string attribute may take
 
 
 # ---- routing (torch, shared) -----------------------------------------------------------------------------------
@@ -63,9 +69,15 @@ def route(hidden, router_weight, top_k: int, norm_topk_prob: int):
     return top_w.to(hidden.dtype).float(), top_i
 
 
-def _check_activation(activation: str) -> None:
-    if activation != "silu":
-        raise NotImplementedError(f"MoE experts implement activation 'silu' (SwiGLU) only, got {activation!r}")
+def _check_activation(activation: str, implemented=ACTIVATIONS) -> None:
+    if activation not in implemented:
+        raise NotImplementedError(f"MoE experts implement activations {implemented}, got {activation!r}")
+
+
+def _act(x, activation: str):
+    import torch.nn.functional as F
+
+    return F.silu(x) if activation == "silu" else F.gelu(x, approximate="tanh")
 
 
 # ---- torch reference -------------------------------------------------------------------------------------------
@@ -74,12 +86,11 @@ def reference(hidden, router_weight, gate_up, down, *, num_experts: int, top_k: 
               moe_intermediate_size: int | None = None, activation: str = "silu", routing=None):
     """The node in torch: ``output [B,S,H]`` in hidden's dtype.
 
-    Per expert with tokens: ``silu(x @ gate.T) * (x @ up.T) @ down.T`` in the activation dtype, times the routing
+    Per expert with tokens: ``act(x @ gate.T) * (x @ up.T) @ down.T`` in the activation dtype, times the routing
     weight, accumulated over the token's k experts in fp32 (the decoder's dense einsum form gives the same sum;
     experts a token did not pick contribute exact zeros there). ``routing``: a ``(weights, experts)`` pair from
     :func:`route` to use instead of routing here (to run fp32 maths on the experts an fp16 router picked)."""
     import torch
-    import torch.nn.functional as F
 
     _check_activation(activation)
     shape = hidden.shape
@@ -90,7 +101,7 @@ def reference(hidden, router_weight, gate_up, down, *, num_experts: int, top_k: 
     for e in torch.unique(experts).tolist():  # only experts that received tokens
         tok, slot = torch.nonzero(experts == e, as_tuple=True)
         gu = xt[tok] @ gate_up[e].T  # [n,2I]
-        h = F.silu(gu[:, :I]) * gu[:, I:]
+        h = _act(gu[:, :I], activation) * gu[:, I:]
         y = h @ down[e].T  # [n,H]
         out.index_add_(0, tok, y.float() * weights[tok, slot, None])
     return out.to(hidden.dtype).reshape(shape)
@@ -226,7 +237,7 @@ def triton_forward(hidden, router_weight, gate_up, down, *, num_experts: int, to
     Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)."""
     import torch
 
-    _check_activation(activation)
+    _check_activation(activation, KERNEL_ACTIVATIONS)
     from plugins.attention import _check_device
 
     kern = _kernels()

@@ -168,3 +168,30 @@ def artifacts(checkpoints, tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def traced_graph():
+    """Callable: (checkpoint dir, kv_mode, logits) -> (a fresh onnx_ir copy of the exported fp32 graph with its
+    weights attached, spec). The export (the slow part) runs once per key; every call returns a new copy, so graph
+    passes (graphs/) may rewrite it in place."""
+    import onnx_ir as ir
+
+    from export.checkpoint import Checkpoint
+    from export.spec import load_spec
+    from export.trace import trace_graph
+    from export.weights import attach_weights, weight_plan
+
+    made = {}
+
+    def get(path: Path, kv_mode: str = "static", logits: str = "all"):
+        key = (str(path), kv_mode, logits)
+        if key not in made:
+            spec = load_spec(path)
+            model = trace_graph(spec, kv_mode, torch.float32, logits)
+            attach_weights(model, spec, weight_plan(spec), Checkpoint(path), torch.float32)
+            made[key] = (ir.serde.serialize_model(model), spec)
+        proto, spec = made[key]
+        return ir.serde.deserialize_model(proto), spec
+
+    return get
