@@ -9,7 +9,7 @@ win, renames without replacing anything that appeared meanwhile (``renameat2`` N
 stale staging directories of writers that died (SIGKILL). :func:`write_manifest` records the spec, graph I/O, KV
 mode, precision, library versions and the sha256 of every file; :func:`open_artifact` checks the format version,
 that every path the manifest names is a plain relative name inside the artifact (no absolute path, ``..`` or
-symlink), and every checksum, and returns the manifest.
+symlink), and every checksum, and returns the typed :class:`artifacts.manifest.Manifest`.
 
 What it does not do: build graphs (export/) or run them (runtime_py/). It imports neither.
 """
@@ -28,15 +28,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from artifacts.manifest import FORMAT, FORMAT_VERSION, MANIFEST, ArtifactError, Manifest
 from artifacts.paths import UnsafePathError, check_name, inside
-
-FORMAT = "llm-export-artifact"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class ArtifactError(ValueError):
-    """The artifact is missing, incomplete, tampered with or from an incompatible version."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -208,14 +201,19 @@ def staging_dir(dest: Path, overwrite: bool = False, owned=is_artifact, protect=
             raise
 
 
-def write_manifest(root: Path, manifest: dict) -> dict:
-    """Hash every file under root (except the manifest) and write manifest.json. Returns the manifest."""
+def write_manifest(root: Path, fields: dict | Manifest) -> Manifest:
+    """Hash every file under root (except the manifest) and write manifest.json from `fields` (a Manifest, or its
+    dict without format/files). The result is checked as every reader will read it before it is written."""
+    raw = fields.to_dict() if isinstance(fields, Manifest) else dict(fields)
+    for key in ("format", "format_version", "files"):
+        raw.pop(key, None)
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(root).as_posix()
         files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **raw, "files": files}, indent=2)
+    manifest = Manifest.from_dict(json.loads(text), f"{root / MANIFEST} (being written)")  # as readers will see it
+    (root / MANIFEST).write_text(text)
     return manifest
 
 
@@ -251,8 +249,9 @@ def _check_paths(root: Path, manifest: dict) -> None:
             raise ArtifactError(f"{root}: {MANIFEST} files['{rel}'] must be {{\"sha256\": str, \"bytes\": int}}")
 
 
-def read_manifest(root: Path) -> dict:
-    """The manifest of `root`, its format version and every path it names checked (not the checksums)."""
+def read_manifest(root: Path) -> Manifest:
+    """The manifest of `root`, its format version, every field's type and every path it names checked (not the
+    checksums)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
@@ -271,15 +270,15 @@ def read_manifest(root: Path) -> dict:
         raise ArtifactError(f"{path}: format version {manifest.get('format_version')} is not supported by this "
                             f"runtime (supports {FORMAT_VERSION}); rebuild the artifact")
     _check_paths(root, manifest)
-    return manifest
+    return Manifest.from_dict(manifest, str(path))
 
 
-def open_artifact(root: Path, verify: bool = True) -> dict:
+def open_artifact(root: Path, verify: bool = True) -> Manifest:
     """Read the manifest (paths checked) and by default check that every listed file has its recorded sha256."""
     root = Path(root)
     manifest = read_manifest(root)
     if verify:
-        for rel, info in manifest["files"].items():
+        for rel, info in manifest.files.items():
             path = root / rel
             if not path.is_file():
                 raise ArtifactError(f"{root}: file '{rel}' listed in the manifest is missing")

@@ -90,14 +90,11 @@ def pack(artifact: str | Path, out: str | Path) -> Path:
     """Write the bundle for a buildable artifact to `out` (atomically); returns its absolute path."""
     root = Path(artifact)
     manifest = open_artifact(root)
-    try:
-        graph = manifest["graphs"]["decoder"]
-        graph_file = graph["file"]
-    except (KeyError, TypeError):
-        raise ArtifactError(f"{root}: the manifest has no graphs.decoder.file") from None
-    if graph.get("lowering") not in BUILDABLE_LOWERINGS:
+    graph = manifest.decoder
+    graph_file = graph.file
+    if graph.lowering not in BUILDABLE_LOWERINGS:
         raise ArtifactError(
-            f"{root}: its graph uses the '{graph.get('lowering')}' lowering (ONNX Runtime contrib ops), which "
+            f"{root}: its graph uses the '{graph.lowering}' lowering (ONNX Runtime contrib ops), which "
             f"TensorRT cannot build; export with --backend tensorrt (or --lowering trt-native) and bundle that")
     # The manifest is untrusted: every name must stay inside the artifact and reach no symlink.
     try:
@@ -127,8 +124,8 @@ def pack(artifact: str | Path, out: str | Path) -> Path:
             entries[name] = {"bytes": size, "sha256": h.hexdigest()}
         info = {
             "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION,
-            "lowering": graph["lowering"], "precision": manifest["precision"], "kv_mode": manifest["kv_mode"],
-            "max_seq_len": manifest["max_seq_len"], "max_batch": manifest["max_batch"],
+            "lowering": graph.lowering, "precision": manifest.precision, "kv_mode": manifest.kv_mode,
+            "max_seq_len": manifest.max_seq_len, "max_batch": manifest.max_batch,
             "files": {n.removeprefix("artifact/"): e for n, e in entries.items() if n.startswith("artifact/")},
             "plugins": {n.removeprefix("plugins/"): e for n, e in entries.items() if n.startswith("plugins/")},
         }

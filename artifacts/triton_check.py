@@ -121,7 +121,7 @@ def _check_python_model(path: Path, cfg, version: Path) -> None:
         manifest = open_artifact(art, verify=False)
     except ArtifactError as e:
         _fail(path, f"the model's artifact is unusable: {e}")
-    for rel, info in manifest["files"].items():
+    for rel, info in manifest.files.items():
         f = art / rel
         if not f.is_file() or f.stat().st_size != info["bytes"]:
             _fail(path, f"artifact file {f} is missing or has the wrong size")

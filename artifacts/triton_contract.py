@@ -1,7 +1,7 @@
 """What a Triton model repository written by llm-export is made of, as data shared by its writer and its checker.
 
-What it does: names the Triton types and model files (manifest dtype -> Triton type, ONNX element type -> Triton
-type, backend -> model file, platform -> backend), maps manifest shapes to Triton dims, locates the python-backend
+What it does: names the model files (backend -> model file, platform -> backend) and the ONNX element type ->
+Triton type map (from the one dtype table, artifacts/manifest.py DTYPES), maps manifest shapes to Triton dims, locates the python-backend
 model's source (``runtime_py/triton_model.py``, beside this package) and reads the constants it declares
 (:data:`INPUTS`, :data:`OUTPUTS`, :data:`DEFAULTS`) from that source with ``ast``, and loads Triton's
 ``ModelConfig`` protobuf (tritonclient) behind a clear error.
@@ -16,16 +16,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from artifacts.manifest import DTYPES
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the directory holding runtime_py/ and artifacts/
 MODEL_SOURCE = PACKAGE_ROOT / "runtime_py" / "triton_model.py"  # copied into a repository as NAME/1/model.py
 
-# manifest dtype -> Triton type
-ONNX_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
-              "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
-              "bool": "TYPE_BOOL"}
 # onnx.TensorProto element type -> Triton type, for checking the graph model's config against the graph.
-ONNX_ELEM = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32",
-             3: "TYPE_INT8", 2: "TYPE_UINT8", 9: "TYPE_BOOL"}
+ONNX_ELEM = {d.onnx: d.triton for d in DTYPES.values()}
 MODEL_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 PLATFORMS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from artifacts.manifest import Manifest
 from artifacts.triton_contract import triton_dims
 
 TEMPLATE = "triton_readme.md"
@@ -27,37 +28,35 @@ def graph_opsets(graph_path: Path) -> str:
     return ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
 
 
-def repository_readme(name: str, manifest: dict, instances: int, max_batch: int, opsets: str,
+def repository_readme(name: str, manifest: Manifest, instances: int, max_batch: int, opsets: str,
                       default_max_tokens: int) -> str:
     """The README text for a repository whose streaming model is `name` (see artifacts/triton_write.py for the
     other arguments; `default_max_tokens`: the python model's max_tokens when a request sends none)."""
-    graph = manifest["graphs"]["decoder"]
-    engine = manifest.get("engine") or {}
-    plan = engine.get("flavour") == "tensorrt"
+    graph, engine = manifest.decoder, manifest.engine
+    plan = engine is not None and engine.flavour == "tensorrt"
     graph_backend = "tensorrt (plan)" if plan else "onnxruntime"
     runtime = "`runtime_py` (TensorRT engine on a GPU, else ONNX Runtime on the CPU)" if engine else \
         "`runtime_py` (ONNX Runtime, CPU)"
     if plan:
-        served = (f"`{name}_graph` is the TensorRT {engine.get('version')} engine (`1/model.plan`): the Triton "
+        served = (f"`{name}_graph` is the TensorRT {engine.version} engine (`1/model.plan`): the Triton "
                   "release must ship the same TensorRT version, and the GPU must be the architecture it was built "
                   "on; engines are not portable.")
     elif engine:
         served = (f"`{name}_graph` is the ONNX graph (`1/model.onnx`, opsets {opsets}) on ONNX Runtime: the engine "
-                  f"is a TensorRT-RTX {engine.get('version')} engine (targets "
-                  f"{', '.join(engine.get('compute_capabilities', []))}), which Triton's TensorRT backend cannot "
+                  f"is a TensorRT-RTX {engine.version} engine (targets "
+                  f"{', '.join(engine.compute_capabilities)}), which Triton's TensorRT backend cannot "
                   f"load; it runs inside `{name}` through runtime_py on an RTX GPU.")
     else:
         served = f"`{name}_graph` is the ONNX graph (`1/model.onnx`, opsets {opsets}) on ONNX Runtime."
-    spec = manifest["spec"]
-    lowering = graph.get("lowering")
-    kv_in = [t for t in graph["inputs"] if t["name"].startswith("past_key_values")]
-    other_in = ", ".join(f"`{t['name']}`" for t in graph["inputs"] if not t["name"].startswith("past_key_values"))
-    kv = f"dims {triton_dims(kv_in[0]['shape'])}, {kv_in[0]['dtype']}" if kv_in else "none"
-    ops = sorted(op for op in graph.get("op_histogram", {}) if op.startswith("com.microsoft."))
+    lowering = graph.lowering
+    kv_in = graph.kv_inputs
+    other_in = ", ".join(f"`{t.name}`" for t in graph.inputs if not t.name.startswith("past_key_values"))
+    kv = f"dims {triton_dims(kv_in[0].shape)}, {kv_in[0].dtype}" if kv_in else "none"
+    ops = sorted(op for op in graph.op_histogram if op.startswith("com.microsoft."))
     contrib = (f"The `{lowering}` lowering uses ONNX Runtime contrib ops ({', '.join(ops)}); Triton's ONNX Runtime\n"
                "backend runs a full ONNX Runtime build, which includes them (CPU and CUDA execution providers)."
                if ops else "The graph uses standard ONNX ops only.")
-    if manifest["kv_mode"] == "static":
+    if manifest.kv_mode == "static":
         kv_rule = ("the cache is a fixed-length buffer of `max_cache_len` slots (slot = position). Start with zeros\n"
                    "of length prompt + new tokens; each call writes the new tokens' K/V at their `position_ids` and\n"
                    "returns the whole buffer as `present.*`, which goes back as `past_key_values.*` on the next call.")
@@ -66,9 +65,9 @@ def repository_readme(name: str, manifest: dict, instances: int, max_batch: int,
                    "`attention_mask` covers past + new tokens.")
     template = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
     return template.format(
-        name=name, model_name=manifest["model"].get("name"), model_type=manifest["model"].get("model_type"),
-        precision=manifest["precision"], kv_mode=manifest["kv_mode"], max_seq_len=manifest["max_seq_len"],
+        name=name, model_name=manifest.model.get("name"), model_type=manifest.model.get("model_type"),
+        precision=manifest.precision, kv_mode=manifest.kv_mode, max_seq_len=manifest.max_seq_len,
         lowering=lowering, runtime=runtime, graph_backend=graph_backend, instances=instances, max_batch=max_batch,
         served=served, default_max_tokens=default_max_tokens, other_in=other_in, kv_count=len(kv_in), kv=kv,
-        kv_rule=kv_rule, layers=len(spec.get("layers", [])), num_kv_heads=spec.get("num_kv_heads"),
-        head_dim=spec.get("head_dim"), vocab_size=spec.get("vocab_size"), contrib=contrib)
+        kv_rule=kv_rule, layers=manifest.num_layers, num_kv_heads=manifest.num_kv_heads,
+        head_dim=manifest.head_dim, vocab_size=manifest.vocab_size, contrib=contrib)

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from artifacts.bundle import MANIFEST, ArtifactError, open_artifact, staging_dir
 from artifacts.triton_check import external_data, validate_repository
-from artifacts.triton_contract import (MODEL_SOURCE, ONNX_TYPES, PACKAGE_ROOT, RepositoryError, model_constants,
+from artifacts.manifest import DTYPES
+from artifacts.triton_contract import (MODEL_SOURCE, PACKAGE_ROOT, RepositoryError, model_constants,
                                        protobuf, triton_dims)
 from artifacts.triton_readme import graph_opsets, repository_readme
 
@@ -146,11 +147,9 @@ def _graph_config(name: str, graph: dict, instances: int, plan: bool):
         cfg = pb.ModelConfig(name=name, platform="tensorrt_plan", backend="tensorrt", max_batch_size=0)
     else:
         cfg = pb.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0)
-    for src, cls, dst in ((graph["inputs"], pb.ModelInput, cfg.input), (graph["outputs"], pb.ModelOutput, cfg.output)):
+    for src, cls, dst in ((graph.inputs, pb.ModelInput, cfg.input), (graph.outputs, pb.ModelOutput, cfg.output)):
         for t in src:
-            if t["dtype"] not in ONNX_TYPES:
-                raise ArtifactError(f"graph tensor {t['name']}: dtype {t['dtype']} has no Triton type")
-            dst.append(_tensor(cls, t["name"], ONNX_TYPES[t["dtype"]], triton_dims(t["shape"])))
+            dst.append(_tensor(cls, t.name, DTYPES[t.dtype].triton, triton_dims(t.shape)))
     kind = pb.ModelInstanceGroup.KIND_GPU if plan else pb.ModelInstanceGroup.KIND_AUTO
     cfg.instance_group.append(pb.ModelInstanceGroup(count=instances, kind=kind))
     return cfg
@@ -169,16 +168,14 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{flag} must be an int >= 1, got {value!r}")
     manifest = open_artifact(artifact)  # checksums verified once, here
-    if manifest.get("backend") not in ("onnxruntime", "tensorrt"):
-        raise ArtifactError(f"{artifact}: backend {manifest.get('backend')!r}: expected onnxruntime or tensorrt")
-    engine = manifest.get("engine")
-    if manifest["backend"] == "tensorrt" and not engine:
+    engine = manifest.engine
+    if manifest.backend == "tensorrt" and engine is None:
         raise ArtifactError(f"{artifact}: a tensorrt artifact without an engine in its manifest; rebuild it")
-    plan = bool(engine) and engine.get("flavour") == "tensorrt"  # TensorRT-RTX engines: no Triton backend
-    graph = manifest["graphs"]["decoder"]
-    graph_file = artifact / graph["file"]
+    plan = engine is not None and engine.flavour == "tensorrt"  # TensorRT-RTX engines: no Triton backend
+    graph = manifest.decoder
+    graph_file = artifact / graph.file
     data_files = external_data(graph_file)
-    unlisted = [rel for rel in data_files if (Path(graph["file"]).parent / rel).as_posix() not in manifest["files"]]
+    unlisted = [rel for rel in data_files if (Path(graph.file).parent / rel).as_posix() not in manifest.files]
     if unlisted:
         raise ArtifactError(f"{artifact}: the graph's external data {unlisted} is not among the manifest's "
                             "checksummed files")
@@ -189,28 +186,28 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
         (tmp / REPOSITORY_MARKER).write_text(json.dumps(marker, indent=2))
         # (a) the streaming python model
         version = tmp / name / "1"
-        for rel in [*manifest["files"], MANIFEST]:
+        for rel in [*manifest.files, MANIFEST]:
             _link_or_copy(artifact / rel, version / "artifact" / rel)
         pkgs = _copy_sources(version / "runtime")
         shutil.copy2(MODEL_SOURCE, version / "model.py")
         (tmp / name / "config.pbtxt").write_text(_config_text(
-            _python_config(name, instances, max_batch, bool(engine), model),
+            _python_config(name, instances, max_batch, engine is not None, model),
             f"Streaming text generation (decoupled) with runtime_py on {artifact.name}.\n"
             f"Written by llm-export; runtime sources in 1/runtime ({', '.join(pkgs)}), artifact in 1/artifact."))
         # (b) the raw graph
         gdir = tmp / graph_name / "1"
         if plan:
-            _link_or_copy(version / "artifact" / engine["file"], gdir / "model.plan")
-            what = f"TensorRT {engine.get('version')} engine"
+            _link_or_copy(version / "artifact" / engine.file, gdir / "model.plan")
+            what = f"TensorRT {engine.version} engine"
         else:
-            _link_or_copy(version / "artifact" / graph["file"], gdir / "model.onnx")
+            _link_or_copy(version / "artifact" / graph.file, gdir / "model.onnx")
             for rel in data_files:
-                _link_or_copy(version / "artifact" / Path(graph["file"]).parent / rel, gdir / rel)
+                _link_or_copy(version / "artifact" / Path(graph.file).parent / rel, gdir / rel)
             what = "ONNX decoder graph"
         (tmp / graph_name / "config.pbtxt").write_text(_config_text(
             _graph_config(graph_name, graph, instances, plan),
-            f"Raw {what} of {artifact.name} (lowering {graph.get('lowering')}, KV mode {manifest['kv_mode']}, "
-            f"{manifest['precision']}).\nOne prefill/decode step per request; the client owns the KV cache."))
+            f"Raw {what} of {artifact.name} (lowering {graph.lowering}, KV mode {manifest.kv_mode}, "
+            f"{manifest.precision}).\nOne prefill/decode step per request; the client owns the KV cache."))
         (tmp / "README.md").write_text(repository_readme(name, manifest, instances, max_batch, graph_opsets(graph_file),
                                                          int(model["DEFAULTS"]["default_max_tokens"])))
         validate_repository(tmp)

@@ -160,6 +160,10 @@ def _inspect(args) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
+    q = report["quantization"]
+    print("weights: " + ("every weight in the build precision" if q is None else
+                         f"{q['scheme']} (group {q['group_size'] or 'per channel'}): {q['quantized_tensors']} "
+                         f"tensors quantized, {q['float_tensors']} float; {q['counts']}"))
     for name, g in report["graphs"].items():
         print(f"graph {name}: {g['file']}  lowering={g['lowering']}  logits={g['logits']}  "
               f"nodes={sum(g['ops'].values())}")

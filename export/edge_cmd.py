@@ -36,14 +36,12 @@ def engine(bundle_file: str, out: str | None = None, overwrite: bool = False) ->
         (tmp / "unpacked" / BUNDLE_JSON).rename(tmp / BUNDLE_JSON)
         shutil.rmtree(tmp / "unpacked")
         manifest = read_manifest(tmp)
-        graph = manifest["graphs"]["decoder"]
-        print(f"building the TensorRT engine for {manifest['model']['model_type']} ({info['lowering']}, "
+        graph = manifest.decoder
+        print(f"building the TensorRT engine for {manifest.model_type} ({info['lowering']}, "
               f"{info['precision']}) ...", file=sys.stderr)
-        facts = build_engine(tmp / graph["file"], tmp / "model.engine", info["kv_mode"], info["max_batch"],
+        facts = build_engine(tmp / graph.file, tmp / "model.engine", info["kv_mode"], info["max_batch"],
                              info["max_seq_len"], info["precision"])
-        check_engine_io(graph, facts["io"])
-        manifest.pop("files", None)
-        manifest.update(backend="tensorrt", engine=facts)
-        write_manifest(tmp, {k: v for k, v in manifest.items() if k not in ("format", "format_version")})
+        check_engine_io(graph.to_dict(), facts["io"])
+        write_manifest(tmp, {**manifest.to_dict(), "backend": "tensorrt", "engine": facts})
         tmp.chmod(0o755)
     return dest.resolve()

@@ -2,7 +2,8 @@
 
 What it does: reads the manifest (checksums verified), loads each graph without its external weights, counts
 ops (``domain.op`` for non-standard domains) and reports the fusion counts recorded at build time next to the
-ones counted in the graph, so a mismatch between the two is visible.
+ones counted in the graph, so a mismatch between the two is visible, and the weight quantization the build recorded
+(scheme, group size, how many tensors are quantized and how many stay float).
 
 What it does not do: run anything.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from artifacts.bundle import open_artifact
+from artifacts.manifest import histogram
 
 
 def inspect_artifact(path: str | Path) -> dict:
@@ -19,16 +21,21 @@ def inspect_artifact(path: str | Path) -> dict:
 
     root = Path(path)
     manifest = open_artifact(root)
-    spec = manifest["spec"]
-    out = {"artifact": str(root), "layers": len(spec["layers"]),
-           "sparse_layers": sum(1 for layer in spec["layers"] if layer["mlp"] == "moe"), "graphs": {}}
-    for name, g in manifest["graphs"].items():
-        model = onnx.load(str(root / g["file"]), load_external_data=False)
-        ops: dict[str, int] = {}
-        for node in model.graph.node:
-            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-            ops[key] = ops.get(key, 0) + 1
-        out["graphs"][name] = {"file": g["file"], "lowering": g.get("lowering"),
-                               "logits": g.get("logits", "all"), "ops": ops,
-                               "fusion": g.get("fusion", {})}
+    out = {"artifact": str(root), "layers": manifest.num_layers, "sparse_layers": manifest.sparse_layers,
+           "quantization": _quantization_summary(manifest.quantization), "graphs": {}}
+    for name, g in manifest.graphs.items():
+        ops = histogram(onnx.load(str(root / g.file), load_external_data=False))
+        out["graphs"][name] = {"file": g.file, "lowering": g.lowering, "logits": g.logits, "ops": ops,
+                               "fusion": g.fusion}
     return out
+
+
+def _quantization_summary(quantization: dict | None) -> dict | None:
+    """The scheme and how many tensors carry it, from the manifest's per-tensor record (None: no quantization)."""
+    if not quantization:
+        return None
+    tensors = quantization.get("tensors", {})
+    return {"scheme": quantization.get("scheme"), "group_size": quantization.get("group_size"),
+            "counts": quantization.get("counts", {}),
+            "quantized_tensors": sum(1 for t in tensors.values() if isinstance(t, dict) and "bits" in t),
+            "float_tensors": sum(1 for t in tensors.values() if isinstance(t, dict) and "bits" not in t)}

@@ -85,12 +85,12 @@ class Generator:
             from runtime_py.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer(self.root)
-        spec = self.session.manifest["spec"]
-        eos = set(spec.get("eos_token_ids") or [])
+        manifest = self.session.manifest
+        eos = set(manifest.eos_token_ids)
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_ids)
         self.eos_ids = eos
-        pad = spec.get("pad_token_id")
+        pad = manifest.pad_token_id
         if pad is None and self.tokenizer is not None:
             pad = self.tokenizer.pad_id
         self.pad_id = 0 if pad is None else pad  # pad slots are masked (or overwritten), so any valid id works
@@ -100,7 +100,7 @@ class Generator:
 
         if backend not in ("auto", "onnxruntime", "tensorrt"):
             raise ValueError(f"backend must be auto, onnxruntime or tensorrt, got {backend!r}")
-        has_engine = "engine" in read_manifest(self.root)
+        has_engine = read_manifest(self.root).engine is not None
         if backend == "tensorrt" or (backend == "auto" and has_engine and _cuda_available()):
             from runtime_py.trt_session import TrtSession
 
@@ -140,9 +140,9 @@ class Generator:
             if bad:
                 raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, "
                                  f"{self.session.vocab_size})")
-        if len(prompts) > self.session.manifest.get("max_batch", len(prompts)):
+        if len(prompts) > self.session.manifest.max_batch:
             raise ValueError(f"batch of {len(prompts)} prompts > the artifact's max batch "
-                             f"{self.session.manifest['max_batch']}")
+                             f"{self.session.manifest.max_batch}")
 
     # -- the loop: prefill, decode_one_token, steps (gpt-fast's prefill / decode_one_token / decode_n_tokens) -------
     def prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[np.ndarray, "Batch"]:

@@ -46,6 +46,7 @@ import resource
 from pathlib import Path
 
 from artifacts.bundle import ArtifactError
+from artifacts.manifest import DTYPES, Manifest
 
 GiB = 1 << 30
 
@@ -58,7 +59,6 @@ ORT_CPU_EXPANSION = {"fp32": 1.02, "fp16": 2.15, "bf16": 2.15}
 # Peak RSS of `python -m runtime_py generate` on a tiny artifact (interpreter, numpy, onnxruntime, tokenizers):
 # measured 71 MiB, rounded up.
 FIXED_OVERHEAD_BYTES = 80 << 20
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _NO_LIMIT = 1 << 62  # cgroup v1 reports "no limit" as LONG_MAX rounded down to a page
 
 
@@ -221,44 +221,42 @@ def available_bytes() -> int | None:
 def graph_bytes(manifest: dict) -> int:
     """Bytes of the decoder graph and its external data (model.onnx, model.onnx.data), from the manifest's files;
     the build's weight_bytes when the files are not listed."""
-    graph = manifest["graphs"]["decoder"]["file"]
-    files = manifest.get("files") or {}
-    total = sum(int(info["bytes"]) for rel, info in files.items() if rel == graph or rel.startswith(graph + "."))
-    return total or int(manifest.get("build", {}).get("weight_bytes", 0))
+    graph = manifest.decoder.file
+    total = sum(int(info["bytes"]) for rel, info in manifest.files.items()
+                if rel == graph or rel.startswith(graph + "."))
+    return total or int(manifest.build.get("weight_bytes", 0))
 
 
-def kv_bytes(manifest: dict, batch: int = 1, seq_len: int | None = None) -> int:
+def kv_bytes(manifest: Manifest, batch: int = 1, seq_len: int | None = None) -> int:
     """The KV buffers the runtime allocates for `batch` sequences of `seq_len` tokens (default: max_seq_len):
     [batch, kv_heads, seq_len, head_dim] per past_key_values input, one set when the graph updates the cache in
     place (kv_binding in_place), two otherwise (swap: the set the call writes; concat: past and present)."""
-    seq_len = int(seq_len or manifest["max_seq_len"])
-    graph = manifest["graphs"]["decoder"]
-    sets = 1 if graph.get("kv_binding") == "in_place" else 2
+    seq_len = int(seq_len or manifest.max_seq_len)
+    graph = manifest.decoder
+    sets = 1 if graph.kv_binding == "in_place" else 2
     total = 0
-    for i in graph["inputs"]:
-        if i["name"].startswith("past_key_values."):
-            _, heads, _, dim = i["shape"]
-            total += batch * int(heads) * seq_len * int(dim) * _DTYPE_BYTES.get(i["dtype"], 4)
+    for t in graph.kv_inputs:
+        _, heads, _, dim = t.shape
+        total += batch * int(heads) * seq_len * int(dim) * DTYPES[t.dtype].itemsize
     return total * sets
 
 
-def estimate_parts(manifest: dict, batch: int = 1, seq_len: int | None = None) -> dict[str, int]:
+def estimate_parts(manifest: Manifest, batch: int = 1, seq_len: int | None = None) -> dict[str, int]:
     """Bytes an ONNX Runtime CPU session over the artifact holds at its peak, by part: ``weights`` (graph bytes x
     the precision's factor), ``tied_lm_head`` (a tied embedding's transposed copy, x the same factor), ``kv_cache``
     (:func:`kv_bytes`) and ``runtime`` (the fixed cost)."""
-    precision = manifest.get("precision", "fp32")
+    precision = manifest.precision
     factor = ORT_CPU_EXPANSION.get(precision, max(ORT_CPU_EXPANSION.values()))
-    spec = manifest["spec"]
     parts = {"weights": int(graph_bytes(manifest) * factor)}
-    if spec.get("tie_embeddings"):
+    if manifest.tie_embeddings:
         itemsize = 4 if precision == "fp32" else 2
-        parts["tied_lm_head"] = int(int(spec["vocab_size"]) * int(spec["hidden_size"]) * itemsize * factor)
+        parts["tied_lm_head"] = int(manifest.vocab_size * manifest.hidden_size * itemsize * factor)
     parts["kv_cache"] = kv_bytes(manifest, batch, seq_len)
     parts["runtime"] = FIXED_OVERHEAD_BYTES
     return parts
 
 
-def estimate_bytes(manifest: dict, batch: int = 1, seq_len: int | None = None) -> int:
+def estimate_bytes(manifest: Manifest, batch: int = 1, seq_len: int | None = None) -> int:
     """Peak resident bytes of a process that opens the artifact on ONNX Runtime's CPU provider and generates
     `batch` sequences of up to `seq_len` tokens (default max_seq_len): the total of :func:`estimate_parts`."""
     return sum(estimate_parts(manifest, batch, seq_len).values())
@@ -268,7 +266,7 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def check_fits(manifest: dict, batch: int = 1, seq_len: int | None = None, where: str | Path = "",
+def check_fits(manifest: Manifest, batch: int = 1, seq_len: int | None = None, where: str | Path = "",
                limit: tuple[int | None, str] | None = None) -> int:
     """Raise :class:`NotEnoughMemoryError` when the estimate, less what this process already holds, exceeds what is
     available to it; return the estimate. `limit`: (bytes, source) to use instead of :func:`available`."""
@@ -280,8 +278,8 @@ def check_fits(manifest: dict, batch: int = 1, seq_len: int | None = None, where
     resident = min(_status_bytes(Path("/proc/self"), "VmRSS") or 0, parts["runtime"])
     if have is None or need - resident <= have:
         return need
-    precision = manifest.get("precision", "fp32")
-    seq_len = int(seq_len or manifest["max_seq_len"])
+    precision = manifest.precision
+    seq_len = int(seq_len or manifest.max_seq_len)
     factor = ORT_CPU_EXPANSION.get(precision, max(ORT_CPU_EXPANSION.values()))
     detail = [f"weights {_gib(graph_bytes(manifest))} on disk x {factor:g} = {_gib(parts['weights'])}"
               + (f" (the CPU provider keeps fp32 copies of {precision} weights)" if precision != "fp32" else "")]

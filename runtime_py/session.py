@@ -28,9 +28,10 @@ import numpy as np
 import onnxruntime as ort
 
 from artifacts.bundle import ArtifactError, open_artifact
+from artifacts.manifest import DTYPES
 from runtime_py.memory import check_fits
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+ORT_KV_DTYPES = ("float32", "float16")  # what the CPU provider has kernels for
 ORT_LOWERINGS = ("reference", "ort", "trt-native")
 
 
@@ -91,30 +92,29 @@ class OrtSession:
         process can get (runtime_py/memory.py: NotEnoughMemoryError, an ArtifactError)."""
         self.root = Path(artifact)
         self.manifest = open_artifact(self.root, verify=verify)
-        graph = self.manifest["graphs"]["decoder"]
-        if graph.get("lowering") not in ORT_LOWERINGS:
-            raise ArtifactError(f"{self.root}: the '{graph.get('lowering')}' graph needs TensorRT with our plugins; "
+        graph = self.manifest.decoder
+        if graph.lowering not in ORT_LOWERINGS:
+            raise ArtifactError(f"{self.root}: the '{graph.lowering}' graph needs TensorRT with our plugins; "
                                 "ONNX Runtime runs the reference, ort and trt-native lowerings")
-        spec = self.manifest["spec"]
-        self.kv_mode = self.manifest["kv_mode"]
-        self.in_place = graph.get("kv_binding") == "in_place"
-        self.last_logits = graph.get("logits", "all") == "last"  # logits [B,1,V] of each call's last position
-        self.max_seq_len = int(self.manifest["max_seq_len"])
-        self.vocab_size = spec["vocab_size"]
-        self.num_layers = len(spec["layers"])
-        self.kv_heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
-        kv_type = next(i["dtype"] for i in graph["inputs"] if i["name"].startswith("past_key_values"))
-        if kv_type not in NP_DTYPES:
+        self.kv_mode = self.manifest.kv_mode
+        self.in_place = graph.kv_binding == "in_place"
+        self.last_logits = graph.logits == "last"  # logits [B,1,V] of each call's last position
+        self.max_seq_len = self.manifest.max_seq_len
+        self.vocab_size = self.manifest.vocab_size
+        self.num_layers = self.manifest.num_layers
+        self.kv_heads, self.head_dim = self.manifest.num_kv_heads, self.manifest.head_dim
+        kv_type = graph.kv_dtype
+        if kv_type not in ORT_KV_DTYPES:
             raise ArtifactError(f"{self.root}: KV dtype {kv_type} has no ONNX Runtime CPU kernels; "
                                 "build with --precision fp32 or fp16 for the CPU")
-        self.kv_dtype = NP_DTYPES[kv_type]
+        self.kv_dtype = np.dtype(DTYPES[kv_type].numpy)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.log_severity_level = 3
         if check_memory:
             check_fits(self.manifest, batch=batch, where=self.root)
-        self.session = ort.InferenceSession(str(self.root / graph["file"]), options,
+        self.session = ort.InferenceSession(str(self.root / graph.file), options,
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.kv_in = [n for n in self.input_names if n.startswith("past_key_values.")]

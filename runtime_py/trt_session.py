@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from artifacts.bundle import ArtifactError, open_artifact
-
-_TORCH_DTYPES = {"float": "float32", "half": "float16", "bf16": "bfloat16", "int64": "int64"}
+from artifacts.manifest import TENSORRT_DTYPES, Engine
 
 
 def _import_flavour(flavour: str):
@@ -39,25 +38,23 @@ def _import_flavour(flavour: str):
     return trt
 
 
-def check_engine(manifest: dict, trt_version: str, device_cc: tuple[int, int] | None) -> None:
-    """Raise ArtifactError when this machine cannot load the engine described by the manifest."""
-    engine = manifest.get("engine")
-    if not engine:
+def check_engine(engine: Engine | None, trt_version: str, device_cc: tuple[int, int] | None) -> None:
+    """Raise ArtifactError when this machine cannot load the engine the manifest describes."""
+    if engine is None:
         raise ArtifactError("the artifact has no TensorRT engine (build with --backend tensorrt or `export engine`)")
-    if trt_version != engine["version"]:
-        raise ArtifactError(f"engine built with {engine['flavour']} {engine['version']}, this machine has "
+    if trt_version != engine.version:
+        raise ArtifactError(f"engine built with {engine.flavour} {engine.version}, this machine has "
                             f"{trt_version}: engines are not portable across versions; rebuild it here "
                             "(`python -m export engine BUNDLE`)")
     if device_cc is None:
         raise ArtifactError("running a TensorRT engine needs a CUDA GPU (none found); use an ONNX Runtime "
                             "artifact on this machine")
-    targets = engine.get("compute_capabilities") or []
+    targets = list(engine.compute_capabilities)
     sm = f"SM{device_cc[0]}{device_cc[1]}"
-    if engine["flavour"] == "tensorrt_rtx" and sm not in targets:
+    if engine.flavour == "tensorrt_rtx" and sm not in targets:
         raise ArtifactError(f"this GPU is {sm}; the engine targets {targets}; rebuild it on this device")
-    built_on = engine.get("device_cc")
-    if engine["flavour"] == "tensorrt" and built_on and built_on != sm:
-        raise ArtifactError(f"engine built on {built_on}, this GPU is {sm}; rebuild it on this device")
+    if engine.flavour == "tensorrt" and engine.device_cc and engine.device_cc != sm:
+        raise ArtifactError(f"engine built on {engine.device_cc}, this GPU is {sm}; rebuild it on this device")
 
 
 def _cuda_device_cc() -> tuple[int, int] | None:
@@ -74,30 +71,28 @@ class TrtSession:
     def __init__(self, artifact: str | Path, verify: bool = True):
         self.root = Path(artifact)
         self.manifest = open_artifact(self.root, verify=verify)
-        engine = self.manifest.get("engine") or {}
-        trt = _import_flavour(engine.get("flavour", "tensorrt"))
-        check_engine(self.manifest, trt.__version__, _cuda_device_cc())
+        engine = self.manifest.engine
+        trt = _import_flavour(engine.flavour if engine else "tensorrt")
+        check_engine(engine, trt.__version__, _cuda_device_cc())
         import torch
 
         self.torch, self.trt = torch, trt
-        spec = self.manifest["spec"]
-        self.kv_mode = self.manifest["kv_mode"]
+        self.kv_mode = self.manifest.kv_mode
         if self.kv_mode != "static":
             raise ArtifactError("the TensorRT session runs static-KV engines only")
-        self.max_seq_len = int(self.manifest["max_seq_len"])
-        self.vocab_size = spec["vocab_size"]
-        self.last_logits = self.manifest["graphs"]["decoder"].get("logits", "all") == "last"
-        self.kv_heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
-        io = engine["io"]
-        self.kv_in = [t["name"] for t in io["inputs"] if t["name"].startswith("past_key_values.")]
-        self.kv_out = [t["name"] for t in io["outputs"] if t["name"].startswith("present.")]
-        self.kv_dtype = getattr(torch, _TORCH_DTYPES[io["inputs"][-1]["dtype"]])
+        self.max_seq_len = self.manifest.max_seq_len
+        self.vocab_size = self.manifest.vocab_size
+        self.last_logits = self.manifest.decoder.logits == "last"
+        self.kv_heads, self.head_dim = self.manifest.num_kv_heads, self.manifest.head_dim
+        self.kv_in = [t.name for t in engine.inputs if t.name.startswith("past_key_values.")]
+        self.kv_out = [t.name for t in engine.outputs if t.name.startswith("present.")]
+        self.kv_dtype = getattr(torch, TENSORRT_DTYPES[engine.inputs[-1].dtype])
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine((self.root / engine["file"]).read_bytes())
+        self.engine = runtime.deserialize_cuda_engine((self.root / engine.file).read_bytes())
         if self.engine is None:
-            raise ArtifactError(f"{self.root}: TensorRT could not deserialize {engine['file']}")
+            raise ArtifactError(f"{self.root}: TensorRT could not deserialize {engine.file}")
         self.contexts = {}
-        for index, name in enumerate(engine["profiles"]):  # "prefill", "decode" in build order
+        for index, name in enumerate(engine.profiles):  # "prefill", "decode" in build order
             ctx = self.engine.create_execution_context()
             ctx.set_optimization_profile_async(index, torch.cuda.current_stream().cuda_stream)
             self.contexts[name] = ctx

@@ -73,7 +73,7 @@ def test_last_logits_equal_all_logits(kv_mode, artifacts):
 
     last = OrtSession(artifacts("gemma2", kv_mode), threads=2)
     full = OrtSession(artifacts("gemma2", kv_mode, logits="all"), threads=2)
-    assert (last.manifest["graphs"]["decoder"]["logits"], full.manifest["graphs"]["decoder"]["logits"]) == (
+    assert (last.manifest.decoder.logits, full.manifest.decoder.logits) == (
         "last", "all")
     a, b = _run_steps(last), _run_steps(full)
     assert a[0].shape == (1, last.vocab_size) and b[0].shape == (len(PROMPT), last.vocab_size)
@@ -133,14 +133,14 @@ def test_fp16_artifact_within_bound(artifacts, checkpoints, hf_model):
 def test_manifest_contents(artifacts):
     path = artifacts("qwen3_moe_mixed")
     m = open_artifact(path)
-    assert m["kv_mode"] == "static" and m["precision"] == "fp32"
-    names = [i["name"] for i in m["graphs"]["decoder"]["inputs"]]
+    assert m.kv_mode == "static" and m.precision == "fp32"
+    names = [i.name for i in m.decoder.inputs]
     assert names[:2] == ["input_ids", "position_ids"] and "past_key_values.3.value" in names
-    outs = [o["name"] for o in m["graphs"]["decoder"]["outputs"]]
+    outs = [o.name for o in m.decoder.outputs]
     assert outs[0] == "logits" and outs[-1] == "present.3.value"
-    for rel, info in m["files"].items():
+    for rel, info in m.files.items():
         assert len(info["sha256"]) == 64 and (path / rel).exists()
-    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"} <= set(m["files"])
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"} <= set(m.files)
     import onnx
 
     onnx.checker.check_model(str(path / "model.onnx"), full_check=True)

@@ -117,9 +117,9 @@ def test_bundle_round_trip(artifacts, tmp_path):
     assert main(["engine", str(device / "model.tar")]) == 0
     built = device / "model-engine"
     m = open_artifact(built)  # every checksum, the new engine's included
-    assert m["backend"] == "tensorrt" and (built / m["engine"]["file"]).stat().st_size > 0
-    assert [t["name"] for t in m["engine"]["io"]["inputs"]] == [t["name"] for t in m["graphs"]["decoder"]["inputs"]]
-    assert m["engine"]["profiles"]["prefill"]["sequence"][2] == m["max_seq_len"]
+    assert m.backend == "tensorrt" and (built / m.engine.file).stat().st_size > 0
+    assert [t.name for t in m.engine.inputs] == [t.name for t in m.decoder.inputs]
+    assert m.engine.profiles["prefill"]["sequence"][2] == m.max_seq_len
 
 
 def test_unpack_round_trip(artifacts, tmp_path):
@@ -140,7 +140,7 @@ def test_unpack_round_trip(artifacts, tmp_path):
         assert (unpacked / name).read_bytes() == (art / name).read_bytes()
     assert (tmp_path / "out" / "plugins" / "attention.py").read_bytes() == (REPO / "plugins/attention.py").read_bytes()
     assert json.loads((tmp_path / "out" / BUNDLE_JSON).read_text()) == info
-    assert open_artifact(unpacked)["graphs"]["decoder"]["lowering"] == "trt-native"
+    assert open_artifact(unpacked).decoder.lowering == "trt-native"
 
 
 def test_bundle_refuses_ort_graph(artifacts, tmp_path):
@@ -356,7 +356,10 @@ def test_pack_refuses_names_outside_the_artifact(edit, message, guard, artifacts
     (tmp_path / "x").write_text("outside the artifact")  # what '../x' would pack
     root = _tampered(artifacts("qwen2_window", "static", lowering="trt-native"), tmp_path, edit)
     if guard == "pack_itself":
-        monkeypatch.setattr(edge, "open_artifact", lambda r: json.loads((Path(r) / "manifest.json").read_text()))
+        from artifacts.manifest import Manifest  # the JSON typed, without bundle.py's path checks
+
+        monkeypatch.setattr(edge, "open_artifact",
+                            lambda r: Manifest.from_dict(json.loads((Path(r) / "manifest.json").read_text())))
     with pytest.raises(ArtifactError, match=message):
         pack(root, tmp_path / "b.tar")
     assert not (tmp_path / "b.tar").exists()

@@ -137,10 +137,11 @@ def test_engine_artifact_runs_its_graph_on_cpu_and_refuses_trt_here(engines, che
 
 def test_engine_version_and_device_checks():
     from artifacts.bundle import ArtifactError
+    from artifacts.manifest import Engine
     from runtime_py.trt_session import check_engine
 
-    manifest = {"engine": {"flavour": "tensorrt_rtx", "version": "1.7.1.116",
-                           "compute_capabilities": ["SM80", "SM86", "SM89", "SM120"]}}
+    manifest = Engine(file="model.engine", flavour="tensorrt_rtx", version="1.7.1.116", profiles={},
+                      inputs=(), outputs=(), compute_capabilities=("SM80", "SM86", "SM89", "SM120"))
     check_engine(manifest, "1.7.1.116", (8, 9))
     with pytest.raises(ArtifactError, match="built with tensorrt_rtx 1.7.1.116, this machine has 1.8.0"):
         check_engine(manifest, "1.8.0", (8, 9))
@@ -149,7 +150,7 @@ def test_engine_version_and_device_checks():
     with pytest.raises(ArtifactError, match="needs a CUDA GPU"):
         check_engine(manifest, "1.7.1.116", None)
     with pytest.raises(ArtifactError, match="no TensorRT engine"):
-        check_engine({}, "1.7.1.116", (8, 9))
+        check_engine(None, "1.7.1.116", (8, 9))
 
 
 @needs_trt

@@ -45,11 +45,11 @@ def _run_steps(session: OrtSession, steps: int = 6) -> list[np.ndarray]:
 def test_ort_lowering_matches_unfused(case, artifacts):
     ref = OrtSession(artifacts(case, "static", lowering="reference", logits="all"), threads=2)
     ort_ = OrtSession(artifacts(case, "static", lowering="ort", logits="all"), threads=2)
-    spec = load_spec(ref.manifest["model"]["source"])
-    fusion = ort_.manifest["graphs"]["decoder"]["fusion"]
+    spec = load_spec(ref.manifest.model["source"])
+    fusion = ort_.manifest.decoder.fusion
     if spec.head_dim % 16 == 0:
         assert fusion["GroupQueryAttention"] == spec.num_layers
-        assert ort_.manifest["graphs"]["decoder"]["kv_binding"] == "in_place"
+        assert ort_.manifest.decoder.kv_binding == "in_place"
     else:  # the CPU kernel's limit: left unfused, each layer reported
         assert fusion["GroupQueryAttention"] == 0
         assert len(fusion["skipped"]) == spec.num_layers and "head_dim % 16" in fusion["skipped"][0]
@@ -63,8 +63,8 @@ def test_ort_lowering_concat_mode(case, artifacts):
     """Concat KV has no GQA form: attention stays unfused (reported), MoE is still fused; results unchanged."""
     ref = OrtSession(artifacts(case, "concat", lowering="reference", logits="all"), threads=2)
     low = OrtSession(artifacts(case, "concat", lowering="ort", logits="all"), threads=2)
-    fusion = low.manifest["graphs"]["decoder"]["fusion"]
-    spec = load_spec(ref.manifest["model"]["source"])
+    fusion = low.manifest.decoder.fusion
+    spec = load_spec(ref.manifest.model["source"])
     assert fusion["attention_fused"] == 0
     assert len(fusion["skipped"]) == spec.num_layers and "static" in fusion["skipped"][0]
     assert fusion["MoE"] == len(spec.sparse_layers)

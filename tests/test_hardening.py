@@ -358,7 +358,7 @@ def test_hf_cache_snapshot_links_into_blobs_still_build(checkpoints, tmp_path, c
     out = tmp_path / "art"
     assert main(build_argv(snap, out)[1:]) == 0, capsys.readouterr().err
     m = open_artifact(out)
-    assert "tokenizer.json" in m["files"] and not (out / "tokenizer.json").is_symlink()
+    assert "tokenizer.json" in m.files and not (out / "tokenizer.json").is_symlink()
 
 
 @pytest.mark.parametrize("name, content, words", [

@@ -54,7 +54,7 @@ def test_copied_layers_equal_traced_layers(name, deep, tmp_path, monkeypatch, hf
                            progress=False, logits="all")
         assert _ops(copied) == _ops(traced)
         a, b = OrtSession(copied, threads=2), OrtSession(traced, threads=2)
-        assert a.manifest["graphs"]["decoder"]["fusion"] == b.manifest["graphs"]["decoder"]["fusion"]
+        assert a.manifest.decoder.fusion == b.manifest.decoder.fusion
         for x, y in zip(_run_steps(a), _run_steps(b)):
             assert np.abs(x - y).max() < 1e-6
     from runtime_py.generate import Generator

@@ -65,7 +65,8 @@ def test_available_bytes_is_bounded_by_meminfo():
     assert value is not None and 0 < value <= max(before, after) + 64 * MiB
     meminfo = limits["MemAvailable in /proc/meminfo"]
     assert min(before, after) - 256 * MiB <= meminfo <= max(before, after) + 256 * MiB
-    assert value == min(limits.values())
+    # the smallest limit, read a moment apart (MemAvailable moves with whatever else runs on the machine)
+    assert abs(value - min(limits.values())) <= 256 * MiB
 
 
 def test_cgroup_files_of_this_machine():
@@ -124,12 +125,12 @@ def test_kv_part_is_what_the_session_allocates(artifacts, lowering, binding, set
     from runtime_py.session import OrtSession
 
     session = OrtSession(artifacts("qwen2_window", "static", lowering=lowering), threads=1)
-    assert session.manifest["graphs"]["decoder"]["kv_binding"] == binding
+    assert session.manifest.decoder.kv_binding == binding
     cache = session.new_cache(3, 40)
     allocated = sum(v.numpy().nbytes for v in cache.values + (cache.spare or []))
     assert memory.kv_bytes(session.manifest, batch=3, seq_len=40) == allocated
-    spec = session.manifest["spec"]
-    assert allocated == sets * 2 * len(spec["layers"]) * 3 * spec["num_kv_heads"] * 40 * spec["head_dim"] * 4
+    m = session.manifest
+    assert allocated == sets * 2 * m.num_layers * 3 * m.num_kv_heads * 40 * m.head_dim * 4
 
 
 def _peak_of_generate(artifact: Path, tmp_path: Path) -> tuple[int, str]:

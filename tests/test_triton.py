@@ -87,7 +87,7 @@ def test_every_config_parses_as_model_config(repo, artifact):
     graph = parsed[f"{NAME}_graph"]
     assert graph.backend == "onnxruntime" and graph.platform == "onnxruntime_onnx"
     manifest = open_artifact(artifact)
-    io = manifest["graphs"]["decoder"]
+    io = manifest.decoder.to_dict()
     dt = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
     dims = lambda shape: [d if isinstance(d, int) else -1 for d in shape]  # noqa: E731
     for tensors, spec in ((graph.input, io["inputs"]), (graph.output, io["outputs"])):
@@ -288,12 +288,12 @@ def test_graph_model_runs_with_plain_session_run(repo, artifact, generator):
     n = 10
     expected = generator.generate([ids], SamplingParams(greedy=True, max_new_tokens=n, ignore_eos=True)).tokens[0]
     manifest = open_artifact(artifact)
-    spec = manifest["spec"]
+    spec = manifest.spec
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     s = ort.InferenceSession(str(repo / f"{NAME}_graph" / "1" / "model.onnx"), options,
                              providers=["CPUExecutionProvider"])
-    assert manifest["kv_mode"] == "static"
+    assert manifest.kv_mode == "static"
     shape = (1, spec["num_kv_heads"], len(ids) + n, spec["head_dim"])
     kv = {i.name: np.zeros(shape, np.float32) for i in s.get_inputs() if i.name.startswith("past_key_values.")}
     names = [o.name for o in s.get_outputs()]
