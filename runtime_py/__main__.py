@@ -1,4 +1,5 @@
-"""Command line: `python -m runtime_py {generate,bench,score,chat} ARTIFACT ...`. Defaults are defined here, once.
+"""Command line: `python -m runtime_py {generate,bench,score,chat,serve} ARTIFACT ...`. Defaults are defined here,
+once (the server's in runtime_py/serve.py and runtime_py/engine.py, next to the code that reads them).
 
 Bad input (an unusable artifact, bad values, text that is not UTF-8, a chat template that fails or exceeds its
 bounds) ends with `error: ...` on stderr and exit status 2, no traceback."""
@@ -8,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS
 
 
 def _ids(text: str) -> list[int]:
@@ -49,8 +52,21 @@ def _threads(text: str) -> int:
     return value
 
 
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text!r}")
+        return value
+
+    return parse
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless --temperature etc.)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=0)
@@ -67,13 +83,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _params(args):
     from runtime_py.sampling import SamplingParams
 
-    sampled = args.temperature is not None or args.top_k or args.top_p != 1.0
-    if args.greedy and sampled:
-        raise ValueError("--greedy cannot be combined with --temperature/--top-k/--top-p")
-    return SamplingParams(greedy=not sampled, temperature=1.0 if args.temperature is None else args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
-                          ignore_eos=args.ignore_eos, logprobs=getattr(args, "logprobs", False))
+    return SamplingParams.from_options(args.temperature, args.top_k, args.top_p, greedy=args.greedy,
+                                       repetition_penalty=args.repetition_penalty, seed=args.seed,
+                                       max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+                                       ignore_eos=args.ignore_eos, logprobs=getattr(args, "logprobs", False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="time prefill and decode")
     b.add_argument("artifact")
     b.add_argument("--prompt-len", type=int, default=64)
-    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--threads", type=_threads, default=None)
     b.add_argument("--json", action="store_true", help="print only one JSON object")
@@ -114,6 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--system", default=None, help="system prompt")
     _sampling_args(c)
 
+    from runtime_py.engine import DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
+    from runtime_py.serve import DEFAULT_HOST, DEFAULT_PORT
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    v.add_argument("artifact")
+    v.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    v.add_argument("--port", type=_int_in(0, 65535), default=DEFAULT_PORT,
+                   help=f"TCP port (default {DEFAULT_PORT}; 0 = any free port, printed at start)")
+    v.add_argument("--max-batch", type=_int_in(1, 1024), default=None,
+                   help="concurrent requests (KV slots); at most, and by default, the artifact's --max-batch")
+    v.add_argument("--max-queue", type=_int_in(0, 1_000_000), default=DEFAULT_MAX_QUEUE,
+                   help=f"requests that may wait for a slot; more get 429 (default {DEFAULT_MAX_QUEUE})")
+    v.add_argument("--prefill-chunk", type=_int_in(1, 1_000_000), default=DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens per prefill call and per iteration: the longest a running stream waits "
+                        f"for a new prompt (default {DEFAULT_PREFILL_CHUNK})")
+    v.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact's "
+                                                      "directory name)")
+    v.add_argument("--threads", type=_threads, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    v.add_argument("--skip-memory-check", action="store_true",
+                   help="open the artifact even when its estimated memory exceeds what this process may use")
+
     args = parser.parse_args(argv)
     from artifacts.bundle import ArtifactError
 
@@ -127,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             from runtime_py.score import main as score_main
 
             return score_main(args)
+        if args.command == "serve":
+            from runtime_py.serve import serve
+
+            return serve(args.artifact, host=args.host, port=args.port, slots=args.max_batch, threads=args.threads,
+                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, model_name=args.model_name,
+                         check_memory=not args.skip_memory_check)
         return _chat(args)
     except (ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,287 @@
+"""`python -m bench.serve_bench`: aggregate decode throughput and latency of `python -m runtime_py serve` under
+concurrent streams.
+
+What it does: for each precision variant (``fp32``, and ``int4``: ``--quantize int4``) it builds one artifact of the
+checkpoint (``--max-batch`` = the largest stream count, ``--max-seq-len`` = prompt + new tokens) or takes
+``--artifact DIR``, starts the server on a free loopback port, warms it up, then for each stream count N (default
+1, 4, 8, 16) sends N streaming ``/v1/completions`` requests at once through the ``openai`` client (one thread per
+stream; distinct seeded random prompt ids of ``--prompt-len``; greedy; ``ignore_eos`` so each writes exactly
+``--new-tokens``) and timestamps every SSE chunk (the server sends one chunk per token). Per round:
+
+* **decode tok/s** (aggregate, steady state): the tokens all streams wrote between the moment the last stream got
+  its first token (every prompt prefilled) and the moment the first stream finished, over that time: N streams
+  decoding together. ``decode_overall_tok_s`` in results.json: every token after each stream's first over the
+  time from the first first-token to the last token (later prompts are prefilled inside that window);
+* **end-to-end tok/s**: all tokens over the time from sending to the last token;
+* **TTFT** p50/p99 (send -> first token) and **inter-token latency** p50/p99 (gaps between a stream's tokens).
+
+``--rounds`` rounds per point, medians reported. Prints a table (the markdown rows for bench/README.md too), the
+speed-up of each N over one stream, and writes ``results.json`` and ``results.png`` (matplotlib, when installed)
+to ``--out``.
+
+What it does not do: compare with other servers, check outputs (tests/test_serve_openai.py does), or run on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = {"fp32": [], "int4": ["--quantize", "int4"]}
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def build(ckpt: Path, out: Path, variant: str, max_batch: int, max_seq_len: int, log: Path) -> Path:
+    art = out / "models" / variant
+    cmd = [sys.executable, "-m", "export", "build", "--model", str(ckpt), "--precision", "fp32", "--out", str(art),
+           "--overwrite", "--no-progress", "--max-seq-len", str(max_seq_len), "--max-batch", str(max_batch),
+           *VARIANTS[variant]]
+    with open(log, "wb") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    if rc != 0:
+        raise RuntimeError(f"build of {variant} failed (rc {rc}); see {log}")
+    return art
+
+
+class Server:
+    """`python -m runtime_py serve` on a free loopback port, in its own process group."""
+
+    def __init__(self, artifact: Path, slots: int, threads: int | None, prefill_chunk: int | None, log: Path):
+        cmd = [sys.executable, "-m", "runtime_py", "serve", str(artifact), "--port", "0", "--max-batch", str(slots),
+               "--max-queue", str(slots), "--model-name", "bench"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        if prefill_chunk:
+            cmd += ["--prefill-chunk", str(prefill_chunk)]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        line = self.proc.stdout.readline()
+        match = re.search(r"at (http://[^ ]+:\d+)/v1", line)
+        if not match:
+            self.close()
+            raise RuntimeError(f"the server did not start ({line.strip() or 'no output'}); see {log}")
+        self.url = match.group(1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def one_stream(client, prompt: list[int], new_tokens: int, barrier: threading.Barrier) -> dict:
+    barrier.wait()
+    t0 = time.perf_counter()
+    times, tokens = [], 0
+    for chunk in client.completions.create(model="bench", prompt=prompt, max_tokens=new_tokens, temperature=0,
+                                           stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True}):
+        now = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        elif chunk.choices and chunk.choices[0].finish_reason is None:
+            times.append(now)  # one chunk per token
+    return {"t_send": t0, "times": times, "tokens": tokens}
+
+
+def run_point(client, streams: int, prompt_len: int, new_tokens: int, vocab: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, prompt_len).tolist() for _ in range(streams)]
+    barrier = threading.Barrier(streams)
+    results: list[dict | BaseException] = [None] * streams
+
+    def worker(i):
+        try:
+            results[i] = one_stream(client, prompts[i], new_tokens, barrier)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            results[i] = e
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {streams} streams failed: {errors[0]!r}")
+    firsts = [r["times"][0] for r in results]
+    lasts = [r["times"][-1] for r in results]
+    # steady state: from the moment the last stream got its first token (every prompt prefilled) to the moment the
+    # first stream finished, all N streams decode together
+    lo, hi = max(firsts), min(lasts)
+    steady = sum(1 for r in results for t in r["times"] if lo < t <= hi)
+    span = max(lasts) - min(firsts)
+    overall = sum(len(r["times"]) - 1 for r in results) / span if span > 0 else None
+    ttft = [r["times"][0] - r["t_send"] for r in results]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    return {"streams": streams, "tokens": sum(r["tokens"] for r in results),
+            "decode_tok_s": steady / (hi - lo) if hi > lo and steady >= streams else overall,
+            "decode_overall_tok_s": overall,
+            "e2e_tok_s": sum(len(r["times"]) for r in results) / (max(lasts) - min(r["t_send"] for r in results)),
+            "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+            "itl_p50_ms": percentile(itl, 50) * 1e3 if itl else None,
+            "itl_p99_ms": percentile(itl, 99) * 1e3 if itl else None}
+
+
+def median_point(rounds: list[dict]) -> dict:
+    out = {"streams": rounds[0]["streams"], "rounds": rounds}
+    for key in ("decode_tok_s", "decode_overall_tok_s", "e2e_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+                "itl_p99_ms"):
+        values = [r[key] for r in rounds if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def fmt(x, spec=".1f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def table(res: dict) -> str:
+    lines = ["| variant | streams | decode tok/s | x 1 stream | decode incl. prefills tok/s | end-to-end tok/s | "
+             "TTFT p50 / p99 ms | ITL p50 / p99 ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, points in res["variants"].items():
+        base = points[0]["decode_tok_s"] if points and points[0]["streams"] == 1 else None
+        for p in points:
+            speedup = p["decode_tok_s"] / base if base and p["decode_tok_s"] else None
+            lines.append(f"| {variant} | {p['streams']} | {fmt(p['decode_tok_s'])} | {fmt(speedup, '.2f')} | "
+                         f"{fmt(p['decode_overall_tok_s'])} | {fmt(p['e2e_tok_s'])} | "
+                         f"{fmt(p['ttft_p50_ms'], '.0f')} / {fmt(p['ttft_p99_ms'], '.0f')} | "
+                         f"{fmt(p['itl_p50_ms'], '.0f')} / {fmt(p['itl_p99_ms'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for i, (variant, points) in enumerate(res["variants"].items()):
+        n, c = [p["streams"] for p in points], f"C{i}"
+        axes[0].plot(n, [p["decode_tok_s"] for p in points], "o-", color=c, label=f"{variant} steady")
+        axes[0].plot(n, [p["decode_overall_tok_s"] for p in points], "x--", color=c, label=f"{variant} incl. prefills")
+        for ax, key in ((axes[1], "ttft"), (axes[2], "itl")):
+            ax.plot(n, [p[f"{key}_p50_ms"] for p in points], "o-", color=c, label=f"{variant} p50")
+            ax.plot(n, [p[f"{key}_p99_ms"] for p in points], "x--", color=c, label=f"{variant} p99")
+    for ax, title, unit in zip(axes, ("aggregate decode", "time to first token", "inter-token latency"),
+                               ("tok/s", "ms", "ms")):
+        ax.set_title(title)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(unit)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(res["streams"], [str(s) for s in res["streams"]])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"runtime_py serve: {res['model']}, prompt {res['prompt_len']} + {res['new_tokens']} tokens, "
+                 f"{res['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run(args) -> dict:
+    import openai
+
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    streams = sorted(set(args.streams))
+    artifacts: dict[str, Path] = {}
+    if args.artifact:
+        for a in args.artifact:
+            artifacts[Path(a).name] = Path(a)
+    else:
+        from bench.models import resolve_bench_model
+
+        ckpt = resolve_bench_model(args.model)
+        for variant in args.variants:
+            print(f"building {variant} ...", flush=True)
+            artifacts[variant] = build(ckpt, out, variant, max(streams), args.prompt_len + args.new_tokens,
+                                       out / "logs" / f"build-{variant}.log")
+    res = {"model": args.model if not args.artifact else ",".join(artifacts), "prompt_len": args.prompt_len,
+           "new_tokens": args.new_tokens, "streams": streams, "rounds": args.rounds, "threads": args.threads,
+           "machine": f"{os.cpu_count()} cores", "date": datetime.now().isoformat(timespec="seconds"),
+           "variants": {}}
+    for variant, art in artifacts.items():
+        vocab = json.loads((art / "manifest.json").read_text())["spec"]["vocab_size"]
+        server = Server(art, max(streams), args.threads, args.prefill_chunk, out / "logs" / f"server-{variant}.log")
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+            run_point(client, 1, args.prompt_len, 4, vocab, seed=999)  # warm-up: binds, first-call costs
+            points = []
+            for n in streams:
+                rounds = [run_point(client, n, args.prompt_len, args.new_tokens, vocab, seed=r) for r in
+                          range(args.rounds)]
+                points.append(median_point(rounds))
+                p = points[-1]
+                print(f"{variant:>6} {n:>3} streams: decode {fmt(p['decode_tok_s'])} tok/s, TTFT p50 "
+                      f"{fmt(p['ttft_p50_ms'], '.0f')} ms, ITL p50 {fmt(p['itl_p50_ms'], '.0f')} ms", flush=True)
+            res["variants"][variant] = points
+        finally:
+            server.close()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.serve_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2-0.5b-random",
+                   help="checkpoint to build (bench model name, directory, preset, tiny-qwen2, ...)")
+    p.add_argument("--artifact", action="append", default=[],
+                   help="use this built artifact instead of building (repeatable; built with --max-batch >= "
+                        "the largest --streams)")
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["fp32", "int4"])
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="the server's ONNX Runtime threads (default: all)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="the server's --prefill-chunk")
+    p.add_argument("--out", default=None, help="results directory (default ~/.cache/llm-export/serve-bench/<time>)")
+    args = p.parse_args(argv)
+    if min(args.streams) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.rounds < 1:
+        p.error("--streams, --prompt-len, --rounds must be >= 1 and --new-tokens >= 2")
+    if args.out is None:
+        args.out = str(Path.home() / ".cache" / "llm-export" / "serve-bench" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    try:
+        res = run(args)
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    text = table(res)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    (out / "table.md").write_text(text + "\n")
+    print()
+    print(text)
+    drew = plot(res, out / "results.png")
+    print(f"\nwrote {out / 'results.json'}, {out / 'table.md'}" + (f", {out / 'results.png'}" if drew else
+                                                                    " (no plot: pip install matplotlib)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""`python -m runtime_py serve` against the real `openai` client on loopback.
+
+One server process for the module (`--port 0`: the port it prints; 4 slots, a queue of 2, prefill chunks of 16) on
+the tiny qwen2_window artifact (GroupQueryAttention, sliding window). The reference for every text is Generator
+run on the same artifact in this process, one request alone (fp32: the engine's batched logits equal the
+single-request ones bit for bit on this artifact, see tests/test_engine_batching.py, so texts compare exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from runtime_py.generate import Generator  # noqa: E402
+from runtime_py.sampling import SamplingParams  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny-served"
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    path = artifacts("qwen2_window")
+    cmd = [sys.executable, "-m", "runtime_py", "serve", str(path), "--port", "0", "--max-batch", "4",
+           "--max-queue", "2", "--prefill-chunk", "16", "--threads", "1", "--model-name", MODEL]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+    assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    url = match.group(1)
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield url, path
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def gen(server):
+    return Generator(server[1], threads=1)
+
+
+def _health(url: str) -> dict:
+    return json.load(urllib.request.urlopen(url + "/health", timeout=5))
+
+
+def _complete(client, stream: bool, chat: bool, **kw) -> tuple[str, str]:
+    """(text, finish_reason) of one request through the client."""
+    if chat:
+        if not stream:
+            r = client.chat.completions.create(model=MODEL, **kw)
+            return r.choices[0].message.content, r.choices[0].finish_reason
+        text, finish = "", None
+        for chunk in client.chat.completions.create(model=MODEL, stream=True, **kw):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+    if not stream:
+        r = client.completions.create(model=MODEL, **kw)
+        return r.choices[0].text, r.choices[0].finish_reason
+    text, finish = "", None
+    for chunk in client.completions.create(model=MODEL, stream=True, **kw):
+        if chunk.choices:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+    return text, finish
+
+
+def _reference(gen, prompt, params) -> tuple[str, str]:
+    ids = gen.encode_chat(prompt) if isinstance(prompt, list) and isinstance(prompt[0], dict) else \
+        prompt if isinstance(prompt, list) else gen.encode(prompt)
+    row = gen.generate([ids], params).rows[0]
+    return row.text, {"eos": "stop", "stop": "stop", "length": "length"}[row.finish_reason]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    h = _health(server[0])
+    assert h["status"] == "ok" and h["slots"] == 4
+
+
+def test_concurrent_greedy_equals_alone(client, gen):
+    """Six requests at once (4 slots + 2 queued): completions (text and token-id prompts) and chat, streamed and
+    not, different lengths; each text equals that request generated alone."""
+    jobs = [(False, False, "Hello world, this is a test of the server", 24),
+            (True, False, [5, 17, 99, 3, 200, 41, 8, 8, 250, 77, 12, 60, 61, 62, 63, 64, 65, 66, 67, 68], 30),
+            (True, True, [{"role": "user", "content": "hi there"}], 12),
+            (False, True, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a b c"}], 20),
+            (True, False, "x", 40),
+            (False, False, [9, 9, 9], 8)]
+
+    def run(job):
+        stream, chat, prompt, n = job
+        kw = {"messages": prompt} if chat else {"prompt": prompt}
+        return _complete(client, stream, chat, max_tokens=n, temperature=0, **kw)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(run, jobs))
+    for (stream, chat, prompt, n), out in zip(jobs, got):
+        assert out == _reference(gen, prompt, SamplingParams(max_new_tokens=n)), (stream, chat, prompt)
+
+
+def test_seeded_sampling_whatever_in_flight(client, gen):
+    kw = dict(prompt="Once upon a time", max_tokens=20, temperature=0.8, top_p=0.9, seed=7)
+    alone = _complete(client, True, False, **kw)
+    assert alone == _reference(gen, "Once upon a time", SamplingParams(greedy=False, temperature=0.8, top_p=0.9,
+                                                                      seed=7, max_new_tokens=20))
+    noise = [dict(prompt=f"noise {i}", max_tokens=30, temperature=1.0, extra_body={"ignore_eos": True})
+             for i in range(3)]
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(_complete, client, True, False, **n) for n in noise[:2]]
+        mine = pool.submit(_complete, client, False, False, **kw)
+        futures.append(pool.submit(_complete, client, True, False, **noise[2]))
+        assert mine.result() == alone
+        [f.result() for f in futures]
+
+
+def test_stop_strings(client, gen):
+    prompt = [40, 41, 42, 43, 44]
+    free, _ = _reference(gen, prompt, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    stop = free[8:11]
+    want = free[:free.find(stop)]
+    for stream in (True, False):
+        text, finish = _complete(client, stream, False, prompt=prompt, max_tokens=30, temperature=0,
+                                 stop=[stop, "never-written"], extra_body={"ignore_eos": True})
+        assert (text, finish) == (want, "stop")
+
+
+def test_usage_and_chunk_shapes(server, client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    r = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and r.usage.prompt_tokens == 3 and r.usage.completion_tokens == 4
+    assert r.usage.total_tokens == 7
+
+
+def test_disconnect_frees_the_slot(server, client):
+    """A stream closed after its first chunk is cancelled and its slot freed. A tiny model writes its 120 tokens in
+    ~0.1 s, so the stream can end by itself before the server notices the disconnect (a lost race, not a bug):
+    up to 5 tries, and every try must leave no request running."""
+    cancelled = 0
+    for _ in range(5):
+        before = _health(server[0])["finished"]
+        stream = client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=120, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        stream.close()
+        for _ in range(250):
+            h = _health(server[0])
+            if h["running"] == 0 and sum(h["finished"].values()) == sum(before.values()) + 1:
+                break
+            time.sleep(0.02)
+        assert h["running"] == 0 and sum(h["finished"].values()) == sum(before.values()) + 1, h
+        cancelled = h["finished"].get("cancelled", 0) - before.get("cancelled", 0)
+        if cancelled:
+            break
+    assert cancelled == 1
+
+
+def test_bad_requests_while_another_streams(server, client, gen):
+    url = server[0]
+    result = {}
+
+    def long_stream():
+        result["out"] = _complete(client, True, False, prompt=[11, 12, 13], max_tokens=110, temperature=0,
+                                  extra_body={"ignore_eos": True})
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[1] * 120, max_tokens=16)
+    assert e.value.code == "context_length_exceeded" and "128" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x " * 200}])
+    assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
+    for bad, param in ((dict(temperature=5), "temperature"), (dict(top_p=0), "top_p"), (dict(n=2), "n"),
+                       (dict(max_tokens=0), "max_tokens"), (dict(seed=-1), "seed"),
+                       (dict(extra_body={"top_k": "3"}), "top_k"), (dict(stop=[""]), "stop"),
+                       (dict(logprobs=2), "logprobs"), (dict(prompt=[1, 999999]), None)):
+        kw = {"prompt": "ok", **bad}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, **kw)
+        assert e.value.status_code == 400 and e.value.param == param, bad
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4o", prompt="hi")
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+    request = urllib.request.Request(url + "/v1/completions", data=b"{not json", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=5)
+    body = json.loads(e.value.read())
+    assert e.value.code == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    t.join(60)
+    assert result["out"] == _reference(gen, [11, 12, 13], SamplingParams(max_new_tokens=110, ignore_eos=True))
+
+
+def test_full_queue_gets_429(client, gen):
+    """12 requests at once on 4 slots and a queue of 2: the overflow gets 429 at once, the rest are served
+    correctly."""
+    def run(i):
+        try:
+            return _complete(client, False, False, prompt=[30 + i, 31, 32], max_tokens=100, temperature=0,
+                             extra_body={"ignore_eos": True})
+        except openai.RateLimitError as e:
+            return e
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(run, range(12)))
+    refused = [g for g in got if isinstance(g, openai.RateLimitError)]
+    assert refused and all(e.status_code == 429 and e.code == "queue_full" for e in refused)
+    assert len(refused) <= 12 - 6
+    for i, g in enumerate(got):
+        if not isinstance(g, Exception):
+            assert g == _reference(gen, [30 + i, 31, 32], SamplingParams(max_new_tokens=100, ignore_eos=True))
+
+
+def test_cli_bad_values(artifacts, capsys):
+    from runtime_py.__main__ import main
+
+    path = str(artifacts("qwen2_window"))
+    assert main(["serve", path, "--max-batch", "9"]) == 2
+    assert "error: slots (--max-batch) must be an integer in [1, 8]" in capsys.readouterr().err
+    for flags in (["--port", "70000"], ["--max-queue", "-1"], ["--prefill-chunk", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", path, *flags])
+        assert e.value.code == 2
+        assert "error: argument" in capsys.readouterr().err
