@@ -156,18 +156,26 @@ def _graph_config(name: str, graph: dict, instances: int, plan: bool):
 
 
 def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", instances: int = 1,
-                     max_batch: int = 8, overwrite: bool = False) -> Path:
+                     max_batch: int | None = None, overwrite: bool = False) -> Path:
     """Write a validated Triton model repository for `artifact` at `out`; returns its path.
 
-    `instances`: instance_group count of each model (each python instance loads its own session). `max_batch`: how
-    many generations one python instance streams at once (each on its own thread; more requests wait)."""
+    `instances`: instance_group count of each model (each python instance loads its own session). `max_batch`: the
+    KV slots of one python instance, the requests its engine batches together (default and upper bound: the
+    artifact's max_batch, the static buffers it was built for)."""
     artifact = Path(artifact)
     if not name or not name.replace("_", "").replace("-", "").isalnum() or name.startswith(("-", ".")):
         raise ValueError(f"model name must be letters, digits, '_' or '-', got {name!r}")
     for flag, value in (("instances", instances), ("max_batch", max_batch)):
+        if value is None and flag == "max_batch":
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{flag} must be an int >= 1, got {value!r}")
     manifest = open_artifact(artifact)  # checksums verified once, here
+    if max_batch is None:
+        max_batch = manifest.max_batch
+    elif max_batch > manifest.max_batch:
+        raise ValueError(f"--max-batch {max_batch} > the artifact's {manifest.max_batch} (its static KV buffers); "
+                         f"rebuild it with `python -m export build ... --max-batch {max_batch}`")
     engine = manifest.engine
     if manifest.backend == "tensorrt" and engine is None:
         raise ArtifactError(f"{artifact}: a tensorrt artifact without an engine in its manifest; rebuild it")

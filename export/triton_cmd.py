@@ -21,8 +21,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--name", default="llm", help="name of the streaming model (the graph model is NAME_graph)")
     t.add_argument("--instances", type=int_in(1, MAX_INSTANCES), default=1,
                    help=f"instances of each model (instance_group count), 1..{MAX_INSTANCES}")
-    t.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=8,
-                   help="generations one instance of the streaming model runs at once (more requests wait)")
+    t.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=None,
+                   help="KV slots of one instance of the streaming model: requests batched together (continuous "
+                        "batching); at most, and by default, the artifact's --max-batch")
     t.add_argument("--overwrite", action="store_true", help="replace an existing repository directory")
     t.set_defaults(func=run)
     return t

@@ -189,7 +189,7 @@ class Engine:
 
         self.root = Path(artifact)
         manifest = read_manifest(self.root)
-        cap = int(manifest["max_batch"] if isinstance(manifest, dict) else manifest.max_batch)
+        cap = manifest.max_batch
         slots = cap if slots is None else slots
         if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= cap:
             raise ValueError(f"slots (--max-batch) must be an integer in [1, {cap}] (the artifact's max batch; "

@@ -1,20 +1,25 @@
 """The Triton python-backend model that streams runtime_py generations (copied as ``NAME/1/model.py``).
 
 What it does: :class:`TritonPythonModel` is a *decoupled* model. ``initialize`` opens the artifact copied next to
-this file (``./artifact``, checksums verified) with :class:`runtime_py.generate.Generator` (parameter
+this file (``./artifact``, checksums verified) with one :class:`runtime_py.engine.Engine` per instance (parameter
 ``runtime_backend``, default auto: the artifact's TensorRT engine when a CUDA GPU is present, its ONNX graph on ONNX
-Runtime otherwise); the runtime packages it
-imports are the copies the repository writer put in ``./runtime`` (first on ``sys.path``), so the repository runs
-the runtime that was current when it was written, not whatever is installed. ``execute`` parses each request on the
-backend's thread (:func:`parse_request`: the inputs in :data:`INPUTS` -> prompt + :class:`SamplingParams`, with the
-same rules as ``python -m runtime_py generate``), returns at once, and streams the generation on a worker thread:
-one response per text delta of ``Generator.stream`` (so the concatenated deltas equal runtime_py's text for the same
-seed and parameters), then an empty response flagged FINAL. At most ``max_concurrency`` generations run at once per
-instance (more wait their turn). A malformed request, bad sampling values or a prompt too long for the context get
-one error response (flagged FINAL); the model keeps serving. A cancelled request stops at the next delta.
+Runtime otherwise) and starts its loop: ``max_concurrency`` KV slots (at most the artifact's ``--max-batch``), and
+every request joins the running batch (continuous batching: admitted into a free slot while the others decode;
+``max_queue`` more may wait, beyond that a request gets an error). The runtime packages it imports are the copies
+the repository writer put in ``./runtime`` (first on ``sys.path``), so the repository runs the runtime that was
+current when it was written, not whatever is installed. ``execute`` parses each request on the backend's thread
+(:func:`parse_request`: the inputs in :data:`INPUTS` -> prompt + :class:`SamplingParams`, with the rules of
+``python -m runtime_py generate``), tokenizes it, submits it and returns at once; the engine thread sends one
+response per text delta (the deltas of ``Generator.stream``: their concatenation is runtime_py's text for the same
+seed and parameters, whatever else is in flight), then an empty response flagged FINAL. With ``stream`` false the
+whole text comes in one response. A malformed request, bad sampling values or a prompt too long for the context
+get one error response (flagged FINAL); the model keeps serving. A cancelled request frees its slot at the next
+iteration.
 
-What it does not do: batch requests together (each generation has its own RNG, so seeded output does not depend on
-what else is in flight) or log-probs.
+Inputs also take what Triton's OpenAI-compatible frontend sends to python models: ``text_input``, ``stream``,
+``max_tokens``, ``stop_words`` (like ``stop``), ``temperature``, ``top_p``, ``seed`` -> ``text_output``.
+
+What it does not do: log-probs, or more than one sequence per request.
 
 Importable without Triton (pb_utils is None then): the tests call :func:`parse_request` directly. The repository
 writer (artifacts/triton_write.py) never imports this module (artifacts does not import runtime_py): it reads
@@ -25,8 +30,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +55,16 @@ INPUTS: dict[str, tuple[str, list[int], bool]] = {
     "repetition_penalty": ("TYPE_FP32", [1], True),
     "seed": ("TYPE_INT64", [1], True),
     "stop": ("TYPE_STRING", [-1], True),
+    "stop_words": ("TYPE_STRING", [-1], True),  # the OpenAI frontend's name for stop strings
     "ignore_eos": ("TYPE_BOOL", [1], True),
+    "stream": ("TYPE_BOOL", [1], True),  # false: the whole text in one response (default true: one per delta)
 }
 OUTPUTS: dict[str, tuple[str, list[int]]] = {
     "text_output": ("TYPE_STRING", [1]),  # one text delta per response
 }
 # config.pbtxt parameters and their values when absent (a literal: the writer reads it from this file's source).
 DEFAULTS = {"max_concurrency": "8", "default_max_tokens": "32", "ort_threads": "0", "runtime_backend": "auto",
-            "artifact": "artifact"}
+            "artifact": "artifact", "max_queue": "64"}
 DEFAULT_MAX_TOKENS = int(DEFAULTS["default_max_tokens"])  # the runtime_py CLI's --max-new-tokens default
 
 
@@ -86,7 +91,7 @@ def _text(name: str, value) -> str:
 
 
 def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
-    """(prompt, params) from one request. `get(name)` returns the input as a numpy array or None when absent.
+    """(prompt, params, stream) from one request. `get(name)` returns the input as a numpy array or None when absent.
 
     prompt is ("text", str) or ("messages", list[dict]). Sampling follows ``python -m runtime_py generate``: greedy
     unless temperature, top_k > 0 or top_p != 1 is sent; SamplingParams checks the values (ValueError)."""
@@ -113,22 +118,20 @@ def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
         a = get(name)
         return None if a is None else cast(_one(name, a))
 
+    def strings(name):
+        a = get(name)
+        return () if a is None else tuple(_text(name, s) for s in np.asarray(a).reshape(-1))
+
     max_tokens = scalar("max_tokens", int)
-    temperature = scalar("temperature", float)
-    top_p = scalar("top_p", float)
-    top_k = scalar("top_k", int)
+    top_p, top_k = scalar("top_p", float), scalar("top_k", int)
     penalty = scalar("repetition_penalty", float)
-    seed = scalar("seed", int)
-    ignore_eos = scalar("ignore_eos", bool)
-    stop_arr = get("stop")
-    stop = () if stop_arr is None else tuple(_text("stop", s) for s in np.asarray(stop_arr).reshape(-1))
-    sampled = temperature is not None or bool(top_k) or (top_p is not None and top_p != 1.0)
-    params = SamplingParams(greedy=not sampled, temperature=1.0 if temperature is None else temperature,
-                            top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
-                            repetition_penalty=1.0 if penalty is None else penalty, seed=seed,
-                            max_new_tokens=default_max_tokens if max_tokens is None else max_tokens, stop=stop,
-                            ignore_eos=bool(ignore_eos))
-    return prompt, params
+    params = SamplingParams.from_options(
+        scalar("temperature", float), top_k or 0, 1.0 if top_p is None else top_p,
+        repetition_penalty=1.0 if penalty is None else penalty, seed=scalar("seed", int),
+        max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
+        stop=strings("stop") + strings("stop_words"), ignore_eos=bool(scalar("ignore_eos", bool)))
+    stream = scalar("stream", bool)
+    return prompt, params, True if stream is None else stream
 
 
 def _check_stub_numpy() -> None:
@@ -167,7 +170,7 @@ def _error(message: str):
 
 class TritonPythonModel:
     def initialize(self, args):
-        from runtime_py.generate import Generator
+        from runtime_py.engine import Engine
 
         _check_stub_numpy()
         config = json.loads(args["model_config"])
@@ -175,29 +178,15 @@ class TritonPythonModel:
         p = {**DEFAULTS, **{k: v for k, v in params.items() if v}}
         artifact = Path(p["artifact"])
         artifact = artifact if artifact.is_absolute() else _HERE / artifact
-        self.generator = Generator(artifact, threads=int(p["ort_threads"]) or None, backend=p["runtime_backend"],
-                                   batch=max(1, int(p["max_concurrency"])))  # each generation owns a KV cache
-        session = self.generator.session
-        if type(session).__name__ != "OrtSession":
-            # ORT's run is thread-safe; a TensorRT execution context is not. Generations still interleave (each
-            # owns its KV cache), one model call at a time.
-            forward, call_lock = session.forward, threading.Lock()
-
-            def serialized(*a, **kw):
-                with call_lock:
-                    return forward(*a, **kw)
-
-            session.forward = serialized
+        self.engine = Engine(artifact, slots=max(1, int(p["max_concurrency"])), max_queue=int(p["max_queue"]),
+                             threads=int(p["ort_threads"]) or None, backend=p["runtime_backend"])
+        self.engine.start()
         import runtime_py
 
         _log(f"{args.get('model_name')}: runtime_py from {Path(runtime_py.__file__).parent}, artifact {artifact} "
-             f"on {type(self.generator.session).__name__}, numpy {np.__version__}, up to {p['max_concurrency']} "
-             "concurrent generations")
+             f"on {type(self.engine.session).__name__}, numpy {np.__version__}, {self.engine.slots} KV slots "
+             f"(continuous batching), up to {p['max_queue']} waiting")
         self.default_max_tokens = int(p["default_max_tokens"])
-        self.slots = threading.BoundedSemaphore(max(1, int(p["max_concurrency"])))
-        self.closing = threading.Event()
-        self.lock = threading.Lock()
-        self.workers: set[threading.Thread] = set()
 
     def execute(self, requests):
         for request in requests:
@@ -208,51 +197,56 @@ class TritonPythonModel:
                 return None if t is None else t.as_numpy()
 
             try:
-                job = parse_request(get, self.default_max_tokens)
+                (kind, value), params, stream = parse_request(get, self.default_max_tokens)
+                ids = self.engine.encode(value) if kind == "text" else self.engine.encode_chat(value)
+                responder = _Responder(sender, stream)
+                responder.request = self.engine.submit(ids, params, responder)
             except Exception as e:  # noqa: BLE001 - every bad request becomes an error response
-                self._fail(sender, e)
-                continue
-            worker = threading.Thread(target=self._run, args=(sender, *job), daemon=True)
-            with self.lock:
-                self.workers.add(worker)
-            worker.start()
+                _fail(sender, e)
         return None  # decoupled: responses go through the senders
 
-    def _run(self, sender, prompt, params):
-        try:
-            with self.slots:
-                if self.closing.is_set():
-                    raise RuntimeError("the model is being unloaded")
-                gen = self.generator
-                kind, value = prompt
-                ids = gen.encode(value) if kind == "text" else gen.encode_chat(value)
-                gen.check_context([ids], params)
-                cancelled = getattr(sender, "is_cancelled", lambda: False)
-                for delta in gen.stream(ids, params):
-                    if cancelled() or self.closing.is_set():
-                        break
-                    out = pb_utils.Tensor("text_output", np.array([delta.encode("utf-8")], dtype=np.object_))
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as e:  # noqa: BLE001
-            self._fail(sender, e)
-        finally:
-            with self.lock:
-                self.workers.discard(threading.current_thread())
+    def finalize(self):
+        self.engine.stop()  # running requests end "cancelled": their responders send the final flag
 
-    @staticmethod
-    def _fail(sender, e: Exception):
-        message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+
+class _Responder:
+    """The engine callback of one request (runs on the engine thread): text deltas to Triton, then FINAL."""
+
+    def __init__(self, sender, stream: bool):
+        self.sender, self.stream, self.text = sender, stream, []
+        self.cancelled = getattr(sender, "is_cancelled", lambda: False)
+        self.request = None
+
+    def __call__(self, update) -> None:
         try:
-            sender.send(pb_utils.InferenceResponse(error=_error(message)),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception:  # noqa: BLE001 - the client is gone; nothing to tell
+            if update.finish_reason is None and self.cancelled():
+                if self.request is not None:
+                    self.request.cancel()  # the engine frees the slot at its next iteration and calls back once more
+                return
+            if update.error is not None:
+                _fail(self.sender, RuntimeError(update.error))
+                return
+            if update.text:
+                if self.stream:
+                    self._send(update.text)
+                else:
+                    self.text.append(update.text)
+            if update.finish_reason is not None:
+                if not self.stream and self.text:
+                    self._send("".join(self.text))
+                self.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001 - the client is gone; the engine must go on
             pass
 
-    def finalize(self):
-        self.closing.set()
-        with self.lock:
-            workers = list(self.workers)
-        deadline = time.monotonic() + 10  # generations stop at their next delta; do not hang the unload
-        for w in workers:
-            w.join(timeout=max(0.0, deadline - time.monotonic()))
+    def _send(self, text: str) -> None:
+        out = pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+
+
+def _fail(sender, e: Exception):
+    message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+    try:
+        sender.send(pb_utils.InferenceResponse(error=_error(message)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    except Exception:  # noqa: BLE001 - the client is gone; nothing to tell
+        pass

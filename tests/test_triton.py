@@ -167,7 +167,8 @@ def test_engine_artifact_repository(artifact, tmp_path, flavour):
     manifest = json.loads((fake / "manifest.json").read_text())
     manifest = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")}
     manifest.update(backend="tensorrt", engine={"file": "model.engine", "flavour": flavour, "version": "10.9.0.34",
-                                                "compute_capabilities": ["SM89"]})
+                                                "compute_capabilities": ["SM89"], "profiles": {},
+                                                "io": {"inputs": [], "outputs": []}})  # what export/engine.py records
     write_manifest(fake, manifest)
     repo = write_repository(fake, tmp_path / "repo")
     assert validate_repository(repo) == [NAME, f"{NAME}_graph"]
@@ -241,6 +242,7 @@ def test_cli_writes_and_prints_the_path_last(artifact, tmp_path, capsys):
 
 # -- request parsing (what model.py does with each request) ---------------------------------------------------------
 _TYPES = {"text_input": (np.object_, "BYTES"), "messages": (np.object_, "BYTES"), "stop": (np.object_, "BYTES"),
+          "stop_words": (np.object_, "BYTES"), "stream": (np.bool_, "BOOL"),
           "max_tokens": (np.int32, "INT32"), "top_k": (np.int32, "INT32"), "seed": (np.int64, "INT64"),
           "temperature": (np.float32, "FP32"), "top_p": (np.float32, "FP32"),
           "repetition_penalty": (np.float32, "FP32"), "ignore_eos": (np.bool_, "BOOL")}
@@ -256,9 +258,9 @@ def _getter(values: dict):
 
 
 def test_parse_request_follows_the_runtime_cli():
-    prompt, p = parse_request(_getter({"text_input": b"Hi"}))
-    assert prompt == ("text", "Hi") and p == SamplingParams(greedy=True, max_new_tokens=32)
-    prompt, p = parse_request(_getter({"messages": json.dumps([{"role": "user", "content": "Hi"}]).encode(),
+    prompt, p, streamed = parse_request(_getter({"text_input": b"Hi"}))
+    assert prompt == ("text", "Hi") and p == SamplingParams(greedy=True, max_new_tokens=32) and streamed
+    prompt, p, _ = parse_request(_getter({"messages": json.dumps([{"role": "user", "content": "Hi"}]).encode(),
                                        "temperature": np.float32(0.5), "top_k": np.int32(5), "seed": np.int64(3),
                                        "stop": [b"a", b"bc"], "ignore_eos": np.bool_(True),
                                        "max_tokens": np.int32(7)}))
@@ -266,6 +268,14 @@ def test_parse_request_follows_the_runtime_cli():
     assert p == SamplingParams(greedy=False, temperature=0.5, top_k=5, seed=3, stop=("a", "bc"), ignore_eos=True,
                                max_new_tokens=7)
     assert parse_request(_getter({"text_input": b"x", "top_p": np.float32(0.5)}))[1].greedy is False
+    # what Triton's OpenAI-compatible frontend sends to a python model
+    prompt, p, streamed = parse_request(_getter({"text_input": b"Hi", "stream": np.bool_(False),
+                                                 "stop_words": [b"x", b"yz"], "max_tokens": np.int32(5),
+                                                 "temperature": np.float32(0.5), "top_p": np.float32(0.9),
+                                                 "seed": np.int64(7)}))
+    assert prompt == ("text", "Hi") and not streamed
+    assert p == SamplingParams(greedy=False, temperature=0.5, top_p=float(np.float32(0.9)), seed=7, stop=("x", "yz"),
+                               max_new_tokens=5)
     for bad, match in [({}, "exactly one of"), ({"text_input": b"a", "messages": b"[]"}, "exactly one of"),
                        ({"messages": b"{not json"}, "not valid JSON"), ({"messages": b'{"a": 1}'}, "JSON list"),
                        ({"text_input": b"\xff"}, "UTF-8"), ({"text_input": b""}, "empty"),
@@ -415,7 +425,7 @@ def stream(url: str, request: dict, timeout: float = 60.0) -> tuple[list[str], E
 
 def expected_deltas(gen: Generator, request: dict) -> list[str]:
     """What runtime_py streams for the same request (same parsing as the server)."""
-    (kind, value), params = parse_request(_getter(request))
+    (kind, value), params, _ = parse_request(_getter(request))
     ids = gen.encode(value) if kind == "text" else gen.encode_chat(value)
     deltas = list(gen.stream(ids, params))
     assert "".join(deltas) == gen.generate([ids], params).texts[0]
@@ -479,6 +489,13 @@ def test_eight_concurrent_streams(server, generator):
     for i, (deltas, error) in enumerate(results):
         assert error is None, f"request {i}: {error}"
         assert deltas == expected[i], f"request {i}"
+
+
+def test_non_streaming_openai_frontend_request(server, generator):
+    """stream false (what Triton's OpenAI frontend sends for a non-streaming call): one response with the text."""
+    request = {**SAMPLED, "stream": False, "stop_words": ["never-seen"]}
+    deltas, error = stream(server, request)
+    assert error is None and deltas == ["".join(expected_deltas(generator, request))]
 
 
 def test_readme_client_example_runs(server, repo, generator, capsys):
