@@ -32,10 +32,11 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from graphs import scopes as scopes_  # fuse.scopes(node) below is a node's scope list
 from plugins import attention as attn_plugin
 from plugins import moe as moe_plugin
 
-SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+SCOPES_KEY = scopes_.KEY
 
 
 @dataclass
@@ -296,10 +297,10 @@ def fuse_attention(model: ir.Model, spec, kv_mode: str, max_seq_len: int, np_dty
     report = Report("attention fusion")
     inputs = {v.name: v for v in graph.inputs}
     for i in range(spec.num_layers):
-        prefix = f"decoder.layers.{i}.attn"
-        nodes = region_nodes(graph, f"{prefix}.core")
+        prefix = scopes_.attn(i)
+        nodes = region_nodes(graph, scopes_.attn_core(i))
         if not nodes:
-            report.skipped.append(f"layer {i}: no nodes in scope {prefix}.core")
+            report.skipped.append(f"layer {i}: no nodes in scope {scopes_.attn_core(i)}")
             continue
         region = boundary(graph, nodes)
         present_names = (f"present.{i}.key", f"present.{i}.value")
@@ -355,7 +356,7 @@ def fuse_moe(model: ir.Model, spec, supports: Callable[[str, dict], str | None] 
     graph = model.graph
     report = Report("MoE fusion")
     for i in spec.sparse_layers:
-        scope = f"decoder.layers.{i}.moe"
+        scope = scopes_.moe(i)
         nodes = region_nodes(graph, scope)
         if not nodes:
             report.skipped.append(f"layer {i}: no nodes in scope {scope}")

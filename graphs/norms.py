@@ -15,22 +15,17 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphs import fuse
+from graphs import fuse, scopes
 
 OPSET = 23
 MS = "com.microsoft"
-
-
-def norm_scopes(spec) -> list[str]:
-    names = ["attn_norm", "mlp_norm"] + (["attn_post_norm", "mlp_post_norm"] if spec.sandwich_norm else [])
-    return [f"decoder.layers.{i}.{n}" for i in range(spec.num_layers) for n in names] + ["decoder.norm"]
 
 
 def fuse_rmsnorm(model: ir.Model, spec, skip_fusion: bool) -> dict:
     graph = model.graph
     report = fuse.Report("RMSNorm fusion")
     skipped_adds = 0
-    for scope in norm_scopes(spec):
+    for scope in scopes.norms(spec):
         nodes = [n for n in fuse.region_nodes(graph, scope)
                  if not any(s.startswith(scope + ".") for s in fuse.scopes(n))]  # not nested modules
         if not nodes:

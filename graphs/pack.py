@@ -8,7 +8,8 @@
 On a CPU decode step every projection is a matrix-vector product limited by memory bandwidth; one product over
 the concatenated weight reads the same bytes with a third (or half) of the kernel launches and thread-pool
 synchronisations. The concatenated weights are lazy tensors: read from the checkpoint only when the graph is
-written. A projection that does not have exactly this shape is left alone (counted as skipped).
+written. A projection that does not have exactly this shape is left alone; each pass returns how many groups it
+packed.
 
 What it does not do: change any result (concatenation is exact), or touch MoE experts.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs import fuse
+from graphs import fuse, scopes
 
 
 def _linear(value: ir.Value):
@@ -78,7 +79,7 @@ def pack_gate_up(model: ir.Model, spec) -> int:
     for i, layer in enumerate(spec.layers):
         if layer.mlp != "dense":
             continue
-        scope = f"decoder.layers.{i}.mlp"
+        scope = f"{scopes.layer(i)}.mlp"
         gate = [n for n in fuse.region_nodes(graph, f"{scope}.gate") if n.op_type == "MatMul"]
         up = [n for n in fuse.region_nodes(graph, f"{scope}.up") if n.op_type == "MatMul"]
         if len(gate) != 1 or len(up) != 1 or gate[0].inputs[0] is not up[0].inputs[0]:

@@ -25,8 +25,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken
 
-# The named special tokens transformers passes to chat templates (SPECIAL_TOKENS_ATTRIBUTES), in its order.
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece-style byte-fallback pieces
+# The named special tokens transformers passes to chat templates (SPECIAL_TOKENS_ATTRIBUTES), in its order.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 

@@ -84,7 +84,7 @@ def test_trt_native_graph(case, artifacts):
     ops = [n.op_type for n in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node]
     native = 0 if spec.attn_softcap else spec.num_layers
     assert ops.count("Attention") == native and ops.count("RotaryEmbedding") == 2 * native
-    from graphs.norms import norm_scopes
+    from graphs.scopes import norms as norm_scopes
 
     assert ops.count("RMSNormalization") == (2 * native if spec.qk_norm else 0) + len(norm_scopes(spec))
     assert "ReduceMean" not in ops or spec.attn_softcap  # only a decomposed (softcap) layer keeps its q/k maths
