@@ -1,5 +1,6 @@
-"""Command line: `python -m runtime_py {generate,bench,score,chat,serve} ARTIFACT ...`. Defaults are defined here,
-once (the server's in runtime_py/serve.py and runtime_py/engine.py, next to the code that reads them).
+"""Command line: `python -m runtime_py {generate,bench,score,chat,serve} ARTIFACT ...`. Generation defaults come
+from runtime_py/sampling.py (SamplingParams, DEFAULT_MAX_NEW_TOKENS), the server's from runtime_py/serve.py and
+runtime_py/engine.py, next to the code that reads them; the other flags' defaults are defined here, once.
 
 Bad input (an unusable artifact, bad values, text that is not UTF-8, a chat template that fails or exceeds its
 bounds) ends with `error: ...` on stderr and exit status 2, no traceback."""
