@@ -7,6 +7,13 @@ produces exactly ``--new-tokens`` tokens, and writes one JSON object to ``--resu
 plus choosing the first token), decode tokens/s over the remaining ``new_tokens - 1`` tokens, the tokens.
 Its peak RSS is measured by the parent (bench/compare.py) from the process's rusage when it exits.
 
+With ``--score-file F`` (JSON ``{"prompt": [...], "continuation": [...]}``) it scores instead: the teacher-forced
+log-probability of every continuation token given the prompt and the continuation before it, and their mean
+negated (``nll``). ``ours``: runtime_py's ``score`` over prompt + continuation (the default graph steps through
+the KV cache position by position); ``hf-eager``: one forward over the whole sequence, float64 log-softmax;
+``ort-genai``: og.Generator, the prompt appended, then one continuation token at a time, ``get_logits()`` after
+each (the last position's logits).
+
 What it does not do: compare, aggregate or print tables (compare.py does).
 """
 
@@ -103,6 +110,58 @@ def run_genai(path: str, prompt: list[int], new_tokens: int, threads: int) -> di
     return {"load_s": load_s, **timing, "tokens": tokens}
 
 
+def _logprob(logits, token: int) -> float:
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64).reshape(-1)
+    m = x.max()
+    return float(x[token] - m - np.log(np.exp(x - m).sum()))
+
+
+def score_ours(path: str, prompt: list[int], cont: list[int], threads: int) -> dict:
+    from runtime_py.score import score
+
+    t = time.perf_counter()
+    r = score(path, prompt + cont, threads=threads)
+    lps = r["logprobs"][len(prompt) - 1:]  # logprobs[i] = log P(ids[i+1] | ids[:i+1])
+    return {"logprobs": lps, "score_s": time.perf_counter() - t, "mode": f"runtime_py score ({r['mode']})"}
+
+
+def score_hf(path: str, prompt: list[int], cont: list[int], threads: int, dtype: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="eager",
+                                                 local_files_only=True).eval()
+    ids = torch.tensor([prompt + cont], dtype=torch.long)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:-1].double()
+    lps = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(cont)[:, None])[:, 0]
+    return {"logprobs": [float(x) for x in lps], "score_s": time.perf_counter() - t, "mode": "hf one forward"}
+
+
+def score_genai(path: str, prompt: list[int], cont: list[int], threads: int) -> dict:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    t = time.perf_counter()
+    config = og.Config(path)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    total = len(prompt) + len(cont)
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    lps = [_logprob(gen.get_logits(), cont[0])]
+    for prev, nxt in zip(cont[:-1], cont[1:]):
+        gen.append_tokens(np.array([[prev]], dtype=np.int32))
+        lps.append(_logprob(gen.get_logits(), nxt))
+    return {"logprobs": lps, "score_s": time.perf_counter() - t, "mode": "og get_logits, token by token"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.worker")
     p.add_argument("kind", choices=["ours", "hf-eager", "ort-genai"])
@@ -112,8 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--dtype", default="float32", help="hf-eager weight dtype")
     p.add_argument("--result", required=True, help="where to write the JSON result")
+    p.add_argument("--score-file", default=None,
+                   help='JSON {"prompt": [...], "continuation": [...]}: score the continuation instead of timing')
     args = p.parse_args(argv)
     prompt = json.loads(Path(args.prompt_file).read_text())
+    if args.score_file:
+        sc = json.loads(Path(args.score_file).read_text())
+        prompt, cont = sc["prompt"], sc["continuation"]
+        if args.kind == "ours":
+            r = score_ours(args.path, prompt, cont, args.threads)
+        elif args.kind == "hf-eager":
+            r = score_hf(args.path, prompt, cont, args.threads, args.dtype)
+        else:
+            r = score_genai(args.path, prompt, cont, args.threads)
+        if len(r["logprobs"]) != len(cont):
+            raise RuntimeError(f"scored {len(r['logprobs'])} tokens, expected {len(cont)}")
+        r["nll"] = -sum(r["logprobs"]) / len(cont)
+        Path(args.result).write_text(json.dumps(r))
+        return 0
     if args.kind == "ours":
         r = run_ours(args.path, prompt, args.new_tokens, args.threads)
     elif args.kind == "hf-eager":
