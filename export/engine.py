@@ -6,11 +6,15 @@ decomposable (so shapes without a dedicated fused kernel, e.g. fp32 or tiny head
 strongly typed engine (precision comes from the graph's dtypes) with two optimization profiles (prefill: sequence
 1..max_seq_len; decode: sequence 1) over batch 1..max_batch and cache length 1..max_seq_len, saves the timing cache
 beside it (full TensorRT; TensorRT-RTX has none), and returns the facts the manifest records: flavour and version,
-compute-capability targets, profiles, and the network's I/O as TensorRT sees it. TensorRT-RTX builds ahead of time on
-a machine with no GPU (it targets RTX GPUs: SM 80/86/89/120, plus 75 for fp16); running an engine needs a GPU.
+compute-capability targets, profiles, the plugins registered for it, and the network's I/O as TensorRT sees it.
+TensorRT-RTX builds ahead of time on a machine with no GPU (it targets RTX GPUs: SM 80/86/89/120, plus 75 for fp16);
+running an engine needs a GPU.
 
-What it does not do: run engines (runtime_py) or register plugins (plugins/); the trt-plugin lowering needs full
-TensorRT with our plugins registered.
+A ``trt-plugin`` graph (plugin nodes: op_type = plugin name) is built with full TensorRT only: the plugins its nodes
+name are registered (plugins/registry.py) before the graph is parsed; with only TensorRT-RTX, or a TensorRT without
+the Python plugin API, the build stops with an :class:`EngineError` naming what to install.
+
+What it does not do: run engines (runtime_py) or implement plugins (plugins/).
 """
 
 from __future__ import annotations
@@ -27,14 +31,21 @@ INSTALL_HINT = ("install full TensorRT (`pip install tensorrt`, needs NVIDIA's i
                 "(`pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings`)")
 
 
-def load_tensorrt():
-    """(module, flavour): full TensorRT when importable, else TensorRT-RTX."""
+def load_tensorrt(plugins: tuple[str, ...] = ()):
+    """(module, flavour): full TensorRT when importable, else TensorRT-RTX. ``plugins``: the plugin names the graph
+    needs (plugins/registry.py ``needed``); when any, only full TensorRT will do (TensorRT-RTX has no Python plugin
+    API)."""
     try:
         import tensorrt as trt
 
         return trt, "tensorrt"
     except ImportError:
         pass
+    if plugins:
+        from plugins.registry import INSTALL_HINT as PLUGIN_HINT
+
+        raise EngineError(f"full TensorRT not found: the graph has TensorRT plugin nodes ({', '.join(plugins)}, "
+                          f"from the trt-plugin lowering), which need {PLUGIN_HINT}") from None
     try:
         import tensorrt_rtx_bindings as trt
 
@@ -52,7 +63,9 @@ FP8_TARGETS = ("SM89", "SM120")  # FP8 tensor cores: Ada and Blackwell
 def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: int, max_seq_len: int,
                  precision: str = "fp32", opt_seq_len: int = 128, fp8_weights: bool = False) -> dict:
     """fp8_weights: the graph holds FP8E4M3 weights, which TensorRT-RTX compiles only for SM89 (Ada) and newer."""
-    trt, flavour = load_tensorrt()
+    plugins = graph_plugins(onnx_path)
+    trt, flavour = load_tensorrt(plugins)
+    registered = register_plugins(plugins)  # before the parser looks the plugin nodes up
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -111,7 +124,32 @@ def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: in
     return {"file": engine_path.name, "flavour": flavour, "version": trt.__version__, "device_cc": device_cc,
             "compute_capabilities": targets or ["the build machine's GPU"], "profiles": profiles, "io": io,
             "attention_layers_decomposable": decomposable, "build_seconds": round(time.perf_counter() - t0, 2),
-            "timing_cache": timing_file.name if timing_file else None}
+            "timing_cache": timing_file.name if timing_file else None, "plugins": list(registered)}
+
+
+def graph_plugins(onnx_path: Path) -> tuple[str, ...]:
+    """The names of our TensorRT plugins whose nodes the ONNX graph holds (() for trt-native/reference graphs)."""
+    from plugins.registry import needed, onnx_op_types
+
+    try:
+        return needed(onnx_op_types(onnx_path))
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: not a readable ONNX file
+        raise EngineError(f"could not read {Path(onnx_path).name} as an ONNX graph: {e}") from None
+
+
+def register_plugins(plugins: tuple[str, ...]) -> tuple[str, ...]:
+    """Register the plugins with full TensorRT (plugins/registry.py); their ids. EngineError naming what to install
+    when TensorRT has no Python plugin API (``tensorrt.plugin``, TensorRT >= 10.9)."""
+    if not plugins:
+        return ()
+    from plugins.registry import register
+
+    try:
+        return register(plugins)
+    except ImportError as e:
+        raise EngineError(str(e)) from None
 
 
 def _allow_decomposed_attention(trt, network) -> int:

@@ -25,16 +25,20 @@ Three implementations of one contract:
   whole node as ONE launch of the same flash kernel (each program writes its own tokens' K/V and reads the
   current call's keys from the inputs), which needs contiguous positions per row (``pos[b,s] = pos[b,0] + s``,
   what the runtime's static layout produces); it is the kernel the TensorRT AOT path embeds.
-* :func:`register_trt_plugin`: TensorRT ``tensorrt.plugin`` registration (untested here, see its docstring).
+* :func:`register_trt_plugin`: TensorRT ``tensorrt.plugin`` registration (untested here, see its docstring),
+  called through plugins/registry.py by the engine build and the TensorRT session.
 
 Importing this module needs neither torch nor triton (graphs/ and runtime_py import it for the constants): the
-kernels are plain functions that :func:`_kernels` jit-wraps on first launch. On a machine without a GPU they run
+kernels are plain functions that :func:`_kernels` jit-wraps on first launch (plugins/_triton_jit.py, shared with
+plugins/moe.py). On a machine without a GPU they run
 in Triton's CPU interpreter: set ``TRITON_INTERPRET=1`` before triton is first imported (Triton fixes the mode
 then, process-wide).
 
 What it does not do: concat KV mode in the kernels (the reference has it; TensorRT uses the static buffer), split-K
 decoding for long caches with few (batch x kv-head) programs, or build engines (export/).
 """
+
+from plugins._triton_jit import check_device, interpreting, jit_namespace  # noqa: F401  interpreting: public here
 
 DOMAIN = "llm_export"
 OP = "Attention"
@@ -341,48 +345,8 @@ def _kernels():
     """The kernels, jit-wrapped once (in a copy of this module's namespace, where ``tl``, ``constexpr`` and the
     kernels' names mean the jitted objects; the module's own functions stay plain)."""
     if not _KERNELS:
-        _KERNELS.append(_jit_namespace(globals(), _KERNEL_NAMES, "attention"))
+        _KERNELS.append(jit_namespace(globals(), _KERNEL_NAMES, "attention"))
     return _KERNELS[0]
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter. Triton fixes this when it is first imported, from
-    ``TRITON_INTERPRET=1`` (its own jit'd library functions are wrapped at import), so it is process-wide."""
-    from triton import knobs
-    from triton.runtime.jit import JITFunction
-    import triton.language as language
-
-    return bool(knobs.runtime.interpret) and not isinstance(language.zeros, JITFunction)
-
-
-def _jit_namespace(module_globals: dict, names, what: str):
-    import types
-
-    try:
-        import triton
-        import triton.language as language
-        from triton import knobs
-    except ImportError as e:
-        raise ImportError(f"the {what} kernels need triton (pip install triton; without a GPU set "
-                          "TRITON_INTERPRET=1 before triton is imported to run them in its CPU interpreter)") from e
-    ns = dict(module_globals, tl=language, constexpr=language.constexpr)
-    for name in names:
-        raw = module_globals[name]
-        fn = types.FunctionType(raw.__code__, ns, raw.__name__, raw.__defaults__, raw.__closure__)
-        fn.__annotations__, fn.__module__, fn.__qualname__, fn.__doc__ = (
-            dict(raw.__annotations__), raw.__module__, raw.__qualname__, raw.__doc__)
-        with knobs.runtime.scope():  # wrap in the mode triton's own library functions were wrapped in
-            knobs.runtime.interpret = interpreting()
-            ns[name] = triton.jit(fn)
-    return types.SimpleNamespace(**{name: ns[name] for name in names})
-
-
-def _check_device(device) -> bool:
-    """Returns whether kernels run interpreted; CPU tensors need the interpreter."""
-    interpret = interpreting()
-    if device.type == "cpu" and not interpret:
-        raise RuntimeError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported")
-    return interpret
 
 
 def _pow2(n: int) -> int:
@@ -414,7 +378,7 @@ def triton_forward(query, key, value, past_key, past_value, position_ids, attent
     if kv_mode != "static":
         raise NotImplementedError("the attention kernels implement the static KV buffer only (kv_mode='static')")
     kern = _kernels()
-    interpret = _check_device(query.device)
+    interpret = check_device(query.device)
     B, S, _ = query.shape
     nH, KV, D = num_heads, num_kv_heads, head_dim
     if nH % KV or D % 2:

@@ -20,7 +20,8 @@ Three implementations of one contract:
   scatter-add, deterministic). A tile is (expert, up to BLOCK_M of its
   tokens); experts with no tokens have no tiles, so they cost nothing. The grid is an upper bound on the tile
   count computed without a host sync (spare programs exit at once), so the launch can be graph-captured.
-* :func:`register_trt_plugin`: TensorRT ``tensorrt.plugin`` registration (untested here, see its docstring).
+* :func:`register_trt_plugin`: TensorRT ``tensorrt.plugin`` registration (untested here, see its docstring),
+  called through plugins/registry.py by the engine build and the TensorRT session.
 
 Importing this module needs neither torch nor triton; :func:`_kernels` jit-wraps the kernels on first launch
 (without a GPU, set ``TRITON_INTERPRET=1`` before triton is imported to run them in its CPU interpreter).
@@ -192,11 +193,11 @@ _KERNELS: list = []
 
 
 def _kernels():
-    """The kernels, jit-wrapped once in a copy of this module's namespace (see plugins/attention.py)."""
+    """The kernels, jit-wrapped once in a copy of this module's namespace (plugins/_triton_jit.py)."""
     if not _KERNELS:
-        from plugins.attention import _jit_namespace
+        from plugins._triton_jit import jit_namespace
 
-        _KERNELS.append(_jit_namespace(globals(), _KERNEL_NAMES, "MoE"))
+        _KERNELS.append(jit_namespace(globals(), _KERNEL_NAMES, "MoE"))
     return _KERNELS[0]
 
 
@@ -238,10 +239,10 @@ def triton_forward(hidden, router_weight, gate_up, down, *, num_experts: int, to
     import torch
 
     _check_activation(activation, KERNEL_ACTIVATIONS)
-    from plugins.attention import _check_device
+    from plugins._triton_jit import check_device
 
     kern = _kernels()
-    interpret = _check_device(hidden.device)
+    interpret = check_device(hidden.device)
     shape, dtype = hidden.shape, hidden.dtype
     H = shape[-1]
     x = hidden.reshape(-1, H).contiguous()

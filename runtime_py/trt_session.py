@@ -74,6 +74,13 @@ class TrtSession:
         engine = self.manifest.engine
         trt = _import_flavour(engine.flavour if engine else "tensorrt")
         check_engine(engine, trt.__version__, _cuda_device_cc())
+        from plugins.registry import register_for_manifest
+
+        graph = self.manifest.decoder
+        try:  # an engine with plugin layers (trt-plugin graph) deserializes only once its plugins are registered
+            register_for_manifest(graph.lowering, graph.op_histogram, graph.fusion)
+        except (ImportError, ValueError) as e:
+            raise ArtifactError(str(e)) from None
         import torch
 
         self.torch, self.trt = torch, trt
