@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from artifacts.bundle import ArtifactError, open_artifact
 from export.build import build
@@ -20,18 +19,10 @@ from export.verify import run_hf
 from runtime_py.generate import ContextLengthError, Generator
 from runtime_py.sampling import SamplingParams
 from tests.conftest import CASES
-from tests.test_parity import PROMPT
+from tests.helpers import GREEDY32, PROMPT, hf_greedy, run_steps
 
-GREEDY32 = SamplingParams(greedy=True, max_new_tokens=32, ignore_eos=True, logprobs=True)
 FP16_LOGPROB_BOUND = 0.01  # measured (2026-11-23): max |logprob(fp16 artifact) - logprob(HF fp32)| <= 0.0029,
 # 8/8 greedy tokens equal, on qwen2_window, gemma2, qwen3_moe_mixed, qwen2_yarn
-
-
-def _hf_greedy(hf, prompt, n=32):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -39,7 +30,7 @@ def test_static_artifact_matches_hf(case, artifacts, checkpoints, hf_model):
     path = checkpoints(case)
     gen = Generator(artifacts(case), threads=2)
     result = gen.generate([PROMPT], GREEDY32)
-    assert result.tokens[0] == _hf_greedy(hf_model(path), PROMPT)
+    assert result.tokens[0] == hf_greedy(hf_model(path), PROMPT)
     ref = run_hf(path, PROMPT, steps=31, hf_model=hf_model(path))
     assert np.max(np.abs(np.array(result.rows[0].logprobs) - np.array(ref.logprobs))) < 1e-3
 
@@ -49,7 +40,7 @@ def test_concat_artifact_matches_hf(case, artifacts, checkpoints, hf_model):
     path = checkpoints(case)
     gen = Generator(artifacts(case, "concat"), threads=2)
     result = gen.generate([PROMPT], GREEDY32)
-    assert result.tokens[0] == _hf_greedy(hf_model(path), PROMPT)
+    assert result.tokens[0] == hf_greedy(hf_model(path), PROMPT)
 
 
 @pytest.mark.parametrize("kv_mode", ["static", "concat"])
@@ -69,13 +60,12 @@ def test_ragged_batch_equals_each_alone(kv_mode, artifacts):
 def test_last_logits_equal_all_logits(kv_mode, artifacts):
     """The default graph (--logits last) returns, for prefill and decode, the last row of --logits all's."""
     from runtime_py.session import OrtSession
-    from tests.test_graphs import _run_steps
 
     last = OrtSession(artifacts("gemma2", kv_mode), threads=2)
     full = OrtSession(artifacts("gemma2", kv_mode, logits="all"), threads=2)
     assert (last.manifest.decoder.logits, full.manifest.decoder.logits) == (
         "last", "all")
-    a, b = _run_steps(last), _run_steps(full)
+    a, b = run_steps(last), run_steps(full)
     assert a[0].shape == (1, last.vocab_size) and b[0].shape == (len(PROMPT), last.vocab_size)
     for x, y in zip(a, b):
         assert np.abs(x[-1] - y[-1]).max() < 1e-5

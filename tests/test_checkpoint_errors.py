@@ -32,7 +32,7 @@ from export.options import MAX_VERIFY_STEPS
 from export.spec import UnsupportedConfigError, load_spec
 from export.verify import run_ours
 from tests.conftest import edit_config
-from tests.test_parity import PROMPT
+from tests.helpers import PROMPT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # 40-hex commit hash for the fake HF cache

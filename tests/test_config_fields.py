@@ -30,7 +30,7 @@ from export.spec import ADAPTERS, IGNORED, UnsupportedConfigError, _Fields, load
 from export.verify import compare, run_hf, run_ours
 from export.weights import weight_plan
 from tests.conftest import CASES, VOCAB, edit_config
-from tests.test_parity import PROMPT
+from tests.helpers import PROMPT
 
 STEPS = 2  # prefill + 2 decode steps against HF (the decode path honours the field too)
 BITE = 1e-3  # the flip must move our prefill logits by more than this

@@ -20,7 +20,7 @@ import pytest
 import artifacts.edge as edge
 from artifacts.bundle import ArtifactError, open_artifact, write_manifest
 from artifacts.edge import BUNDLE_JSON, BUNDLE_VERSION, MAX_INDEX_BYTES, pack, unpack
-from tests.test_engine import needs_trt
+from tests.helpers import needs_trt
 
 REPO = Path(__file__).resolve().parent.parent
 

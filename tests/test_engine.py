@@ -16,20 +16,12 @@ import onnx
 import pytest
 
 from export.build import build
-from export.engine import EngineError, load_tensorrt
+from export.engine import EngineError
 from export.spec import load_spec
 from runtime_py.session import OrtSession
-from tests.test_graphs import _run_steps
-
-try:
-    load_tensorrt()
-    HAVE_TRT = True
-except EngineError:
-    HAVE_TRT = False
-needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="neither tensorrt nor tensorrt_rtx_bindings is installed")
+from tests.helpers import HAVE_TRT, ONNX_TO_TRT, PROMPT, hf_greedy, needs_trt, run_steps
 
 FAMILY_CASES = ["qwen2_window", "gemma2_mqa_untied", "qwen3_moe_mixed"]
-ONNX_TO_TRT = {"int64": "int64", "float32": "float", "float16": "half"}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +84,7 @@ def test_trt_native_graph(case, artifacts):
     assert not any(op.startswith("com.microsoft") for op in ops)
     ref = OrtSession(artifacts(case, "static", lowering="reference", logits="all"), threads=2)
     low = OrtSession(path, threads=2)
-    for a, b in zip(_run_steps(ref), _run_steps(low)):
+    for a, b in zip(run_steps(ref), run_steps(low)):
         assert np.abs(a - b).max() < 1e-4
 
 
@@ -124,13 +116,11 @@ def test_engine_artifact_runs_its_graph_on_cpu_and_refuses_trt_here(engines, che
     from artifacts.bundle import ArtifactError
     from runtime_py.generate import Generator
     from runtime_py.sampling import SamplingParams
-    from tests.test_artifact_runtime import _hf_greedy
-    from tests.test_parity import PROMPT
 
     path = engines("qwen3_moe_mixed")
     gen = Generator(path, threads=2)
     tokens = gen.generate([PROMPT], SamplingParams(greedy=True, max_new_tokens=16, ignore_eos=True)).tokens[0]
-    assert tokens == _hf_greedy(hf_model(checkpoints("qwen3_moe_mixed")), PROMPT, 16)
+    assert tokens == hf_greedy(hf_model(checkpoints("qwen3_moe_mixed")), PROMPT, 16)
     with pytest.raises(ArtifactError, match="needs a CUDA GPU"):
         Generator(path, backend="tensorrt")
 

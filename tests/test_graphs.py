@@ -25,20 +25,7 @@ from plugins import attention as attn_plugin
 from plugins import moe as moe_plugin
 from runtime_py.session import OrtSession
 from tests.conftest import CASES
-from tests.test_parity import PROMPT
-
-
-def _run_steps(session: OrtSession, steps: int = 6) -> list[np.ndarray]:
-    """Prefill PROMPT then feed a fixed token sequence; logits of every call (same inputs for every graph). Built
-    with ``logits="all"``, the prefill's logits cover every prompt position."""
-    cache = session.new_cache(1, len(PROMPT) + steps + 1)
-    n = len(PROMPT)
-    mask = np.ones((1, n), dtype=np.int64)
-    out = [session.forward(np.array([PROMPT]), np.arange(n)[None], mask, cache)[0]]
-    for step, tok in enumerate([7, 99, 3, 250, 18, 41][:steps]):
-        mask = np.ones((1, n + step + 1), dtype=np.int64)
-        out.append(session.forward(np.array([[tok]]), np.array([[n + step]]), mask, cache)[0])
-    return out
+from tests.helpers import run_steps
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -54,7 +41,7 @@ def test_ort_lowering_matches_unfused(case, artifacts):
         assert fusion["GroupQueryAttention"] == 0
         assert len(fusion["skipped"]) == spec.num_layers and "head_dim % 16" in fusion["skipped"][0]
     assert fusion["MoE"] == len(spec.sparse_layers)
-    for a, b in zip(_run_steps(ref), _run_steps(ort_)):
+    for a, b in zip(run_steps(ref), run_steps(ort_)):
         assert np.abs(a - b).max() < 1e-4
 
 
@@ -68,7 +55,7 @@ def test_ort_lowering_concat_mode(case, artifacts):
     assert fusion["attention_fused"] == 0
     assert len(fusion["skipped"]) == spec.num_layers and "static" in fusion["skipped"][0]
     assert fusion["MoE"] == len(spec.sparse_layers)
-    for a, b in zip(_run_steps(ref), _run_steps(low)):
+    for a, b in zip(run_steps(ref), run_steps(low)):
         assert np.abs(a - b).max() < 1e-4
 
 

@@ -108,7 +108,7 @@ def test_overwrite_replaces_an_artifact_of_ours(ckpt, tmp_path, capsys):
     assert rc == 2 and "already exists" in capsys.readouterr().err
     assert main(build_argv(ckpt, out, "--overwrite", "--logits", "all")[1:]) == 0
     second = open_artifact(out)
-    assert second["graphs"]["decoder"]["logits"] == "all" != first["graphs"]["decoder"]["logits"]
+    assert second.decoder.logits == "all" != first["graphs"]["decoder"]["logits"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", ckpt.name]  # no .old, .partial or .lock left
 
 

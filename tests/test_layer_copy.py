@@ -20,9 +20,7 @@ from export.replicate import traced_layers
 from export.spec import load_spec
 from runtime_py.session import OrtSession
 from tests.conftest import CASES, save_hf_checkpoint
-from tests.test_artifact_runtime import GREEDY32, _hf_greedy
-from tests.test_graphs import _run_steps
-from tests.test_parity import PROMPT
+from tests.helpers import GREEDY32, PROMPT, hf_greedy, run_steps
 
 DEEP = {
     "qwen2": ("qwen2", dict(CASES["qwen2_window"][1], num_hidden_layers=6), 3),
@@ -55,8 +53,8 @@ def test_copied_layers_equal_traced_layers(name, deep, tmp_path, monkeypatch, hf
         assert _ops(copied) == _ops(traced)
         a, b = OrtSession(copied, threads=2), OrtSession(traced, threads=2)
         assert a.manifest.decoder.fusion == b.manifest.decoder.fusion
-        for x, y in zip(_run_steps(a), _run_steps(b)):
+        for x, y in zip(run_steps(a), run_steps(b)):
             assert np.abs(x - y).max() < 1e-6
     from runtime_py.generate import Generator
 
-    assert Generator(copied, threads=2).generate([PROMPT], GREEDY32).tokens[0] == _hf_greedy(hf_model(ckpt), PROMPT)
+    assert Generator(copied, threads=2).generate([PROMPT], GREEDY32).tokens[0] == hf_greedy(hf_model(ckpt), PROMPT)

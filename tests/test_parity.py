@@ -14,8 +14,7 @@ import torch
 from export.model import load_model
 from export.verify import compare, run_hf, run_ours
 from tests.conftest import CASES
-
-PROMPT = [5, 17, 200, 33, 9, 120, 64, 3, 250, 77, 18, 41]  # 12 tokens: longer than every window (5)
+from tests.helpers import PROMPT
 
 
 @pytest.mark.parametrize("kv_mode", ["concat", "static"])

@@ -407,7 +407,7 @@ def trt_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("scheme", ["int4", "int8", "fp8"])
 @pytest.mark.parametrize("case", list(TRT_CASES))
 def test_trt_engine_builds(case, scheme, trt_checkpoint, tmp_path):
-    from tests.test_engine import ONNX_TO_TRT
+    from tests.helpers import ONNX_TO_TRT
 
     ckpt = trt_checkpoint(case)
     group = 64 if scheme == "int4" else None

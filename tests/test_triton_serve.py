@@ -1,7 +1,7 @@
 """Stopping `python -m artifacts.triton serve`: exit 0, within a bound, and no process of the run left behind.
 
 Each test starts the real command (the tritonserver bundled with nvidia-pytriton, the python backend stub, a
-repository made from a tiny artifact: the fixtures of tests/test_triton.py) as a subprocess in its own session,
+repository made from a tiny artifact: the fixtures of tests/triton_helpers.py) as a subprocess in its own session,
 waits until the HTTP endpoint says the server and the model are ready, records every process of the run (the
 wrapper's descendants, by pid and start time, and their process groups) from /proc, stops it the way a user or a
 supervisor would, and then checks /proc again:
@@ -32,7 +32,7 @@ import pytest
 
 from artifacts.triton_launch import SERVER_EXIT_TIMEOUT_S, free_ports
 from artifacts.triton_serve import STOP_GRACE_S
-from tests.test_triton import NAME, artifact, repo, stub_python  # noqa: F401 - fixtures
+from tests.triton_helpers import NAME, artifact, repo, stub_python  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 

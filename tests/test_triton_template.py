@@ -5,8 +5,8 @@ backend stub for good).
 The artifact is the one tests/test_triton.py serves, with a chat_template.jinja added after the build (and the
 manifest rewritten so its checksums hold): ChatML, except that a user message "center", "spin" or "double" makes it
 ask for a 300 M character string, loop 10**8 times without output, or double a string in a macro per level. The
-repository, server, generator and streaming helpers are test_triton.py's, fed this module's `artifact`. The CLI
-gets the same artifact: `--chat spin` exits 2 with the bound's name.
+repository, server, generator and streaming helpers are tests/triton_helpers.py's, fed this module's `artifact`.
+The CLI gets the same artifact: `--chat spin` exits 2 with the bound's name.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import pytest
 
 from artifacts.bundle import open_artifact, write_manifest
 from export.tiny import CHATML_TEMPLATE
-from tests.test_triton import (CASE, GREEDY, expected_deltas, generator, repo, server, stream,  # noqa: F401 - fixtures
-                               stub_python)
+from tests.triton_helpers import (CASE, GREEDY, expected_deltas, generator, repo, server,  # noqa: F401 - fixtures
+                                  stream, stub_python)
 
 HOSTILE_TEMPLATE = (
     "{%- macro double(s, n) %}{% if n %}{{ double(s ~ s, n - 1) }}{% else %}{{ s }}{% endif %}{% endmacro %}"

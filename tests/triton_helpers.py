@@ -1,0 +1,177 @@
+"""Fixtures and helpers shared by the tests/test_triton*.py modules: a tiny artifact, the Triton repository made
+from it, runtime_py's generator on it, the tritonserver bundled with nvidia-pytriton serving it, and the streaming
+client.
+
+Not a conftest: the fixtures' names (artifact, repo, generator, server) are generic, and other test modules define
+their own under the same names; a module uses these by importing them (``from tests.triton_helpers import repo``),
+and a module that defines its own ``artifact`` feeds it to ``repo``, ``generator`` and ``server``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from artifacts.triton_launch import bundled_server, free_ports, pytriton_paths
+from artifacts.triton_stub_env import stub_env
+from artifacts.triton_write import write_repository
+from runtime_py.generate import Generator
+from runtime_py.triton_model import parse_request
+
+NAME = "llm"
+CASE = "qwen2_window"  # static KV, ort lowering (GroupQueryAttention): the default build
+
+
+@pytest.fixture(scope="module")
+def artifact(artifacts):
+    return artifacts(CASE)
+
+
+@pytest.fixture(scope="module")
+def repo(artifact, tmp_path_factory):
+    return write_repository(artifact, tmp_path_factory.mktemp("triton") / "repo", name=NAME, instances=1,
+                            max_batch=8)
+
+
+@pytest.fixture(scope="module")
+def generator(artifact):
+    return Generator(artifact, threads=1)
+
+
+TYPES = {"text_input": (np.object_, "BYTES"), "messages": (np.object_, "BYTES"), "stop": (np.object_, "BYTES"),
+         "stop_words": (np.object_, "BYTES"), "stream": (np.bool_, "BOOL"),
+         "max_tokens": (np.int32, "INT32"), "top_k": (np.int32, "INT32"), "seed": (np.int64, "INT64"),
+         "temperature": (np.float32, "FP32"), "top_p": (np.float32, "FP32"),
+         "repetition_penalty": (np.float32, "FP32"), "ignore_eos": (np.bool_, "BOOL")}
+
+
+def getter(values: dict):
+    """get(name) over a request given as python values, typed as the client sends them (TYPES)."""
+    arrays = {}
+    for name, value in values.items():
+        items = [v.encode() if isinstance(v, str) else v for v in (value if isinstance(value, list) else [value])]
+        arrays[name] = np.array(items, dtype=TYPES[name][0])
+    return arrays.get
+
+
+@pytest.fixture(scope="session")
+def stub_python():
+    """The Python environment for the python backend stub (numpy<2; see artifacts.triton_stub_env)."""
+    pytest.importorskip("tritonclient.grpc")
+    try:
+        pytriton_paths()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        return stub_env()
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"no numpy<2 environment for the tritonserver python backend stub: {e}")
+
+
+def start_server(repo, work, python_env, models=None):
+    grpc_port, http_port, metrics_port = free_ports(3)
+    argv, env = bundled_server(repo, work, grpc_port, http_port, metrics_port, models, python_env=python_env)
+    log = open(work / "server.log", "wb")
+    # Own process group: the python backend's stub processes are children of tritonserver; teardown reaches them.
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), \
+        f"127.0.0.1:{grpc_port}", log
+
+
+def stop_server(proc) -> None:
+    """SIGTERM, bounded wait, then SIGKILL to the whole process group (tritonserver and its stubs)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory, stub_python):
+    """The tritonserver bundled with nvidia-pytriton serving `repo` on loopback; always stopped afterwards."""
+    import tritonclient.grpc as grpcclient
+
+    work = tmp_path_factory.mktemp("tritonserver")
+    proc, url, log = start_server(repo, work, stub_python)
+
+    def tail():
+        return (work / "server.log").read_text(errors="replace")[-8000:]
+
+    try:
+        client = grpcclient.InferenceServerClient(url)
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"tritonserver exited with {proc.returncode}:\n{tail()}")
+            try:
+                if client.is_server_ready() and client.is_model_ready(NAME):
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"tritonserver not ready after 60 s:\n{tail()}")
+            time.sleep(0.2)
+        client.close()
+        log_text = tail()
+        # the backend imports the runtime copied into the repository, not the installed one
+        assert f"runtime_py from {repo / NAME / '1' / 'runtime' / 'runtime_py'}" in log_text, log_text
+        yield url
+    finally:
+        stop_server(proc)
+        log.close()
+
+
+def stream(url: str, request: dict, timeout: float = 60.0) -> tuple[list[str], Exception | None]:
+    """Send one request on its own client and stream; (text deltas, error or None)."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, value in request.items():
+        values = value if isinstance(value, list) else [value]
+        dtype, triton_type = TYPES[name]
+        values = [v.encode() if isinstance(v, str) else v for v in values]
+        t = grpcclient.InferInput(name, [len(values)], triton_type)
+        t.set_data_from_numpy(np.array(values, dtype=dtype))
+        inputs.append(t)
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(NAME, inputs, enable_empty_final_response=True)
+        deltas = []
+        while True:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                return deltas, error
+            out = result.as_numpy("text_output")
+            if out is not None:
+                deltas.append(out[0].decode())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return deltas, None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def expected_deltas(gen: Generator, request: dict) -> list[str]:
+    """What runtime_py streams for the same request (same parsing as the server)."""
+    (kind, value), params, _ = parse_request(getter(request))
+    ids = gen.encode(value) if kind == "text" else gen.encode_chat(value)
+    deltas = list(gen.stream(ids, params))
+    assert "".join(deltas) == gen.generate([ids], params).texts[0]
+    return deltas
+
+
+GREEDY = {"text_input": "Hello world", "max_tokens": 24, "ignore_eos": True}
