@@ -25,7 +25,9 @@ MANIFEST = "manifest.json"
 BACKENDS = ("onnxruntime", "tensorrt")
 KV_MODES = ("static", "concat")
 LOGITS = ("last", "all")
-KV_BINDINGS = ("in_place", "swap", "grow")  # present aliases past / a second set swapped in / a growing cache
+TASKS = ("causal-lm", "seq-cls", "token-cls", "qa")  # the head on the decoder body (export/spec.py reads it)
+KV_BINDINGS = ("in_place", "swap", "grow", "none")  # present aliases past / a second set swapped in / a growing
+# cache / no KV I/O (a task head's sealed graph: graphs/task.py)
 
 
 class ArtifactError(ValueError):
@@ -116,7 +118,7 @@ class Graph:
     fusion: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d, where: str, kv_mode: str) -> "Graph":
+    def from_dict(cls, d, where: str, kv_mode: str, task: str = "causal-lm") -> "Graph":
         if not isinstance(d, dict):
             _fail(where, "must be an object {file, lowering, inputs, outputs, ...}")
         graph = cls(file=_get(d, "file", str, where), lowering=_get(d, "lowering", str, where),
@@ -129,8 +131,10 @@ class Graph:
         for t in graph.inputs + graph.outputs:
             if t.dtype not in DTYPES:
                 _fail(f"{where} {t.name}", f"dtype {t.dtype!r} is not one of {sorted(DTYPES)}")
-        if not graph.kv_inputs:
+        if task == "causal-lm" and not graph.kv_inputs:
             _fail(where, "no past_key_values.* inputs")
+        if task != "causal-lm" and (graph.kv_inputs or graph.kv_binding != "none"):
+            _fail(where, f"a {task} graph has no KV I/O (kv_binding 'none')")
         return graph
 
     def to_dict(self) -> dict:
@@ -222,11 +226,13 @@ class Manifest:
         for key in ("vocab_size", "num_kv_heads", "head_dim", "hidden_size"):
             _get(spec, key, int, f"{where} spec")
         _get(spec, "layers", list, f"{where} spec")
+        task = _choice(spec, "task", TASKS, f"{where} spec", default="causal-lm")
         engine = d.get("engine")
         return cls(model=_get(d, "model", dict, where), spec=spec, backend=_choice(d, "backend", BACKENDS, where),
                    precision=_get(d, "precision", str, where), kv_mode=kv_mode,
                    max_seq_len=_get(d, "max_seq_len", int, where), max_batch=_get(d, "max_batch", int, where),
-                   graphs={name: Graph.from_dict(g, f"{where} graphs.{name}", kv_mode) for name, g in graphs.items()},
+                   graphs={name: Graph.from_dict(g, f"{where} graphs.{name}", kv_mode, task)
+                           for name, g in graphs.items()},
                    files=_get(d, "files", dict, where), quantization=_get(d, "quantization", dict, where, None),
                    engine=None if engine is None else Engine.from_dict(engine, f"{where} engine"),
                    versions=_get(d, "versions", dict, where, {}), build=_get(d, "build", dict, where, {}),
@@ -246,6 +252,11 @@ class Manifest:
     @property
     def decoder(self) -> Graph:
         return self.graphs["decoder"]
+
+    @property
+    def task(self) -> str:
+        """The head (export/options.py TASKS): causal-lm artifacts generate, the others classify."""
+        return self.spec.get("task", "causal-lm")
 
     @property
     def model_type(self) -> str:

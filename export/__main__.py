@@ -10,7 +10,7 @@ import sys
 from export.options import (ACCURACY_LEVELS, BACKENDS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BACKEND, DEFAULT_GROUP_SIZE,
                             DEFAULT_KV_MODE, DEFAULT_LOGITS, DEFAULT_MAX_BATCH, DEFAULT_PRECISION,
                             DEFAULT_VERIFY_STEPS, EAGER_KV_MODE, KV_MODES, LOGITS, LOWERINGS, MAX_BATCH,
-                            MAX_VERIFY_STEPS, PRECISIONS, QUANT_SCHEMES, int_in)
+                            MAX_VERIFY_STEPS, PRECISIONS, QUANT_SCHEMES, TASKS, int_in)
 
 
 def _ids(text: str) -> list[int]:
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                         "with VNNI), 1 = fp32 (for checking against the reference)")
     b.add_argument("--quantize-lm-head", action="store_true",
                    help="also quantize the LM head (default: it stays --precision, like the embeddings and norms)")
+    b.add_argument("--task", choices=TASKS, default=None,
+                   help="the head: from config.json architectures by default; refused when it contradicts them")
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     b.add_argument("--no-progress", action="store_true")
 
@@ -148,7 +150,7 @@ def _build(args) -> int:
                  max_seq_len=args.max_seq_len, max_batch=args.max_batch, overwrite=args.overwrite,
                  progress=not args.no_progress, lowering=args.lowering, logits=args.logits,
                  quantize=args.quantize, group_size=args.group_size, accuracy_level=args.accuracy_level,
-                 quantize_lm_head=args.quantize_lm_head)
+                 quantize_lm_head=args.quantize_lm_head, task=args.task)
     print(path)
     return 0
 

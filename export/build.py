@@ -7,7 +7,8 @@ Stages, in order, each a function below (the work itself lives in the module nam
    rendering within bounds), all before any work (export/checkpoint.py, spec.py, weights.py, quantize.py);
 2. ``trace`` the decoder with meta weights (export/trace.py, the graph contract);
 3. ``attach_weights``: lazy loaders from safetensors (export/weights.py);
-4. ``fuse_and_lower`` attention, MoE and norms for the lowering's target (graphs/lower.py, fuse.py, ...);
+4. ``fuse_and_lower`` attention, MoE and norms for the lowering's target (graphs/lower.py, fuse.py, ...); a task
+   head's graph (seq-cls, token-cls, qa) is then sealed into one full-sequence forward (graphs/task.py);
 5. ``fold`` constants (graphs/fold.py);
 6. ``quantize_weights`` when ``--quantize`` (graphs/quantize.py, after folding);
 7. ``save`` the graph and its external data tensor by tensor (weights stream: checked for NaN/Inf and overflow
@@ -36,8 +37,8 @@ import torch
 
 from artifacts.bundle import staging_dir, write_manifest
 from export.options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_KV_MODE, DEFAULT_LOGITS, DEFAULT_MAX_BATCH,
-                            DEFAULT_PRECISION, KV_MODES, LOGITS, LOWERINGS, MAX_BATCH, PRECISIONS, TRT_LOWERINGS,
-                            default_lowering)
+                            DEFAULT_PRECISION, KV_MODES, LOGITS, LOWERINGS, MAX_BATCH, PRECISIONS, TASKS,
+                            TRT_LOWERINGS, default_lowering)
 from export.checkpoint import Checkpoint, CheckpointError, allowed_roots, checkpoint_file, resolve_model
 from artifacts.manifest import histogram
 from export.trace import DTYPES, NP_DTYPES, io_description, trace_graph
@@ -82,7 +83,7 @@ class Plan:
 
 def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: int | None, max_batch: int,
           lowering: str | None, logits: str, quantize: str | None, group_size: int | None,
-          accuracy_level: int | None, quantize_lm_head: bool) -> Plan:
+          accuracy_level: int | None, quantize_lm_head: bool, task: str | None = None) -> Plan:
     """Stage 1: every flag, the checkpoint's config and tensors and the tokenizer files, checked before any work
     (ValueError / CheckpointError / UnsupportedConfigError naming the problem)."""
     if backend not in BACKENDS:
@@ -105,13 +106,21 @@ def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: i
                          "--backend tensorrt for a bf16 engine")
     if logits not in LOGITS:
         raise ValueError(f"--logits {logits}: choose from {LOGITS}")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"--task {task}: choose from {TASKS}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
         raise ValueError(f"--max-batch {max_batch}: must be in [1, {MAX_BATCH}]")
     from export.quantize import check_group_size, quant_config
 
     quant = quant_config(quantize, backend, lowering, group_size, accuracy_level, quantize_lm_head)
     model_dir = resolve_model(model)
-    spec = load_spec(model_dir)
+    spec = load_spec(model_dir, task)
+    if spec.task != "causal-lm":
+        if kv_mode != "static":
+            raise ValueError(f"--kv-mode {kv_mode}: a {spec.task} graph has no KV cache (one full-sequence forward; "
+                             "it is built on the static form)")
+        if quantize_lm_head:
+            raise ValueError(f"--quantize-lm-head: a {spec.task} model has no LM head")
     check_group_size(spec, quant)
     ckpt = Checkpoint(model_dir)
     weights = weight_plan(spec)
@@ -136,12 +145,14 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
           kv_mode: str = DEFAULT_KV_MODE, max_seq_len: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
           overwrite: bool = False, progress: bool = True, lowering: str | None = None, logits: str = DEFAULT_LOGITS,
           quantize: str | None = None, group_size: int | None = None, accuracy_level: int | None = None,
-          quantize_lm_head: bool = False) -> Path:
+          quantize_lm_head: bool = False, task: str | None = None) -> Path:
     """Run the stages (module docstring) into a staging directory; the artifact's path once it is in place."""
     plan = check(model, precision, backend, kv_mode, max_seq_len, max_batch, lowering, logits, quantize, group_size,
-                 accuracy_level, quantize_lm_head)
+                 accuracy_level, quantize_lm_head, task)
     model_dir, spec, ckpt, dtype, lowering = plan.model_dir, plan.spec, plan.ckpt, plan.dtype, plan.lowering
     max_seq_len, quant = plan.max_seq_len, plan.quant
+    if spec.task != "causal-lm":
+        logits = "all"  # a task head's outputs are per input (seq-cls) or per token; no LM head to trim
     out = Path(out) if out else default_out(model, precision, kv_mode)
     io = io_description(spec, kv_mode, dtype, logits)
     t0 = time.perf_counter()
@@ -149,13 +160,18 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
         total = weight_bytes(plan.weights, spec, dtype)
         weights = precision if quant is None else f"{quantize} weights (group {quant.group_size or 'per channel'}), " \
             f"{precision} activations"
+        what = f"kv {kv_mode}" if spec.task == "causal-lm" else f"{spec.task} head, no KV cache"
         print(f"exporting {spec.model_type} ({spec.num_layers} layers, {total / 2**20:.1f} MiB of weights, "
-              f"{weights}, kv {kv_mode}) from {model_dir}", file=sys.stderr)
+              f"{weights}, {what}) from {model_dir}", file=sys.stderr)
         graph = trace(spec, kv_mode, dtype, logits, progress)
         folded = attach_weights(graph, spec, plan.weights, ckpt, dtype)
         fusion = fuse_and_lower(graph, spec, lowering, kv_mode, max_seq_len, dtype)
         for line in fusion["skipped"]:
             print(f"note: left unfused: {line}", file=sys.stderr)
+        if spec.task != "causal-lm":
+            from graphs.task import seal
+
+            fusion["sealed"] = seal(graph)
         fold(graph)
         quantization = quantize_weights(graph, quant, lowering, dtype)
         save(graph, tmp / GRAPH, progress)
@@ -180,7 +196,8 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
                                    **io,
                                    "op_histogram": op_histogram, "fusion": fusion,
                                    # GQA updates the KV buffer in place: present must be bound to past's memory
-                                   "kv_binding": "in_place" if fusion.get("GroupQueryAttention")
+                                   "kv_binding": "none" if spec.task != "causal-lm"
+                                   else "in_place" if fusion.get("GroupQueryAttention")
                                    else ("swap" if kv_mode == "static" else "grow")}},
             "quantization": quantization,  # None: every weight in `precision`
             "sliding_window_cache": "full-length cache on every layer (windows are applied by the mask)",

@@ -209,7 +209,10 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device="meta")
         self.layers = nn.ModuleList(Block(spec, i, kv_mode, dtype) for i in range(spec.num_layers))
         self.norm = Norm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = _linear(spec.hidden_size, spec.vocab_size, False, dtype)
+        if spec.task == "causal-lm":
+            self.lm_head = _linear(spec.hidden_size, spec.vocab_size, False, dtype)
+        else:  # transformers' `score` / `qa_outputs`
+            self.head = _linear(spec.hidden_size, spec.num_labels, spec.head_bias, dtype)
         self.requires_grad_(False)
         inv_freq, self.rope_scale = spec.rope.inv_freq_and_scale(spec.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -249,10 +252,31 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.layers):
             x, k, v = block(x, cos, sin, masks[block.attn.window], position_ids, past[2 * i], past[2 * i + 1])
             presents += [k, v]
+        if self.spec.task != "causal-lm":
+            return (*self.task_head(x, input_ids), *presents)
         if self.logits == "last":
             x = x[:, -1].unsqueeze(1)  # a Gather, so TensorRT infers the static 1 (a Slice gives -1)
         logits = softcap(self.lm_head(self.norm(x)).float(), self.spec.final_softcap)
         return (logits, *presents)
+
+    def task_head(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """transformers' heads (no final softcap: that belongs to the LM head). seq-cls: the rightmost token that
+        is not ``pad_token_id`` (the last one when there is none), pooled before the norm and head (both are per
+        position, so it equals transformers' pooling after them) -> [B, labels]; token-cls -> [B, S, labels];
+        qa -> start_logits, end_logits [B, S]."""
+        if self.spec.task == "seq-cls":
+            S = input_ids.shape[1]
+            if self.spec.pad_token_id is None:
+                last = torch.full_like(input_ids[:, 0], S - 1)
+            else:
+                slots = torch.arange(S, dtype=torch.int64, device=input_ids.device)
+                last = (slots * (input_ids != self.spec.pad_token_id).to(torch.int64)).argmax(-1)  # [B]
+            x = torch.gather(x, 1, last[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]  # [B,H]
+            return (self.head(self.norm(x)).float(),)
+        out = self.head(self.norm(x)).float()
+        if self.spec.task == "token-cls":
+            return (out,)
+        return out[..., 0], out[..., 1]
 
     def empty_past(self, batch: int, length: int) -> list[torch.Tensor]:
         """Zero KV tensors: length 0 for concat, the buffer length for static."""
@@ -276,7 +300,7 @@ def load_model(model_dir, kv_mode: str = EAGER_KV_MODE, dtype: torch.dtype = tor
     model = Decoder(spec, kv_mode, dtype, logits="all")
     tied = None
     for w in tqdm(plan, desc="loading weights", unit="tensor", disable=not progress):
-        if w.name == "lm_head.weight" and spec.tie_embeddings:
+        if w.name == "lm_head.weight" and spec.tie_embeddings:  # (task heads are never tied)
             tied = w
             continue
         _assign(model, w.name, load_tensor(w, ckpt, dtype, spec.norm_offset))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from artifacts.manifest import TASKS  # noqa: F401 - the heads, defined once where the manifest validates them
+
 # -- build ---------------------------------------------------------------------------------------------------------
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_PRECISION = "fp32"

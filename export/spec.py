@@ -123,6 +123,16 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # The head on the body (TASKS): causal-lm = the LM head [V, H]; seq-cls / token-cls = ``score`` [labels, H]
+    # (seq-cls pools the last non-padding token first); qa = ``qa_outputs`` [2, H] -> start and end logits.
+    task: str = "causal-lm"
+    id2label: tuple[str, ...] = ()  # seq-cls / token-cls: label names by id (num_labels = its length)
+    head_bias: bool = False  # token-cls (token_classification_bias, default true) and qa heads carry a bias
+
+    @property
+    def num_labels(self) -> int:
+        """Width of the task head: labels (classification), 2 (qa: start, end), 0 for the LM head."""
+        return 2 if self.task == "qa" else len(self.id2label)
 
     @property
     def num_layers(self) -> int:
@@ -141,6 +151,7 @@ class ModelSpec:
         d["rope"] = RopeSpec(**d["rope"])
         d["layers"] = tuple(LayerSpec(**layer) for layer in d["layers"])
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        d["id2label"] = tuple(d.get("id2label", ()))
         return ModelSpec(**d)
 
 
@@ -158,7 +169,7 @@ IGNORED = {
     "output_attentions", "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
     "is_encoder_decoder", "tokenizer_class", "model_type", "bos_token_id", "eos_token_id", "pad_token_id",
     "use_bidirectional_attention", "cache_implementation", "quantization_config_ignored", "name_or_path",
-    "router_jitter_noise", "keys_to_ignore_at_inference",
+    "router_jitter_noise", "keys_to_ignore_at_inference", "classifier_dropout", "hidden_dropout",
 }
 
 _REQUIRED = object()  # default of a reader: the field must be present and not null
@@ -526,8 +537,70 @@ def _qwen3_moe(f: _Fields) -> ModelSpec:
 
 ADAPTERS = {"qwen2": _qwen2, "gemma2": _gemma2, "qwen3_moe": _qwen3_moe}
 
+# The task heads transformers defines per family (its classes are f"{prefix}For{...}"): Gemma2 has no QA head.
+_ARCH_SUFFIX = {"ForCausalLM": "causal-lm", "ForSequenceClassification": "seq-cls",
+                "ForTokenClassification": "token-cls", "ForQuestionAnswering": "qa"}
+FAMILY_TASKS = {"qwen2": ("Qwen2", ("causal-lm", "seq-cls", "token-cls", "qa")),
+                "gemma2": ("Gemma2", ("causal-lm", "seq-cls", "token-cls")),
+                "qwen3_moe": ("Qwen3Moe", ("causal-lm", "seq-cls", "token-cls", "qa"))}
 
-def spec_from_config(config: dict[str, Any]) -> ModelSpec:
+
+def _task(f: _Fields, model_type: str, requested: str | None) -> str:
+    """The head: from ``architectures`` (transformers' class names), or `requested` (``--task``) when the config
+    names none; a request that contradicts the config, an unknown class or a head the family lacks is refused."""
+    prefix, defined = FAMILY_TASKS[model_type]
+    archs = f.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise _bad(f, "architectures", "a list of class names", archs)
+    found = set()
+    for arch in archs or []:
+        task = next((t for suffix, t in _ARCH_SUFFIX.items() if arch == prefix + suffix), None)
+        if task is None:
+            known = ", ".join(prefix + s for s, t in _ARCH_SUFFIX.items() if t in defined)
+            raise UnsupportedConfigError(f"config.json: architectures names {arch!r}, which this exporter does not "
+                                         f"build for model_type {model_type!r}; supported: {known}")
+        found.add(task)
+    if len(found) > 1:
+        raise UnsupportedConfigError(f"config.json: architectures {archs} name more than one head; keep one")
+    named = found.pop() if found else None
+    if requested is not None and named is not None and requested != named:
+        raise UnsupportedConfigError(f"--task {requested} contradicts config.json architectures {archs} "
+                                     f"(a {named} checkpoint)")
+    task = requested or named or "causal-lm"
+    if task not in defined:
+        raise UnsupportedConfigError(f"--task {task}: transformers defines no {task} head for {model_type} "
+                                     f"(it has: {', '.join(defined)})")
+    return task
+
+
+def _labels(f: _Fields) -> tuple[str, ...]:
+    """id2label as a tuple by id: keys "0".."n-1" (JSON object keys are strings), string values; label2id, when
+    present, must be its inverse; num_labels, when present, its length. transformers' default is two labels."""
+    raw = f.get("id2label")
+    if raw is None:
+        labels = ("LABEL_0", "LABEL_1")
+    else:
+        if not isinstance(raw, dict) or not raw:
+            raise _bad(f, "id2label", "a non-empty object {\"0\": label, ...}", raw)
+        by_id = {}
+        for key, value in raw.items():
+            if not isinstance(key, str) or not key.isdigit() or not isinstance(value, str):
+                raise _bad(f, "id2label", "an object of \"id\": \"label\" strings", raw)
+            by_id[int(key)] = value
+        if sorted(by_id) != list(range(len(by_id))):
+            raise _bad(f, "id2label", f"ids 0..{len(by_id) - 1} with none missing", raw)
+        labels = tuple(by_id[i] for i in range(len(by_id)))
+    label2id = f.get("label2id")
+    if label2id is not None and label2id != {name: i for i, name in enumerate(labels)}:
+        raise UnsupportedConfigError(f"config.json: label2id {_show(label2id)} is not the inverse of id2label "
+                                     f"{list(labels)}")
+    num = f.get("num_labels")
+    if num is not None and num != len(labels):
+        raise UnsupportedConfigError(f"config.json: num_labels {_show(num)} but id2label has {len(labels)} labels")
+    return labels
+
+
+def spec_from_config(config: dict[str, Any], task: str | None = None) -> ModelSpec:
     if not isinstance(config, dict):
         raise UnsupportedConfigError(f"config.json: must be a JSON object ({{...}}), got {_show(config)}")
     model_type = config.get("model_type")
@@ -537,11 +610,17 @@ def spec_from_config(config: dict[str, Any]) -> ModelSpec:
         )
     f = _Fields(config)
     spec = ADAPTERS[model_type](f)
+    head = _task(f, model_type, task)
+    token_bias = _bool(f, "token_classification_bias", True)
+    if head in ("seq-cls", "token-cls"):
+        spec = dataclasses.replace(spec, task=head, id2label=_labels(f), head_bias=head == "token-cls" and token_bias)
+    elif head == "qa":
+        spec = dataclasses.replace(spec, task=head, head_bias=True)
     f.check_unread()
     return spec
 
 
-def load_spec(model_dir: str | Path) -> ModelSpec:
+def load_spec(model_dir: str | Path, task: str | None = None) -> ModelSpec:
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"{model_dir}: checkpoint directory does not exist")
     path = checkpoint_file(Path(model_dir), "config.json")  # a link leading out of the checkpoint is refused
@@ -552,4 +631,4 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UnsupportedConfigError(f"{path}: not valid JSON ({e})") from None
-    return spec_from_config(config)
+    return spec_from_config(config, task)

@@ -17,6 +17,12 @@ only samples from it, and a 128-token prefill skips 127/128 of the LM head) or `
 (``--logits all``, for scoring every position). Static mode has no attention_mask: position_ids are also the
 cache slots.
 
+Task heads (``spec.task`` seq-cls / token-cls / qa): the same decoder is traced in static mode with the KV I/O above
+(so fusion and lowering see the contract they know), and graphs/task.py then seals it into one full-sequence
+forward: ``input_ids [batch, sequence] int64`` in (right-padded; positions 0..S-1 and zero KV buffers are made
+inside), outputs ``logits [batch, labels]`` (seq-cls, pooled), ``logits [batch, sequence, labels]`` (token-cls) or
+``start_logits``, ``end_logits [batch, sequence]`` (qa), all float32. :func:`io_description` gives the sealed I/O.
+
 What it does not do: read weights (export/weights.py), fuse, lower, fold or quantize (graphs/), or write files
 (export/build.py orchestrates those stages).
 """
@@ -38,15 +44,36 @@ ONNX_TYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16:
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16}
 
 
+def head_outputs(spec: ModelSpec, logits: str) -> list[dict]:
+    """The head's outputs (float32), names and symbolic shapes."""
+    if spec.task == "causal-lm":
+        return [{"name": "logits", "shape": ["batch", "sequence" if logits == "all" else 1, spec.vocab_size]}]
+    if spec.task == "seq-cls":
+        return [{"name": "logits", "shape": ["batch", spec.num_labels]}]
+    if spec.task == "token-cls":
+        return [{"name": "logits", "shape": ["batch", "sequence", spec.num_labels]}]
+    return [{"name": "start_logits", "shape": ["batch", "sequence"]}, {"name": "end_logits", "shape": ["batch", "sequence"]}]
+
+
 def io_names(spec: ModelSpec, kv_mode: str) -> tuple[list[str], list[str]]:
+    """The traced graph's I/O names (a task graph is traced with KV I/O, then sealed: graphs/task.py)."""
     kv_in = [f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
     kv_out = [f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
     inputs = ["input_ids", "position_ids"] + (["attention_mask"] if kv_mode == "concat" else []) + kv_in
-    return inputs, ["logits"] + kv_out
+    return inputs, [o["name"] for o in head_outputs(spec, "all")] + kv_out
 
 
 def io_description(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str) -> dict:
-    """Names, symbolic shapes and dtypes of the graph's inputs and outputs (for the manifest)."""
+    """Names, symbolic shapes and dtypes of the graph's inputs and outputs (for the manifest): the sealed I/O for
+    a task head."""
+    desc = _traced_description(spec, kv_mode, dtype, logits)
+    if spec.task != "causal-lm":
+        desc = {"inputs": [d for d in desc["inputs"] if d["name"] == "input_ids"],
+                "outputs": [d for d in desc["outputs"] if not d["name"].startswith("present.")]}
+    return desc
+
+
+def _traced_description(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str) -> dict:
     kv_len = "past_sequence" if kv_mode == "concat" else "max_cache_len"
     out_len = "total_sequence" if kv_mode == "concat" else "max_cache_len"
     kv_shape = lambda n: ["batch", spec.num_kv_heads, n, spec.head_dim]  # noqa: E731
@@ -59,13 +86,9 @@ def io_description(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: st
             desc["inputs"].append({"name": name, "shape": ["batch", "total_sequence"], "dtype": "int64"})
         else:
             desc["inputs"].append({"name": name, "shape": ["batch", "sequence"], "dtype": "int64"})
-    for name in outs:
-        if name == "logits":
-            desc["outputs"].append({"name": name, "shape": ["batch", "sequence" if logits == "all" else 1,
-                                                            spec.vocab_size],
-                                    "dtype": "float32"})
-        else:
-            desc["outputs"].append({"name": name, "shape": kv_shape(out_len), "dtype": ONNX_TYPE[dtype]})
+    desc["outputs"] = [{**o, "dtype": "float32"} for o in head_outputs(spec, logits)]
+    for name in outs[len(desc["outputs"]):]:
+        desc["outputs"].append({"name": name, "shape": kv_shape(out_len), "dtype": ONNX_TYPE[dtype]})
     return desc
 
 
@@ -93,7 +116,7 @@ def trace_graph(spec: ModelSpec, kv_mode: str, dtype: torch.dtype, logits: str):
     traced = traced_layers(spec)
     spec = dataclasses.replace(spec, layers=spec.layers[:traced])
     decoder = Decoder(spec, kv_mode, dtype, logits)
-    if spec.tie_embeddings:
+    if spec.tie_embeddings and spec.task == "causal-lm":
         decoder.lm_head.weight = decoder.embed.weight
     # the exporter warns once per torchvision op it cannot register (torchvision is not a dependency of ours)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -127,7 +150,7 @@ def _name_dims(model, spec: ModelSpec, kv_mode: str, logits: str) -> None:
     """Give the exporter's symbolic dims (s10, s70, ...) the contract's names."""
     import onnx_ir as ir
 
-    desc = io_description(spec, kv_mode, torch.float32, logits)
+    desc = _traced_description(spec, kv_mode, torch.float32, logits)
     by_name = {d["name"]: d["shape"] for d in desc["inputs"] + desc["outputs"]}
     for value in list(model.graph.inputs) + list(model.graph.outputs):
         want = by_name[value.name]

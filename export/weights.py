@@ -19,6 +19,7 @@ What it does not do: it does not read config.json (spec.py), open files (checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -82,8 +83,18 @@ def weight_plan(spec: ModelSpec) -> list[Weight]:
             plan.append(Weight(f"{p}.moe.down", (E, H, MI), tuple(f"{ex}.{e}.down_proj.weight" for e in range(E)),
                                "stack"))
     plan.append(norm("norm.weight", "model.norm.weight"))
-    lm_source = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
-    plan.append(Weight("lm_head.weight", (spec.vocab_size, H), (lm_source,), "copy"))
+    if spec.task == "causal-lm":
+        lm_source = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
+        plan.append(Weight("lm_head.weight", (spec.vocab_size, H), (lm_source,), "copy"))
+    else:  # transformers' task heads: `score` (classification) or `qa_outputs`, on the same body
+        hf = "qa_outputs" if spec.task == "qa" else "score"
+        plan.append(Weight("head.weight", (spec.num_labels, H), (f"{hf}.weight",), "copy"))
+        if spec.head_bias:
+            plan.append(Weight("head.bias", (spec.num_labels,), (f"{hf}.bias",), "copy"))
+    if spec.task == "qa":  # transformers' QA classes keep the body under their older prefix (base_model_prefix)
+        plan = [dataclasses.replace(w, sources=tuple("transformer." + n.removeprefix("model.") if n.startswith("model.")
+                                                     else n for n in w.sources))
+                for w in plan]
     return plan
 
 
@@ -117,7 +128,8 @@ def check_checkpoint(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight] | Non
                 stored = next(k for k, v in _DTYPES.items() if v == info.dtype)
                 problems.append(f"tensor '{src}' has dtype {stored} ({info.dtype}); accepted: "
                                 f"{', '.join(FLOAT_DTYPES.values())}")
-    if spec.tie_embeddings and "lm_head.weight" in ckpt.tensors and not problems:
+    tied = spec.tie_embeddings and spec.task == "causal-lm"  # a task head has nothing to tie
+    if tied and "lm_head.weight" in ckpt.tensors and not problems:
         # A tied checkpoint may still store the head; it must be the embedding. transformers would silently untie
         # (use the stored head) when it differs, while we use the embedding: refuse rather than disagree.
         if not _same_tensor(ckpt, "lm_head.weight", "model.embed_tokens.weight"):
@@ -127,7 +139,7 @@ def check_checkpoint(spec: ModelSpec, ckpt: Checkpoint, plan: list[Weight] | Non
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise CheckpointError(f"{ckpt.dir}: checkpoint does not match config.json:\n  " + "\n  ".join(shown))
-    if spec.tie_embeddings:
+    if tied:
         used.add("lm_head.weight")  # a tied checkpoint may still store the (identical) head
     return sorted(n for n in ckpt.tensors if n not in used and not n.endswith(_IGNORABLE_SUFFIXES))
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m runtime_py {generate,bench,score,chat,serve} ARTIFACT ...`. Generation defaults come
+"""Command line: `python -m runtime_py {generate,bench,score,classify,chat,serve} ARTIFACT ...`. Generation defaults come
 from runtime_py/sampling.py (SamplingParams, DEFAULT_MAX_NEW_TOKENS), the server's from runtime_py/serve.py and
 runtime_py/engine.py, next to the code that reads them; the other flags' defaults are defined here, once.
 
@@ -38,6 +38,10 @@ def _check_text_args(args) -> None:
         _utf8(f"--{flag}", getattr(args, flag, None))
     for stop in getattr(args, "stop", None) or ():
         _utf8("--stop", stop)
+    for flag in ("text", "question", "context"):
+        value = getattr(args, flag, None)
+        for text in value if isinstance(value, list) else ():
+            _utf8(f"--{flag}", text)
 
 
 MAX_THREADS = 1024
@@ -123,6 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", action="store_true",
                    help='print one object last: {"logprobs": [...], "nll": float, "ppl": float, "mode": ...}')
 
+    k = sub.add_parser("classify", help="run a task-head artifact: sequence / token classification, extractive QA")
+    k.add_argument("artifact")
+    k.add_argument("--text", action="append", default=None, help="an input text (repeatable: one batch)")
+    k.add_argument("--prompt-ids", type=_ids, action="append", default=None,
+                   help="an input as comma-separated token ids (repeatable)")
+    k.add_argument("--question", action="append", default=None, help="QA: a question (repeatable, with --context)")
+    k.add_argument("--context", action="append", default=None, help="QA: the context of the question at its place")
+    k.add_argument("--max-answer-len", type=_int_in(1, 1_000_000), default=None,
+                   help="QA: longest answer span in tokens (default 15, as transformers' pipeline)")
+    k.add_argument("--threads", type=_threads, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    k.add_argument("--json", action="store_true",
+                   help='print one JSON object: {"logits", "labels"} (classification) or {"start_logits", '
+                        '"end_logits", "answers"} (qa)')
+    k.add_argument("--skip-memory-check", action="store_true",
+                   help="open the artifact even when its estimated memory exceeds what this process may use")
+
     c = sub.add_parser("chat", help="interactive chat (streams)")
     c.add_argument("artifact")
     c.add_argument("--system", default=None, help="system prompt")
@@ -162,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             from runtime_py.score import main as score_main
 
             return score_main(args)
+        if args.command == "classify":
+            return _classify(args)
         if args.command == "serve":
             from runtime_py.serve import serve
 
@@ -205,6 +227,41 @@ def _generate(args) -> int:
         if args.logprobs:
             out["logprobs"] = row.logprobs
         print(json.dumps(out))
+    return 0
+
+
+def _classify(args) -> int:
+    from runtime_py.classify import MAX_ANSWER_LEN, Classifier
+
+    texts, ids, questions, contexts = args.text or [], args.prompt_ids or [], args.question or [], args.context or []
+    if sum(bool(x) for x in (texts, ids, questions or contexts)) != 1:
+        raise ValueError("pass the inputs one way: --text (repeatable), --prompt-ids (repeatable) or "
+                         "--question with --context (QA)")
+    if len(questions) != len(contexts):
+        raise ValueError(f"{len(questions)} --question but {len(contexts)} --context: pass one context per question")
+    clf = Classifier(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check)
+    if clf.task == "qa":
+        if texts:
+            raise ValueError("this is a question-answering artifact: pass --question and --context (or --prompt-ids)")
+        result = clf.answer(pairs=list(zip(questions, contexts)) or None, inputs=ids or None,
+                            max_answer_len=args.max_answer_len or MAX_ANSWER_LEN)
+    else:
+        if questions:
+            raise ValueError(f"this is a {clf.task} artifact: --question/--context are for question answering")
+        result = clf.classify(ids or [clf.encode(t) for t in texts])
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    for i, tokens in enumerate(result.tokens):
+        if result.task == "seq-cls":
+            print(f"{result.labels[i]}\t{result.scores[i]:.4f}")
+        elif result.task == "token-cls":
+            shown = [clf.tokenizer.decode([t], skip_special_tokens=False) if clf.tokenizer else str(t) for t in tokens]
+            print(" ".join(f"{tok}/{label}" for tok, label in zip(shown, result.labels[i])))
+        else:
+            a = result.answers[i]
+            print(f"{a['text']!r}\ttokens {a['start']}..{a['end']}\tscore {a['score']:.4f}" if a["start"] is not None
+                  else "(no answer in the context)")
     return 0
 
 

@@ -248,7 +248,7 @@ def estimate_parts(manifest: Manifest, batch: int = 1, seq_len: int | None = Non
     precision = manifest.precision
     factor = ORT_CPU_EXPANSION.get(precision, max(ORT_CPU_EXPANSION.values()))
     parts = {"weights": int(graph_bytes(manifest) * factor)}
-    if manifest.tie_embeddings:
+    if manifest.tie_embeddings and manifest.task == "causal-lm":  # a task head has no LM head to copy
         itemsize = 4 if precision == "fp32" else 2
         parts["tied_lm_head"] = int(manifest.vocab_size * manifest.hidden_size * itemsize * factor)
     parts["kv_cache"] = kv_bytes(manifest, batch, seq_len)

@@ -92,6 +92,9 @@ class OrtSession:
         process can get (runtime_py/memory.py: NotEnoughMemoryError, an ArtifactError)."""
         self.root = Path(artifact)
         self.manifest = open_artifact(self.root, verify=verify)
+        if self.manifest.task != "causal-lm":
+            raise ArtifactError(f"{self.root}: a {self.manifest.task} artifact has no LM head to generate with; "
+                                "use `python -m runtime_py classify`")
         graph = self.manifest.decoder
         if graph.lowering not in ORT_LOWERINGS:
             raise ArtifactError(f"{self.root}: the '{graph.lowering}' graph needs TensorRT with our plugins; "

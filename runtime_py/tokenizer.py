@@ -132,6 +132,15 @@ class Tokenizer:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         return [self.bos_id] + ids if add_special_tokens and self._prepend_bos else ids
 
+    def encode_pair(self, first: str, second: str) -> tuple[list[int], list[int | None], list[tuple[int, int]]]:
+        """A text pair as the post-processor joins it (a QA question and context): ids, which text each token
+        came from (0, 1, None for a special token) and its character offsets in that text."""
+        enc = self._tok.encode(first, second)
+        ids, seq, offsets = list(enc.ids), list(enc.sequence_ids), list(enc.offsets)
+        if self._prepend_bos:
+            ids, seq, offsets = [self.bos_id] + ids, [None] + seq, [(0, 0)] + offsets
+        return ids, seq, offsets
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 

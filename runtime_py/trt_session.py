@@ -71,6 +71,9 @@ class TrtSession:
     def __init__(self, artifact: str | Path, verify: bool = True):
         self.root = Path(artifact)
         self.manifest = open_artifact(self.root, verify=verify)
+        if self.manifest.task != "causal-lm":
+            raise ArtifactError(f"{self.root}: a {self.manifest.task} artifact has no LM head to generate with; "
+                                "use `python -m runtime_py classify`")
         engine = self.manifest.engine
         trt = _import_flavour(engine.flavour if engine else "tensorrt")
         check_engine(engine, trt.__version__, _cuda_device_cc())
