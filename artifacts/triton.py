@@ -6,11 +6,14 @@ artifact, or a missing nvidia-pytriton. The work is done, one stage per file, by
 - artifacts/triton_contract.py: what a repository is made of (types, model files, the python model's declared I/O);
 - artifacts/triton_write.py: :func:`write_repository` (``python -m export triton`` calls it), staged and validated;
 - artifacts/triton_readme.py + triton_readme.md: the repository's README (launch commands, a streaming client);
+  triton_classify_readme.md for a task-head artifact's repository (its I/O, dynamic batching, a client);
 - artifacts/triton_check.py: ``validate``: every config.pbtxt against Triton's ModelConfig and the files it names;
 - artifacts/triton_stub_env.py: ``stub-env``: the numpy<2 environment the bundled python backend stub needs;
 - artifacts/triton_launch.py: the bundled tritonserver's command line (nvidia-pytriton, python backend only);
 - artifacts/triton_serve.py: ``serve``: run it until stopped, nothing of its process group left behind;
-- runtime_py/triton_model.py: the python-backend model itself (runtime code, copied into a repository as model.py).
+- runtime_py/triton_model.py: the python-backend model itself (runtime code, copied into a repository as model.py);
+  runtime_py/triton_classify_model.py for task-head artifacts (seq-cls, token-cls, qa: not decoupled, dynamic
+  batching).
 
 What it does not do: anything beyond parsing flags. It never imports export/ or runtime_py.
 """

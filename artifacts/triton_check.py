@@ -1,13 +1,16 @@
 """Checking a Triton model repository before anything serves it: every config.pbtxt, and what it points at.
 
-What it does: :func:`validate_repository` parses every ``config.pbtxt`` into tritonclient's ``ModelConfig``
-protobuf (:func:`parse_config`: unknown fields, bad enums and syntax errors are rejected with the line) and then
-checks what the protobuf cannot: names match directories, dims are valid, the version directory holds the model
-file, the python model's I/O is the one its ``model.py`` declares (read from the copy in the repository, which is
-what will run; somebody else's python model gets the generic checks only), its parameters are usable, the copied
-runtime and artifact are complete, and the graph model's I/O matches the ONNX graph (names and element types) with
-every external-data file present. :func:`external_data` lists a graph's external-data files (the writer copies
-them).
+What it does: :func:`validate_repository` parses every ``config.pbtxt`` into tritonclient's ``ModelConfig`` protobuf
+(:func:`parse_config`: unknown fields, bad enums and syntax errors are rejected with the line) and then checks what
+the protobuf cannot: names match directories, dims are valid, the version directory holds the model file, the python
+model's I/O is the one its ``model.py`` declares (read from the copy in the repository, which is what will run;
+somebody else's python model gets the generic checks only), its parameters are usable, the copied runtime and
+artifact are complete, and the graph model's I/O matches the ONNX graph (names and element types) with every
+external-data file present. The python model comes in two kinds (its ``KIND``): the streaming model of a causal-LM
+artifact (decoupled, ``max_batch_size`` 0), and the classification model of a task-head artifact (not decoupled,
+``dynamic_batching``, ``max_batch_size`` in [1, the artifact's max_batch], the I/O of the artifact's task with its
+label count, ``allow_ragged_batch`` on the inputs model.py lists in ``RAGGED``). :func:`external_data` lists a
+graph's external-data files (the writer copies them).
 
 What it does not do: write or repair anything, read a TensorRT plan's I/O (that needs TensorRT; the engine's I/O was
 checked against the graph contract when it was built), or import runtime_py.
@@ -18,7 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from artifacts.bundle import ArtifactError, open_artifact
-from artifacts.triton_contract import MODEL_FILES, ONNX_ELEM, PLATFORMS, RepositoryError, model_constants, protobuf
+from artifacts.triton_contract import (MODEL_FILES, ONNX_ELEM, PLATFORMS, RepositoryError, model_constants, num_labels,
+                                       protobuf, row_dims)
 
 
 def external_data(graph_path: Path) -> list[str]:
@@ -90,10 +94,73 @@ def _expect_io(path: Path, cfg, inputs: dict, outputs: dict, what: str) -> None:
                 _fail(path, f"{kind} '{n}' has dims {list(got[n].dims)}, {what} has {list(dims)}")
 
 
+def _positive(path: Path, cfg, defaults: dict, keys: tuple, zero_ok: tuple = ()) -> None:
+    for key in keys:
+        value = cfg.parameters[key].string_value if key in cfg.parameters else defaults.get(key)
+        if value is None:  # absent, and model.py declares no default for it: model.py's own code decides
+            continue
+        if not value.isdigit() or (key not in zero_ok and int(value) < 1):
+            _fail(path, f"parameter {key} must be a positive integer, got {value!r}")
+
+
+def _check_copies(path: Path, cfg, version: Path):
+    """The runtime sources and the artifact copied beside model.py; returns the artifact's manifest."""
+    if not (version / "runtime" / "runtime_py").is_dir():
+        _fail(path, f"{version / 'runtime' / 'runtime_py'} is missing (model.py imports the runtime from there)")
+    art = cfg.parameters["artifact"].string_value if "artifact" in cfg.parameters else "artifact"
+    art = Path(art) if Path(art).is_absolute() else version / art
+    try:
+        manifest = open_artifact(art, verify=False)
+    except ArtifactError as e:
+        _fail(path, f"the model's artifact is unusable: {e}")
+    for rel, info in manifest.files.items():
+        f = art / rel
+        if not f.is_file() or f.stat().st_size != info["bytes"]:
+            _fail(path, f"artifact file {f} is missing or has the wrong size")
+    return manifest
+
+
+def _check_classify_model(path: Path, cfg, version: Path, declared: dict) -> None:
+    """runtime_py/triton_classify_model.py: one response per request, the dynamic batcher merging requests, the I/O
+    of the artifact's task as model.py declares it (``num_labels`` dims = the artifact's label count)."""
+    if cfg.model_transaction_policy.decoupled:
+        _fail(path, "the classification model must not be decoupled (one response per request: "
+                    "model_transaction_policy { decoupled: false })")
+    if not cfg.HasField("dynamic_batching"):
+        _fail(path, "the classification model needs dynamic_batching (the requests it merges run as one batch)")
+    manifest = _check_copies(path, cfg, version)
+    task, what = manifest.task, f"what {version.name}/model.py reads"
+    inputs, outputs = declared["INPUTS"].get(task), declared["OUTPUTS"].get(task)
+    if inputs is None or outputs is None:
+        _fail(path, f"the artifact is a {task} artifact; {version.name}/model.py serves "
+                    f"{sorted(declared['INPUTS'])} (a causal-lm artifact gets the streaming model)")
+    if not 1 <= cfg.max_batch_size <= manifest.max_batch:
+        _fail(path, f"max_batch_size must be in [1, {manifest.max_batch}] (the artifact's max_batch: rows of one "
+                    f"batch), got {cfg.max_batch_size}")
+    if task == "seq-cls" and manifest.spec.get("pad_token_id") is None and cfg.max_batch_size != 1:
+        _fail(path, "max_batch_size must be 1: the artifact has no pad_token_id, so sequence classification runs "
+                    "one input at a time")
+    labels = num_labels(manifest)
+    _expect_io(path, cfg, {n: (dt, row_dims(dims, labels)) for n, (dt, dims, _) in inputs.items()},
+               {n: (dt, row_dims(dims, labels)) for n, (dt, dims) in outputs.items()}, what)
+    ragged = set(declared.get("RAGGED") or ())
+    for t in cfg.input:
+        if t.optional != inputs[t.name][2]:
+            _fail(path, f"input '{t.name}' must {'' if inputs[t.name][2] else 'not '}be optional ({what})")
+        if t.allow_ragged_batch != (t.name in ragged):
+            _fail(path, f"input '{t.name}' must {'' if t.name in ragged else 'not '}set allow_ragged_batch ({what})")
+    _positive(path, cfg, declared.get("DEFAULTS") or {}, ("ort_threads", "max_answer_len"), zero_ok=("ort_threads",))
+
+
 def _check_python_model(path: Path, cfg, version: Path) -> None:
     declared = model_constants(version / "model.py")
     if declared is None:  # somebody else's python model: the generic checks are all we can do
         return
+    if declared["KIND"] == "classify":
+        _check_classify_model(path, cfg, version, declared)
+        return
+    if declared["KIND"] != "generate":
+        _fail(path, f"{version.name}/model.py declares KIND {declared['KIND']!r}: expected 'generate' or 'classify'")
     inputs, outputs, defaults = declared["INPUTS"], declared["OUTPUTS"], declared.get("DEFAULTS") or {}
     if not cfg.model_transaction_policy.decoupled:
         _fail(path, "the streaming model must be decoupled (model_transaction_policy { decoupled: true })")
@@ -107,24 +174,11 @@ def _check_python_model(path: Path, cfg, version: Path) -> None:
     backend = cfg.parameters["runtime_backend"].string_value if "runtime_backend" in cfg.parameters else "auto"
     if backend not in ("auto", "onnxruntime", "tensorrt"):
         _fail(path, f"parameter runtime_backend must be auto, onnxruntime or tensorrt, got {backend!r}")
-    for key in ("max_concurrency", "default_max_tokens", "ort_threads"):
-        value = cfg.parameters[key].string_value if key in cfg.parameters else defaults.get(key)
-        if value is None:  # absent, and model.py declares no default for it: model.py's own code decides
-            continue
-        if not value.isdigit() or (key != "ort_threads" and int(value) < 1):
-            _fail(path, f"parameter {key} must be a positive integer, got {value!r}")
-    if not (version / "runtime" / "runtime_py").is_dir():
-        _fail(path, f"{version / 'runtime' / 'runtime_py'} is missing (model.py imports the runtime from there)")
-    art = cfg.parameters["artifact"].string_value if "artifact" in cfg.parameters else "artifact"
-    art = Path(art) if Path(art).is_absolute() else version / art
-    try:
-        manifest = open_artifact(art, verify=False)
-    except ArtifactError as e:
-        _fail(path, f"the model's artifact is unusable: {e}")
-    for rel, info in manifest.files.items():
-        f = art / rel
-        if not f.is_file() or f.stat().st_size != info["bytes"]:
-            _fail(path, f"artifact file {f} is missing or has the wrong size")
+    _positive(path, cfg, defaults, ("max_concurrency", "default_max_tokens", "ort_threads"), zero_ok=("ort_threads",))
+    manifest = _check_copies(path, cfg, version)
+    if manifest.task != "causal-lm":
+        _fail(path, f"the artifact is a {manifest.task} artifact: the streaming model generates text; a task head "
+                    "gets the classification model (runtime_py/triton_classify_model.py)")
 
 
 def _check_graph_model(path: Path, cfg, version: Path) -> None:

@@ -2,9 +2,11 @@
 
 What it does: names the model files (backend -> model file, platform -> backend) and the ONNX element type ->
 Triton type map (from the one dtype table, artifacts/manifest.py DTYPES), maps manifest shapes to Triton dims, locates the python-backend
-model's source (``runtime_py/triton_model.py``, beside this package) and reads the constants it declares
-(:data:`INPUTS`, :data:`OUTPUTS`, :data:`DEFAULTS`) from that source with ``ast``, and loads Triton's
-``ModelConfig`` protobuf (tritonclient) behind a clear error.
+models' sources (``runtime_py/triton_model.py`` for causal-LM artifacts, ``runtime_py/triton_classify_model.py``
+for task heads, beside this package) and reads the constants they declare (:data:`INPUTS`, :data:`OUTPUTS`,
+:data:`DEFAULTS`; the classify model's ``KIND``, per-task I/O with ``"num_labels"`` dims, ``RAGGED``, ``BATCHING``)
+from that source with ``ast``, resolves a task artifact's label count (:func:`num_labels`, :func:`row_dims`), and
+loads Triton's ``ModelConfig`` protobuf (tritonclient) behind a clear error.
 
 What it does not do: write (artifacts/triton_write.py) or check (artifacts/triton_check.py) a repository, or import
 ``runtime_py``: the model is runtime code, and artifacts never imports the runtime. Its constants are read as
@@ -20,6 +22,9 @@ from artifacts.manifest import DTYPES
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the directory holding runtime_py/ and artifacts/
 MODEL_SOURCE = PACKAGE_ROOT / "runtime_py" / "triton_model.py"  # copied into a repository as NAME/1/model.py
+# The task-head (seq-cls, token-cls, qa) model, copied as NAME/1/model.py instead for those artifacts.
+CLASSIFY_MODEL_SOURCE = PACKAGE_ROOT / "runtime_py" / "triton_classify_model.py"
+OPTIONAL_CONSTANTS = ("DEFAULTS", "KIND", "RAGGED", "BATCHING")  # read when literals; KIND defaults to "generate"
 
 # onnx.TensorProto element type -> Triton type, for checking the graph model's config against the graph.
 ONNX_ELEM = {d.onnx: d.triton for d in DTYPES.values()}
@@ -48,8 +53,9 @@ def triton_dims(shape: list) -> list[int]:
 
 
 def model_constants(model_py: Path) -> dict | None:
-    """INPUTS, OUTPUTS and (when a literal) DEFAULTS as written in a python model's source, or None when the file is
-    not ours (no ``class TritonPythonModel``, or INPUTS/OUTPUTS missing or not literals). Never imports it."""
+    """INPUTS, OUTPUTS and (when literals) DEFAULTS, KIND ("generate" when absent: runtime_py/triton_model.py),
+    RAGGED and BATCHING as written in a python model's source, or None when the file is not ours (no ``class
+    TritonPythonModel``, or INPUTS/OUTPUTS missing or not literals). Never imports it."""
     found = {}
     try:
         tree = ast.parse(Path(model_py).read_text(encoding="utf-8"))
@@ -58,12 +64,30 @@ def model_constants(model_py: Path) -> dict | None:
     for node in tree.body:
         target = node.target if isinstance(node, ast.AnnAssign) else \
             node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
-        if isinstance(target, ast.Name) and target.id in ("INPUTS", "OUTPUTS", "DEFAULTS") and node.value is not None:
+        if isinstance(target, ast.Name) and target.id in ("INPUTS", "OUTPUTS", *OPTIONAL_CONSTANTS) \
+                and node.value is not None:
             try:
                 found[target.id] = ast.literal_eval(node.value)
             except ValueError:
-                if target.id != "DEFAULTS":  # DEFAULTS: optional (an older model.py computed it)
+                if target.id not in OPTIONAL_CONSTANTS:  # e.g. DEFAULTS: an older model.py computed it
                     return None
     if not {"INPUTS", "OUTPUTS"} <= set(found) or "class TritonPythonModel" not in ast.unparse(tree):
         return None
+    found.setdefault("KIND", "generate")
     return found
+
+
+def num_labels(manifest) -> int:
+    """The label count of a task-head artifact: the last dim of its graph's ``logits`` output when concrete (seq-cls,
+    token-cls), else the length of ``id2label``; qa has two per-token outputs and no labels (0)."""
+    if manifest.task == "qa":
+        return 0
+    for t in manifest.decoder.outputs:
+        if t.name == "logits" and t.shape and isinstance(t.shape[-1], int) and t.shape[-1] > 0:
+            return t.shape[-1]
+    return len(manifest.spec.get("id2label") or [])
+
+
+def row_dims(dims: list, labels: int) -> list[int]:
+    """A classify model's declared dims of one row with ``"num_labels"`` replaced by the artifact's label count."""
+    return [labels if d == "num_labels" else d for d in dims]

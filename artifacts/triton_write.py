@@ -7,12 +7,16 @@ place only after :func:`artifacts.triton_check.validate_repository` accepted it.
   runtime_py generations; the artifact is copied into ``1/artifact/`` and the first-party packages the model
   imports (``runtime_py/``, ``artifacts/``, ...: :func:`runtime_packages`, sources only) into ``1/runtime/``, which
   model.py puts first on ``sys.path``. Third-party packages (numpy, onnxruntime, tokenizers, jinja2) come from the
-  Python environment the backend's stub runs in (see the repository README);
+  Python environment the backend's stub runs in (see the repository README). For a task-head artifact (manifest
+  ``spec.task`` seq-cls, token-cls or qa), ``NAME/`` is instead the classification model
+  (``runtime_py/triton_classify_model.py`` as ``1/model.py``, same copies): not decoupled, ``dynamic_batching``,
+  ``max_batch_size`` = the artifact's max_batch (rows per batch), the I/O of its task;
 - ``NAME_graph/``: the raw decoder for Triton's ONNX Runtime backend (``1/model.onnx`` + its external data),
   with the KV tensors as inputs/outputs exactly as the artifact manifest lists them (symbolic dims -> -1,
   ``max_batch_size: 0`` so the batch dim is explicit), for clients that run their own generation loop; for a
   full-TensorRT engine, ``tensorrt_plan`` (``1/model.plan``) instead (a TensorRT-RTX engine has no Triton backend:
-  the ONNX graph is served, the engine runs inside ``NAME`` through runtime_py);
+  the ONNX graph is served, the engine runs inside ``NAME`` through runtime_py). A task head's graph has no KV
+  I/O (``input_ids`` in, ``logits`` or ``start_logits``/``end_logits`` out), served the same way;
 - ``config.pbtxt`` of each, written from Triton's ``ModelConfig`` protobuf; the python model's I/O and parameter
   defaults are the ones ``runtime_py/triton_model.py`` declares (read from its source, never imported);
 - ``README.md`` (artifacts/triton_readme.py) and a marker file that lets ``overwrite`` replace only our repositories.
@@ -34,9 +38,9 @@ from pathlib import Path
 from artifacts.bundle import MANIFEST, ArtifactError, open_artifact, staging_dir
 from artifacts.triton_check import external_data, validate_repository
 from artifacts.manifest import DTYPES
-from artifacts.triton_contract import (MODEL_SOURCE, PACKAGE_ROOT, RepositoryError, model_constants,
-                                       protobuf, triton_dims)
-from artifacts.triton_readme import graph_opsets, repository_readme
+from artifacts.triton_contract import (CLASSIFY_MODEL_SOURCE, MODEL_SOURCE, PACKAGE_ROOT, RepositoryError,
+                                       model_constants, num_labels, protobuf, row_dims, triton_dims)
+from artifacts.triton_readme import TASK_NAMES, classify_readme, graph_opsets, repository_readme
 
 FIRST_PARTY = ("runtime_py", "artifacts", "plugins", "graphs", "export")
 REPOSITORY_MARKER = ".llm-export-repository.json"  # what lets --overwrite replace a repository: only ours
@@ -70,10 +74,10 @@ def _first_party_imports(path: Path) -> set[str]:
     return names & set(FIRST_PARTY)
 
 
-def runtime_packages() -> list[str]:
-    """The first-party packages the python model needs: the one holding it (runtime_py), what it imports, and what
-    those import in turn (today runtime_py and artifacts)."""
-    todo, seen = [MODEL_SOURCE.parent.name, *sorted(_first_party_imports(MODEL_SOURCE))], set()
+def runtime_packages(source: Path = MODEL_SOURCE) -> list[str]:
+    """The first-party packages the python model `source` needs: the one holding it (runtime_py), what it imports,
+    and what those import in turn (today runtime_py and artifacts)."""
+    todo, seen = [source.parent.name, *sorted(_first_party_imports(source))], set()
     while todo:
         pkg = todo.pop()
         if pkg in seen or not (PACKAGE_ROOT / pkg).is_dir():
@@ -84,8 +88,8 @@ def runtime_packages() -> list[str]:
     return sorted(seen)
 
 
-def _copy_sources(dst: Path) -> list[str]:
-    pkgs = runtime_packages()
+def _copy_sources(dst: Path, source: Path = MODEL_SOURCE) -> list[str]:
+    pkgs = runtime_packages(source)
     for pkg in pkgs:
         shutil.copytree(PACKAGE_ROOT / pkg, dst / pkg,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.cu", "*.o"))
@@ -95,12 +99,15 @@ def _copy_sources(dst: Path) -> list[str]:
 def _config_text(cfg, comment: str) -> str:
     text_format, _ = protobuf()
     body = text_format.MessageToString(cfg)
-    # proto3 omits zero values; max_batch_size 0 is a decision worth seeing in the file.
+    # proto3 omits zero values; max_batch_size 0 is a decision worth seeing in the file ...
     lines = body.splitlines()
     if cfg.max_batch_size == 0:
         at = next(i for i, line in enumerate(lines) if not line.startswith(("name:", "platform:", "backend:")))
         lines.insert(at, "max_batch_size: 0")
-    return "".join(f"# {c}\n" for c in comment.splitlines()) + "\n".join(lines) + "\n"
+    body = "\n".join(lines) + "\n"
+    # ... and so is decoupled: false (the classification model answers each request once).
+    body = body.replace("model_transaction_policy {\n}", "model_transaction_policy {\n  decoupled: false\n}")
+    return "".join(f"# {c}\n" for c in comment.splitlines()) + body
 
 
 def _tensor(cls, name: str, data_type: str, dims: list[int], optional: bool = False):
@@ -111,14 +118,18 @@ def _tensor(cls, name: str, data_type: str, dims: list[int], optional: bool = Fa
     return t
 
 
-def _model_constants() -> dict:
-    """INPUTS, OUTPUTS and DEFAULTS of the python model this writer copies (from its source)."""
-    if not MODEL_SOURCE.is_file():
-        raise RepositoryError(f"the python-backend model {MODEL_SOURCE} is missing: writing a repository needs "
+def _model_constants(source: Path = MODEL_SOURCE) -> dict:
+    """INPUTS, OUTPUTS and DEFAULTS (and the classify model's KIND, RAGGED, BATCHING) of the python model this
+    writer copies (from its source)."""
+    if not source.is_file():
+        raise RepositoryError(f"the python-backend model {source} is missing: writing a repository needs "
                               "runtime_py installed beside artifacts/")
-    declared = model_constants(MODEL_SOURCE)
+    declared = model_constants(source)
     if declared is None or not isinstance(declared.get("DEFAULTS"), dict):
-        raise RepositoryError(f"{MODEL_SOURCE}: INPUTS, OUTPUTS and DEFAULTS must be literals")
+        raise RepositoryError(f"{source}: INPUTS, OUTPUTS and DEFAULTS must be literals")
+    batching = declared.get("BATCHING")
+    if source == CLASSIFY_MODEL_SOURCE and (declared["KIND"] != "classify" or not isinstance(batching, dict)):
+        raise RepositoryError(f"{source}: KIND must be 'classify' and BATCHING a literal dict")
     return declared
 
 
@@ -136,6 +147,32 @@ def _python_config(name: str, instances: int, max_batch: int, has_engine: bool, 
     params = {**model["DEFAULTS"], "max_concurrency": str(max_batch)}
     for k, v in params.items():
         cfg.parameters[k].string_value = v
+    return cfg
+
+
+def _classify_config(name: str, instances: int, max_batch: int, model: dict, manifest):
+    """The task-head model: not decoupled, Triton's dynamic batcher merging requests into batches of up to
+    `max_batch` rows, the I/O of the artifact's task (runtime_py/triton_classify_model.py), on the CPU (ONNX
+    Runtime)."""
+    _, pb = protobuf()
+    task, labels = manifest.task, num_labels(manifest)
+    cfg = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
+    cfg.model_transaction_policy.decoupled = False
+    cfg.dynamic_batching.SetInParent()  # present even when every field is at its default
+    for k, v in model["BATCHING"].items():
+        setattr(cfg.dynamic_batching, k, v)
+    ragged = set(model.get("RAGGED") or ())
+    for n, (dt, dims, optional) in model["INPUTS"][task].items():
+        t = _tensor(pb.ModelInput, n, dt, row_dims(dims, labels), optional)
+        if n in ragged:
+            t.allow_ragged_batch = True
+        cfg.input.append(t)
+    for n, (dt, dims) in model["OUTPUTS"][task].items():
+        cfg.output.append(_tensor(pb.ModelOutput, n, dt, row_dims(dims, labels)))
+    cfg.instance_group.append(pb.ModelInstanceGroup(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU))
+    for k, v in model["DEFAULTS"].items():
+        if k != "max_answer_len" or task == "qa":
+            cfg.parameters[k].string_value = v
     return cfg
 
 
@@ -161,7 +198,9 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
 
     `instances`: instance_group count of each model (each python instance loads its own session). `max_batch`: the
     KV slots of one python instance, the requests its engine batches together (default and upper bound: the
-    artifact's max_batch, the static buffers it was built for)."""
+    artifact's max_batch, the static buffers it was built for). For a task-head artifact (seq-cls, token-cls, qa)
+    `max_batch` is the classification model's max_batch_size, the rows the dynamic batcher puts in one batch (same
+    default and bound; 1 for a seq-cls artifact without pad_token_id, which classifies one input at a time)."""
     artifact = Path(artifact)
     if not name or not name.replace("_", "").replace("-", "").isalnum() or name.startswith(("-", ".")):
         raise ValueError(f"model name must be letters, digits, '_' or '-', got {name!r}")
@@ -171,11 +210,23 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{flag} must be an int >= 1, got {value!r}")
     manifest = open_artifact(artifact)  # checksums verified once, here
+    task = manifest.task
+    limit = manifest.max_batch
+    if task == "seq-cls" and manifest.spec.get("pad_token_id") is None:
+        limit = 1  # pooling finds each row's last token by pad_token_id: one input at a time (runtime_py.classify)
+        if max_batch is not None and max_batch > 1:
+            raise ValueError(f"--max-batch {max_batch}: {artifact} is a seq-cls artifact without pad_token_id, "
+                             "which classifies one input at a time (max_batch 1)")
     if max_batch is None:
-        max_batch = manifest.max_batch
+        max_batch = limit
     elif max_batch > manifest.max_batch:
-        raise ValueError(f"--max-batch {max_batch} > the artifact's {manifest.max_batch} (its static KV buffers); "
+        what = "its static KV buffers" if task == "causal-lm" else "the batch its graph was built and checked for"
+        raise ValueError(f"--max-batch {max_batch} > the artifact's {manifest.max_batch} ({what}); "
                          f"rebuild it with `python -m export build ... --max-batch {max_batch}`")
+    if task != "causal-lm" and manifest.decoder.lowering == "trt-plugin":
+        raise ArtifactError(f"{artifact}: a {task} artifact with the trt-plugin graph: the classification model runs "
+                            "the ONNX graph on ONNX Runtime, which cannot run our TensorRT plugins; rebuild it with "
+                            "another --lowering")
     engine = manifest.engine
     if manifest.backend == "tensorrt" and engine is None:
         raise ArtifactError(f"{artifact}: a tensorrt artifact without an engine in its manifest; rebuild it")
@@ -188,20 +239,26 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
         raise ArtifactError(f"{artifact}: the graph's external data {unlisted} is not among the manifest's "
                             "checksummed files")
     graph_name = f"{name}_graph"
-    model = _model_constants()
+    source = MODEL_SOURCE if task == "causal-lm" else CLASSIFY_MODEL_SOURCE
+    model = _model_constants(source)
     with staging_dir(Path(out), overwrite=overwrite, owned=is_repository, protect=[artifact]) as tmp:
         marker = {"format": REPOSITORY_FORMAT, "artifact": str(artifact.resolve()), "models": [name, graph_name]}
         (tmp / REPOSITORY_MARKER).write_text(json.dumps(marker, indent=2))
-        # (a) the streaming python model
+        # (a) the python model: streaming generation, or the task head behind the dynamic batcher
         version = tmp / name / "1"
         for rel in [*manifest.files, MANIFEST]:
             _link_or_copy(artifact / rel, version / "artifact" / rel)
-        pkgs = _copy_sources(version / "runtime")
-        shutil.copy2(MODEL_SOURCE, version / "model.py")
-        (tmp / name / "config.pbtxt").write_text(_config_text(
-            _python_config(name, instances, max_batch, engine is not None, model),
-            f"Streaming text generation (decoupled) with runtime_py on {artifact.name}.\n"
-            f"Written by llm-export; runtime sources in 1/runtime ({', '.join(pkgs)}), artifact in 1/artifact."))
+        pkgs = _copy_sources(version / "runtime", source)
+        shutil.copy2(source, version / "model.py")
+        written = f"Written by llm-export; runtime sources in 1/runtime ({', '.join(pkgs)}), artifact in 1/artifact."
+        if task == "causal-lm":
+            cfg = _python_config(name, instances, max_batch, engine is not None, model)
+            what = f"Streaming text generation (decoupled) with runtime_py on {artifact.name}."
+        else:
+            cfg = _classify_config(name, instances, max_batch, model, manifest)
+            what = (f"{TASK_NAMES[task].capitalize()} with runtime_py on {artifact.name}: one response per request, "
+                    f"dynamic batching of up to {max_batch} rows.")
+        (tmp / name / "config.pbtxt").write_text(_config_text(cfg, f"{what}\n{written}"))
         # (b) the raw graph
         gdir = tmp / graph_name / "1"
         if plan:
@@ -212,12 +269,20 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
             for rel in data_files:
                 _link_or_copy(version / "artifact" / Path(graph.file).parent / rel, gdir / rel)
             what = "ONNX decoder graph"
+        if task == "causal-lm":
+            about = (f"Raw {what} of {artifact.name} (lowering {graph.lowering}, KV mode {manifest.kv_mode}, "
+                     f"{manifest.precision}).\nOne prefill/decode step per request; the client owns the KV cache.")
+        else:
+            about = (f"Raw {what} of {artifact.name} ({task} head, lowering {graph.lowering}, {manifest.precision}).\n"
+                     f"One full-sequence forward per request: input_ids right-padded with pad_token_id.")
         (tmp / graph_name / "config.pbtxt").write_text(_config_text(
-            _graph_config(graph_name, graph, instances, plan),
-            f"Raw {what} of {artifact.name} (lowering {graph.lowering}, KV mode {manifest.kv_mode}, "
-            f"{manifest.precision}).\nOne prefill/decode step per request; the client owns the KV cache."))
-        (tmp / "README.md").write_text(repository_readme(name, manifest, instances, max_batch, graph_opsets(graph_file),
-                                                         int(model["DEFAULTS"]["default_max_tokens"])))
+            _graph_config(graph_name, graph, instances, plan), about))
+        if task == "causal-lm":
+            readme = repository_readme(name, manifest, instances, max_batch, graph_opsets(graph_file),
+                                       int(model["DEFAULTS"]["default_max_tokens"]))
+        else:
+            readme = classify_readme(name, manifest, instances, max_batch, graph_opsets(graph_file), model)
+        (tmp / "README.md").write_text(readme)
         validate_repository(tmp)
         publishable(tmp)
     return Path(out).resolve()

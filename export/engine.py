@@ -4,7 +4,8 @@ What it does: imports ``tensorrt`` or ``tensorrt_rtx_bindings`` lazily (a clear 
 packages when neither is installed), parses the graph (external data next to it), marks TensorRT's attention layers
 decomposable (so shapes without a dedicated fused kernel, e.g. fp32 or tiny head sizes, still build), builds a
 strongly typed engine (precision comes from the graph's dtypes) with two optimization profiles (prefill: sequence
-1..max_seq_len; decode: sequence 1) over batch 1..max_batch and cache length 1..max_seq_len, saves the timing cache
+1..max_seq_len; decode: sequence 1; a task head's sealed graph, which has no KV inputs, gets one: forward = the
+prefill ranges) over batch 1..max_batch and cache length 1..max_seq_len, saves the timing cache
 beside it (full TensorRT; TensorRT-RTX has none), and returns the facts the manifest records: flavour and version,
 compute-capability targets, profiles, the plugins registered for it, and the network's I/O as TensorRT sees it.
 TensorRT-RTX builds ahead of time on a machine with no GPU (it targets RTX GPUs: SM 80/86/89/120, plus 75 for fp16);
@@ -94,6 +95,8 @@ def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: in
         "decode": {"batch": [1, max_batch, max_batch], "sequence": [1, 1, 1],
                    "cache": [1, max_seq_len, max_seq_len]},
     }
+    if not any(network.get_input(i).name.startswith("past_key_values.") for i in range(network.num_inputs)):
+        profiles = {"forward": profiles["prefill"]}  # a task head's sealed graph: one full-sequence forward
     for ranges in profiles.values():
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):

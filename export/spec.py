@@ -554,7 +554,7 @@ def _task(f: _Fields, model_type: str, requested: str | None) -> str:
         raise _bad(f, "architectures", "a list of class names", archs)
     found = set()
     for arch in archs or []:
-        task = next((t for suffix, t in _ARCH_SUFFIX.items() if arch == prefix + suffix), None)
+        task = next((t for suffix, t in _ARCH_SUFFIX.items() if arch == prefix + suffix and t in defined), None)
         if task is None:
             known = ", ".join(prefix + s for s, t in _ARCH_SUFFIX.items() if t in defined)
             raise UnsupportedConfigError(f"config.json: architectures names {arch!r}, which this exporter does not "

@@ -1,7 +1,8 @@
 """`python -m export triton ARTIFACT --out REPO [--name NAME] [--instances N] [--max-batch B] [--overwrite]`.
 
 Writes a Triton model repository (artifacts/triton_write.py): a decoupled python-backend model NAME streaming runtime_py
-generations, the raw graph model NAME_graph, and a README with launch and client commands. Every config.pbtxt is
+generations (for a task-head artifact: a non-decoupled classification model with dynamic batching), the raw graph
+model NAME_graph, and a README with launch and client commands. Every config.pbtxt is
 validated against Triton's ModelConfig protobuf before the repository appears; prints its path last.
 """
 
@@ -43,7 +44,11 @@ def run(args) -> int:
     except (ArtifactError, RepositoryError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"models: {args.name} (python, decoupled streaming), {args.name}_graph (onnxruntime); see {path}/README.md",
+    from artifacts.bundle import open_artifact
+
+    task = open_artifact(path / args.name / "1" / "artifact", verify=False).task
+    kind = "decoupled streaming" if task == "causal-lm" else f"{task}, dynamic batching"
+    print(f"models: {args.name} (python, {kind}), {args.name}_graph (onnxruntime); see {path}/README.md",
           file=sys.stderr)
     print(path)
     return 0
