@@ -94,7 +94,13 @@ def verify(model: str, prompt_ids: list[int] | None, steps: int, kv_mode: str) -
     from export.checkpoint import resolve_model
     from export.model import load_model
 
+    from export.spec import load_spec
+
     model_dir = resolve_model(model)
+    task = load_spec(model_dir).task
+    if task != "causal-lm":
+        raise ValueError(f"{model_dir} is a {task} checkpoint: verify compares generations; build it and compare "
+                         "`python -m runtime_py classify --json` with transformers (tests/test_task_heads.py does)")
     ours_model, spec = load_model(model_dir, kv_mode=kv_mode)
     if prompt_ids is None:
         prompt_ids = [(7 * i + 3) % spec.vocab_size for i in range(8)]
