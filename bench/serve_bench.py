@@ -19,6 +19,9 @@ stream; distinct seeded random prompt ids of ``--prompt-len``; greedy; ``ignore_
 speed-up of each N over one stream, and writes ``results.json`` and ``results.png`` (matplotlib, when installed)
 to ``--out``.
 
+With ``--frontends triton`` (or ``http triton``) the same artifacts are also served through Triton: the repository
+``python -m export triton`` writes, nvidia-pytriton's bundled tritonserver, gRPC streaming (rows ``VARIANT-triton``).
+
 What it does not do: compare with other servers, check outputs (tests/test_serve_openai.py does), or run on a GPU.
 """
 
@@ -89,9 +92,112 @@ class Server:
         self.log.close()
 
 
+class TritonServer:
+    """The Triton path: `python -m export triton` writes the repository (the decoupled python model on the same
+    engine, `slots` KV slots), nvidia-pytriton's bundled tritonserver serves it on free loopback ports (its own
+    process group; stopped with it). Requests go over gRPC streaming (tritonclient), one response per text delta."""
+
+    def __init__(self, artifact: Path, slots: int, threads: int | None, work: Path, log: Path):
+        from artifacts.triton_launch import bundled_server, free_ports
+        from artifacts.triton_stub_env import stub_env
+
+        repo = work / "repo"
+        cmd = [sys.executable, "-m", "export", "triton", str(artifact), "--out", str(repo), "--name", "bench",
+               "--max-batch", str(slots), "--overwrite"]
+        with open(log, "wb") as f:
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode:
+                raise RuntimeError(f"export triton failed; see {log}")
+        if threads:  # the python model's ONNX Runtime threads (config parameter ort_threads)
+            config = repo / "bench" / "config.pbtxt"
+            text = config.read_text()
+            config.write_text(re.sub(r'(key: "ort_threads"\s*value \{\s*string_value: )"\d+"', rf'\1"{threads}"', text))
+        grpc_port, http_port, metrics_port = free_ports(3)
+        argv, env = bundled_server(repo, work, grpc_port, http_port, metrics_port, ["bench"], python_env=stub_env())
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.url = f"127.0.0.1:{grpc_port}"
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.url)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                self.close()
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}; see {log}")
+            try:
+                if client.is_model_ready("bench"):
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"tritonserver not ready after 120 s; see {log}")
+            time.sleep(0.3)
+        client.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+
+class TritonClient:
+    """What run_point needs from a client: stream one prompt (text: the Triton model takes text_input), timestamp
+    every response."""
+
+    def __init__(self, url: str, decode):
+        self.url, self.decode = url, decode
+
+    def stream(self, prompt: list[int], new_tokens: int) -> tuple[list[float], int]:
+        import queue
+
+        import tritonclient.grpc as grpcclient
+
+        values = {"text_input": np.array([self.decode(prompt).encode()], dtype=object),
+                  "max_tokens": np.array([new_tokens], dtype=np.int32),
+                  "ignore_eos": np.array([True], dtype=bool), "temperature": np.array([0.0], dtype=np.float32)}
+        types = {"text_input": "BYTES", "max_tokens": "INT32", "ignore_eos": "BOOL", "temperature": "FP32"}
+        inputs = []
+        for name, value in values.items():
+            t = grpcclient.InferInput(name, [1], types[name])
+            t.set_data_from_numpy(value)
+            inputs.append(t)
+        results: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.url)
+        client.start_stream(callback=lambda result, error: results.put((time.perf_counter(), result, error)))
+        times = []
+        try:
+            client.async_stream_infer("bench", inputs, enable_empty_final_response=True)
+            while True:
+                now, result, error = results.get(timeout=600)
+                if error is not None:
+                    raise RuntimeError(f"triton: {error}")
+                out = result.as_numpy("text_output")
+                if out is not None and len(out[0]):
+                    times.append(now)  # one response per text delta, about one per token
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    return times, len(times)
+        finally:
+            client.stop_stream()
+            client.close()
+
+
 def one_stream(client, prompt: list[int], new_tokens: int, barrier: threading.Barrier) -> dict:
     barrier.wait()
     t0 = time.perf_counter()
+    if isinstance(client, TritonClient):
+        times, tokens = client.stream(prompt, new_tokens)
+        return {"t_send": t0, "times": times, "tokens": tokens}
     times, tokens = [], 0
     for chunk in client.completions.create(model="bench", prompt=prompt, max_tokens=new_tokens, temperature=0,
                                            stream=True, stream_options={"include_usage": True},
@@ -225,11 +331,22 @@ def run(args) -> dict:
            "new_tokens": args.new_tokens, "streams": streams, "rounds": args.rounds, "threads": args.threads,
            "machine": f"{os.cpu_count()} cores", "date": datetime.now().isoformat(timespec="seconds"),
            "variants": {}}
-    for variant, art in artifacts.items():
+    runs = [(variant, art, frontend) for variant, art in artifacts.items() for frontend in args.frontends]
+    for variant, art, frontend in runs:
         vocab = json.loads((art / "manifest.json").read_text())["spec"]["vocab_size"]
-        server = Server(art, max(streams), args.threads, args.prefill_chunk, out / "logs" / f"server-{variant}.log")
-        try:
+        name = variant if frontend == "http" else f"{variant}-triton"
+        if frontend == "http":
+            server = Server(art, max(streams), args.threads, args.prefill_chunk, out / "logs" / f"server-{name}.log")
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        else:
+            from runtime_py.tokenizer import Tokenizer
+
+            tok = Tokenizer(art)
+            server = TritonServer(art, max(streams), args.threads, out / f"triton-{variant}",
+                                  out / "logs" / f"server-{name}.log")
+            client = TritonClient(server.url, lambda ids, tok=tok: tok.decode(ids))
+        variant = name
+        try:
             run_point(client, 1, args.prompt_len, 4, vocab, seed=999)  # warm-up: binds, first-call costs
             points = []
             for n in streams:
@@ -254,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="use this built artifact instead of building (repeatable; built with --max-batch >= "
                         "the largest --streams)")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["fp32", "int4"])
+    p.add_argument("--frontends", nargs="+", choices=["http", "triton"], default=["http"],
+                   help="http: `python -m runtime_py serve` (OpenAI API); triton: the Triton repository of "
+                        "`export triton` on nvidia-pytriton's tritonserver (gRPC streaming; text prompts: the "
+                        "random ids are decoded and re-tokenized by the model, so the prompt length is approximate)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
