@@ -155,15 +155,26 @@ class TritonClient:
     """What run_point needs from a client: stream one prompt (text: the Triton model takes text_input), timestamp
     every response."""
 
-    def __init__(self, url: str, decode):
-        self.url, self.decode = url, decode
+    def __init__(self, url: str, tokenizer):
+        self.url, self.tok = url, tokenizer
+
+    def text(self, prompt: list[int]) -> str:
+        """The prompt as text that re-tokenizes to at most len(prompt) tokens (random ids decode to text whose own
+        tokenization is usually longer): drop ids from the end until it fits."""
+        ids = list(prompt)
+        while True:
+            text = self.tok.decode(ids)
+            extra = len(self.tok.encode(text)) - len(prompt)
+            if extra <= 0 or len(ids) <= 1:
+                return text
+            ids = ids[:max(1, len(ids) - extra)]
 
     def stream(self, prompt: list[int], new_tokens: int) -> tuple[list[float], int]:
         import queue
 
         import tritonclient.grpc as grpcclient
 
-        values = {"text_input": np.array([self.decode(prompt).encode()], dtype=object),
+        values = {"text_input": np.array([self.text(prompt).encode()], dtype=object),
                   "max_tokens": np.array([new_tokens], dtype=np.int32),
                   "ignore_eos": np.array([True], dtype=bool), "temperature": np.array([0.0], dtype=np.float32)}
         types = {"text_input": "BYTES", "max_tokens": "INT32", "ignore_eos": "BOOL", "temperature": "FP32"}
@@ -344,7 +355,7 @@ def run(args) -> dict:
             tok = Tokenizer(art)
             server = TritonServer(art, max(streams), args.threads, out / f"triton-{variant}",
                                   out / "logs" / f"server-{name}.log")
-            client = TritonClient(server.url, lambda ids, tok=tok: tok.decode(ids))
+            client = TritonClient(server.url, tok)
         variant = name
         try:
             run_point(client, 1, args.prompt_len, 4, vocab, seed=999)  # warm-up: binds, first-call costs

@@ -94,7 +94,8 @@ def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
     """(prompt, params, stream) from one request. `get(name)` returns the input as a numpy array or None when absent.
 
     prompt is ("text", str) or ("messages", list[dict]). Sampling follows ``python -m runtime_py generate``: greedy
-    unless temperature, top_k > 0 or top_p != 1 is sent; SamplingParams checks the values (ValueError)."""
+    unless temperature, top_k > 0 or top_p != 1 is sent, and ``temperature`` 0 is greedy whatever else is sent (the
+    OpenAI meaning, which Triton's OpenAI-compatible frontend forwards); SamplingParams checks the values."""
     from runtime_py.sampling import SamplingParams
 
     text, messages = get("text_input"), get("messages")
@@ -125,8 +126,11 @@ def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
     max_tokens = scalar("max_tokens", int)
     top_p, top_k = scalar("top_p", float), scalar("top_k", int)
     penalty = scalar("repetition_penalty", float)
+    temperature = scalar("temperature", float)
+    if temperature == 0:  # OpenAI's greedy (what Triton's OpenAI frontend forwards), as `runtime_py serve` reads it
+        temperature, top_k, top_p = None, 0, None
     params = SamplingParams.from_options(
-        scalar("temperature", float), top_k or 0, 1.0 if top_p is None else top_p,
+        temperature, top_k or 0, 1.0 if top_p is None else top_p,
         repetition_penalty=1.0 if penalty is None else penalty, seed=scalar("seed", int),
         max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
         stop=strings("stop") + strings("stop_words"), ignore_eos=bool(scalar("ignore_eos", bool)))

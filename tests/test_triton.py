@@ -237,6 +237,9 @@ def test_parse_request_follows_the_runtime_cli():
     assert prompt == ("text", "Hi") and not streamed
     assert p == SamplingParams(greedy=False, temperature=0.5, top_p=float(np.float32(0.9)), seed=7, stop=("x", "yz"),
                                max_new_tokens=5)
+    # temperature 0 is OpenAI's greedy whatever top_p says (as `runtime_py serve` reads it)
+    _, p, _ = parse_request(getter({"text_input": b"Hi", "temperature": np.float32(0), "top_p": np.float32(0.9)}))
+    assert p == SamplingParams(greedy=True, max_new_tokens=p.max_new_tokens)
     for bad, match in [({}, "exactly one of"), ({"text_input": b"a", "messages": b"[]"}, "exactly one of"),
                        ({"messages": b"{not json"}, "not valid JSON"), ({"messages": b'{"a": 1}'}, "JSON list"),
                        ({"text_input": b"\xff"}, "UTF-8"), ({"text_input": b""}, "empty"),
