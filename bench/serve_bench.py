@@ -241,6 +241,10 @@ def run_point(client, streams: int, prompt_len: int, new_tokens: int, vocab: int
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise RuntimeError(f"{len(errors)} of {streams} streams failed: {errors[0]!r}")
+    if any(len(r["times"]) < 2 for r in results):  # the Triton model answers per text delta, not per token
+        raise RuntimeError("a stream got fewer than 2 timed responses (text deltas): its tokens decode to (almost) no "
+                           "text (a random-weight model writes ids its tokenizer has no text for); time this "
+                           "frontend on a model that writes text")
     firsts = [r["times"][0] for r in results]
     lasts = [r["times"][-1] for r in results]
     # steady state: from the moment the last stream got its first token (every prompt prefilled) to the moment the
