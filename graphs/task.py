@@ -57,7 +57,10 @@ def seal(model: ir.Model) -> dict:
         buffer = add("ConstantOfShape", [kv_shape], {"value": zero}, name=f"{value.name}.zeros")
         value.replace_all_uses_with(buffer)
 
-    graph.insert_before(graph.node(0), nodes) if len(graph) else graph.extend(nodes)
+    if len(graph):
+        graph.insert_before(graph.node(0), nodes)
+    else:
+        graph.extend(nodes)
     kept = [v for v in graph.inputs if v.name == "input_ids"]
     graph.inputs.clear()
     graph.inputs.extend(kept)
