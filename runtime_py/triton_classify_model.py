@@ -51,7 +51,6 @@ they must stay plain literals.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,8 @@ _RUNTIME = _HERE / "runtime"  # runtime_py/ + artifacts/ sources, copied by arti
 if _RUNTIME.is_dir() and str(_RUNTIME) not in sys.path:
     sys.path.insert(0, str(_RUNTIME))
 
-from runtime_py.triton_model import RequestError, _check_stub_numpy, _error, _log, _text, pb_utils  # noqa: E402
+from runtime_py.triton_model import (RequestError, _check_stub_numpy, _error, _log, _text,  # noqa: E402
+                                     model_parameters, pb_utils)
 
 KIND = "classify"  # what the repository checker keys on (runtime_py/triton_model.py is the "generate" kind)
 # task -> input name -> (Triton data type, dims of one row, optional).
@@ -260,11 +260,7 @@ class TritonPythonModel:
         from runtime_py.classify import Classifier
 
         _check_stub_numpy()
-        config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
-        p = {**DEFAULTS, **{k: v for k, v in params.items() if v}}
-        artifact = Path(p["artifact"])
-        artifact = artifact if artifact.is_absolute() else _HERE / artifact
+        config, p, artifact = model_parameters(args, DEFAULTS, _HERE)
         self.classifier = Classifier(artifact, threads=int(p["ort_threads"]) or None)
         self.max_answer_len = int(p["max_answer_len"])
         self.task = self.classifier.task

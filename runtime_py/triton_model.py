@@ -172,16 +172,22 @@ def _error(message: str):
         return pb_utils.TritonError(message)
 
 
+def model_parameters(args, defaults: dict, here: Path) -> tuple[dict, dict, Path]:
+    """(model config, its parameters over `defaults` (an empty value keeps the default), the artifact directory they
+    name: a relative one sits beside model.py, `here`). Both python models' ``initialize`` read their config so."""
+    config = json.loads(args["model_config"])
+    params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+    p = {**defaults, **{k: v for k, v in params.items() if v}}
+    artifact = Path(p["artifact"])
+    return config, p, artifact if artifact.is_absolute() else here / artifact
+
+
 class TritonPythonModel:
     def initialize(self, args):
         from runtime_py.engine import Engine
 
         _check_stub_numpy()
-        config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
-        p = {**DEFAULTS, **{k: v for k, v in params.items() if v}}
-        artifact = Path(p["artifact"])
-        artifact = artifact if artifact.is_absolute() else _HERE / artifact
+        _, p, artifact = model_parameters(args, DEFAULTS, _HERE)
         self.engine = Engine(artifact, slots=max(1, int(p["max_concurrency"])), max_queue=int(p["max_queue"]),
                              threads=int(p["ort_threads"]) or None, backend=p["runtime_backend"])
         self.engine.start()

@@ -83,6 +83,17 @@ def hf_config(family: str, fields: dict):
     return {"qwen2": Qwen2Config, "gemma2": Gemma2Config, "qwen3_moe": Qwen3MoeConfig}[family](**fields)
 
 
+def randomize(model, family: str):
+    """Fill an HF model's weights in place with the test scales (norms near their identity); returns it."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if family == "gemma2" else 1.0))
+            else:
+                p.normal_(0.0, _STD[family])
+    return model
+
+
 def save_hf_checkpoint(family: str, fields: dict, out: Path, seed: int = 0, shard: str | None = None) -> Path:
     """A random HF model saved with save_pretrained (safetensors) plus a tiny tokenizer."""
     from transformers import AutoModelForCausalLM
@@ -90,13 +101,7 @@ def save_hf_checkpoint(family: str, fields: dict, out: Path, seed: int = 0, shar
     from export.tiny import write_tokenizer
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(family, fields), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if family == "gemma2" else 1.0))
-            else:
-                p.normal_(0.0, _STD[family])
+    model = randomize(AutoModelForCausalLM.from_config(hf_config(family, fields), dtype=torch.float32).eval(), family)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(str(out), **kwargs)
     write_tokenizer(out, VOCAB)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from export.spec import UnsupportedConfigError, spec_from_config
-from tests.conftest import _STD, CASES, hf_config
+from tests.conftest import CASES, hf_config, randomize
 from tests.helpers import needs_trt
 
 LABELS = {0: "neg", 1: "pos", 2: "mid"}
@@ -62,13 +62,7 @@ def save_task_checkpoint(out: Path, case: str, task: str, seed: int = 0, **kw) -
     family, fields = _fields(case, task, **kw)
     cls = getattr(transformers, PREFIX[family] + HF_CLASS[task])
     torch.manual_seed(seed)
-    model = cls(hf_config(family, fields)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if family == "gemma2" else 1.0))
-            else:
-                p.normal_(0.0, _STD[family])
+    model = randomize(cls(hf_config(family, fields)).eval(), family)
     model.save_pretrained(str(out))
     write_tokenizer(out, 256)
     return out

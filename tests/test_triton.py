@@ -25,8 +25,9 @@ from artifacts.triton_contract import RepositoryError
 from artifacts.triton_write import write_repository
 from runtime_py.sampling import SamplingParams
 from runtime_py.triton_model import INPUTS, RequestError, parse_request
-from tests.triton_helpers import (GREEDY, NAME, artifact, expected_deltas, generator, getter,  # noqa: F401 - fixtures
-                                  repo, server, start_server, stop_server, stream, stub_python)
+from tests.triton_helpers import (GREEDY, NAME, artifact, assert_broken_config_rejected,  # noqa: F401 - fixtures
+                                  expected_deltas, generator, getter, repo, server, start_server, stop_server,
+                                  stream, stub_python)
 
 
 def _pb():
@@ -99,15 +100,7 @@ BROKEN = [
 @pytest.mark.parametrize("model,old,new,error", BROKEN, ids=[b[3] for b in BROKEN])
 def test_hand_broken_config_is_rejected(repo, tmp_path, model, old, new, error):
     _pb()
-    broken = tmp_path / "repo"
-    shutil.copytree(repo, broken)
-    cfg = broken / model / "config.pbtxt"
-    text = cfg.read_text()
-    assert old in text
-    cfg.write_text(text.replace(old, new, 1))
-    with pytest.raises(RepositoryError, match=error.replace("[", r"\[").replace("(", r"\(")) as e:
-        validate_repository(broken)
-    assert str(cfg) in str(e.value)
+    assert_broken_config_rejected(repo, tmp_path, model, old, new, error)
 
 
 def test_missing_files_are_rejected(repo, tmp_path):

@@ -74,6 +74,25 @@ def stub_python():
         pytest.skip(f"no numpy<2 environment for the tritonserver python backend stub: {e}")
 
 
+def assert_broken_config_rejected(repo, tmp_path, model: str, old: str, new: str, error: str) -> None:
+    """A copy of `repo` with `old` replaced by `new` in `model`'s config.pbtxt fails validation with `error`
+    (a literal), naming that config file."""
+    import shutil
+
+    from artifacts.triton_check import validate_repository
+    from artifacts.triton_contract import RepositoryError
+
+    broken = tmp_path / "repo"
+    shutil.copytree(repo, broken)
+    cfg = broken / model / "config.pbtxt"
+    text = cfg.read_text()
+    assert old in text
+    cfg.write_text(text.replace(old, new, 1))
+    with pytest.raises(RepositoryError, match=error.replace("[", r"\[").replace("(", r"\(")) as e:
+        validate_repository(broken)
+    assert str(cfg) in str(e.value)
+
+
 def start_server(repo, work, python_env, models=None):
     grpc_port, http_port, metrics_port = free_ports(3)
     argv, env = bundled_server(repo, work, grpc_port, http_port, metrics_port, models, python_env=python_env)
