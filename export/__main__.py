@@ -163,9 +163,14 @@ def _inspect(args) -> int:
         print(json.dumps(report))
         return 0
     q = report["quantization"]
+    if q is not None and "source" in q:  # a pre-quantized checkpoint
+        src = q["source"]
+        scheme = f"pre-quantized {src['method']} {src['bits']}-bit (group {src['group_size']}), forms {q['forms']}"
+    elif q is not None:
+        scheme = f"{q['scheme']} (group {q['group_size'] or 'per channel'})"
     print("weights: " + ("every weight in the build precision" if q is None else
-                         f"{q['scheme']} (group {q['group_size'] or 'per channel'}): {q['quantized_tensors']} "
-                         f"tensors quantized, {q['float_tensors']} float; {q['counts']}"))
+                         f"{scheme}: {q['quantized_tensors']} tensors quantized, {q['float_tensors']} float; "
+                         f"{q['counts']}"))
     for name, g in report["graphs"].items():
         print(f"graph {name}: {g['file']}  lowering={g['lowering']}  logits={g['logits']}  "
               f"nodes={sum(g['ops'].values())}")

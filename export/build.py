@@ -79,6 +79,8 @@ class Plan:
     max_seq_len: int
     quant: object  # export.quantize.QuantConfig | None
     tokenizer_files: dict[str, Path]
+    prequant: object = None  # export.prequant.PreQuant: the checkpoint's own quantization_config, or None
+    accuracy_level: int | None = None
 
 
 def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: int | None, max_batch: int,
@@ -110,11 +112,27 @@ def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: i
         raise ValueError(f"--task {task}: choose from {TASKS}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
         raise ValueError(f"--max-batch {max_batch}: must be in [1, {MAX_BATCH}]")
+    from export.prequant_checkpoint import PreQuantCheckpoint, describe, load_prequant
     from export.quantize import check_group_size, quant_config
 
-    quant = quant_config(quantize, backend, lowering, group_size, accuracy_level, quantize_lm_head)
     model_dir = resolve_model(model)
     spec = load_spec(model_dir, task)
+    prequant = load_prequant(model_dir)
+    if prequant is None:
+        quant = quant_config(quantize, backend, lowering, group_size, accuracy_level, quantize_lm_head)
+    else:
+        quant = None
+        given = [flag for flag, value in (("--quantize", quantize), ("--group-size", group_size),
+                                          ("--quantize-lm-head", quantize_lm_head)) if value]
+        if given:
+            raise ValueError(f"{' and '.join(given)}: {model_dir} is already quantized ({describe(prequant)}, "
+                             "config.json quantization_config); build it without them (requantizing would round "
+                             "its weights a second time)")
+        if lowering == "trt-plugin":
+            raise ValueError("--lowering trt-plugin has no quantized form; a pre-quantized checkpoint builds with "
+                             "trt-native")
+        if accuracy_level is not None and lowering != "ort":
+            raise ValueError(f"--accuracy-level is a MatMulNBits/QMoE setting (the ort lowering), not {lowering}")
     if spec.task != "causal-lm":
         if kv_mode != "static":
             raise ValueError(f"--kv-mode {kv_mode}: a {spec.task} graph has no KV cache (one full-sequence forward; "
@@ -122,7 +140,7 @@ def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: i
         if quantize_lm_head:
             raise ValueError(f"--quantize-lm-head: a {spec.task} model has no LM head")
     check_group_size(spec, quant)
-    ckpt = Checkpoint(model_dir)
+    ckpt = Checkpoint(model_dir) if prequant is None else PreQuantCheckpoint(model_dir, prequant)
     weights = weight_plan(spec)
     warn_unexpected(check_checkpoint(spec, ckpt, weights))
     if max_seq_len is None:
@@ -138,7 +156,8 @@ def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: i
         note = cpu_expansion_warning(precision)
         if note:
             print(f"warning: {note}", file=sys.stderr)
-    return Plan(model_dir, spec, ckpt, weights, DTYPES[precision], lowering, max_seq_len, quant, tokenizer_files)
+    return Plan(model_dir, spec, ckpt, weights, DTYPES[precision], lowering, max_seq_len, quant, tokenizer_files,
+                prequant, accuracy_level)
 
 
 def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT_BACKEND, out: Path | None = None,
@@ -160,6 +179,10 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
         total = weight_bytes(plan.weights, spec, dtype)
         weights = precision if quant is None else f"{quantize} weights (group {quant.group_size or 'per channel'}), " \
             f"{precision} activations"
+        if plan.prequant is not None:
+            from export.prequant_checkpoint import describe
+
+            weights = f"pre-quantized: {describe(plan.prequant)} weights, {precision} activations"
         what = f"kv {kv_mode}" if spec.task == "causal-lm" else f"{spec.task} head, no KV cache"
         print(f"exporting {spec.model_type} ({spec.num_layers} layers, {total / 2**20:.1f} MiB of weights, "
               f"{weights}, {what}) from {model_dir}", file=sys.stderr)
@@ -173,14 +196,19 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
 
             fusion["sealed"] = seal(graph)
         fold(graph)
-        quantization = quantize_weights(graph, quant, lowering, dtype)
+        quantization = quantize_weights(graph, quant, lowering, dtype, plan.prequant, plan.accuracy_level)
+        if plan.prequant is not None:
+            for name, why in ckpt.dequantized.items():
+                print(f"note: {name}: stored as its dequantization ({why})", file=sys.stderr)
+            quantization["dequantized"] += [f"decoder.{name}" for name in ckpt.dequantized]
         stored = stored_bytes(graph)
         save(graph, tmp / GRAPH, progress)
         op_histogram = histogram(graph)
         del graph  # its lazy tensors are written: let them go before the engine build
         engine = None
         if backend == "tensorrt":
-            engine = build_engine_stage(tmp, io, kv_mode, max_batch, max_seq_len, precision, quantize)
+            fp8 = quantize == "fp8" or (plan.prequant is not None and plan.prequant.method == "fp8")
+            engine = build_engine_stage(tmp, io, kv_mode, max_batch, max_seq_len, precision, fp8)
         for name, path in plan.tokenizer_files.items():
             shutil.copyfile(path, tmp / name)  # contents only: never a link, never the source's mode
         if "tokenizer.json" not in plan.tokenizer_files:
@@ -240,13 +268,25 @@ def fold(model) -> None:
     fold_constants(model, keep=(CheckpointError,))
 
 
-def quantize_weights(model, quant, lowering: str, dtype: torch.dtype) -> dict | None:
+def quantize_weights(model, quant, lowering: str, dtype: torch.dtype, prequant=None,
+                     accuracy_level: int | None = None) -> dict | None:
     """Stage 6: weight-only quantization of the linears (graphs/quantize.py), after folding so the optimizer never
-    folds a dequantize back into a float weight. None (no --quantize): every weight stays in the precision."""
-    if quant is None:
-        return None
+    folds a dequantize back into a float weight; for a pre-quantized checkpoint, its own integers stored in the
+    graph instead. None (no --quantize, a float checkpoint): every weight stays in the precision."""
     from graphs.quantize import quantize_graph
 
+    if prequant is not None:
+        import dataclasses
+
+        result = quantize_graph(model, None, lowering, NP_DTYPES[dtype], accuracy_level)
+        for name in result["dequantized"]:
+            print(f"note: {name}: its stored integers have no form here; stored as their dequantization",
+                  file=sys.stderr)
+        source = {k: v for k, v in dataclasses.asdict(prequant).items()
+                  if k in ("method", "bits", "group_size", "sym", "desc_act", "format_version", "lm_head")}
+        return {**result, "source": source}
+    if quant is None:
+        return None
     return quantize_graph(model, quant, lowering, NP_DTYPES[dtype])
 
 
@@ -295,13 +335,13 @@ def save(model, path: Path, progress: bool) -> None:
 
 
 def build_engine_stage(tmp: Path, io: dict, kv_mode: str, max_batch: int, max_seq_len: int, precision: str,
-                       quantize: str | None) -> dict:
+                       fp8_weights: bool) -> dict:
     """Stage 8: the TensorRT engine from the saved graph (export/engine.py), its I/O checked against the contract."""
     from export.engine import build_engine, check_engine_io
 
     print("building the TensorRT engine ...", file=sys.stderr)
     engine = build_engine(tmp / GRAPH, tmp / ENGINE, kv_mode, max_batch, max_seq_len, precision,
-                          fp8_weights=quantize == "fp8")
+                          fp8_weights=fp8_weights)
     check_engine_io(io, engine["io"])
     return engine
 

@@ -52,7 +52,8 @@ PRESETS: dict[str, str] = {
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+           "F8_E4M3": torch.float8_e4m3fn}  # F8_E4M3: the weights of FP8 checkpoints (export/prequant_checkpoint.py)
 
 
 def resolve_model(model: str) -> Path:
@@ -118,7 +119,8 @@ class Checkpoint:
                         if dtype is None:
                             raise CheckpointError(
                                 f"{file.name}: tensor '{name}' has unsupported dtype {sl.get_dtype()}; accepted: "
-                                "F32, F16, BF16 for weights (F64, I64, I32, I8, U8, BOOL only in unused tensors)")
+                                "F32, F16, BF16 for weights (F64, I64, I32, I8, U8, BOOL only in unused tensors; I32 and "
+                                "F8_E4M3 in the quantized linears of a checkpoint with a quantization_config)")
                         if name in self.tensors:
                             raise CheckpointError(
                                 f"tensor '{name}' is stored twice, in {self.tensors[name].file.name} and {file.name}")

@@ -37,5 +37,8 @@ def _quantization_summary(quantization: dict | None) -> dict | None:
     tensors = quantization.get("tensors", {})
     return {"scheme": quantization.get("scheme"), "group_size": quantization.get("group_size"),
             "counts": quantization.get("counts", {}),
+            # a pre-quantized checkpoint's own scheme, and how many weights took each graph form
+            **({"source": quantization["source"], "forms": quantization.get("forms", {}),
+                "dequantized": quantization.get("dequantized", [])} if "source" in quantization else {}),
             "quantized_tensors": sum(1 for t in tensors.values() if isinstance(t, dict) and "bits" in t),
             "float_tensors": sum(1 for t in tensors.values() if isinstance(t, dict) and "bits" not in t)}

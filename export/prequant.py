@@ -168,8 +168,12 @@ class PreQuant:
                 return scheme, f"{_FIELD}.lm_head is true"
             return None, ("the LM head stays float (GPTQ lm_head is false)" if self.method == "gptq" else
                           f"the LM head stays float ({self.method})")
-        if self.method in ("gptq", "awq") and _is_router(name):
-            return None, "the MoE router stays float (GPTQ/AWQ writers never quantize it)"
+        if self.method in ("gptq", "awq", "fp8") and _is_router(name):
+            return None, ("the MoE router stays float (GPTQ/AWQ writers never quantize it; transformers' FP8 "
+                          "converts nn.Linear and the experts, and Qwen3-MoE's router is neither)")
+        if self.method in ("gptq", "awq") and not re.search(r"\blayers\.\d+\.", name):
+            return None, "outside the decoder layers (GPTQ/AWQ quantize the layers' linears, and the LM head only " \
+                         "when asked)"
         if self.method == "gptq" and self.modules_in_block_to_quantize is not None:
             rel = re.sub(r"^.*?\blayers\.\d+\.", "", name)
             if rel not in self.modules_in_block_to_quantize:

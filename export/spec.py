@@ -170,6 +170,7 @@ IGNORED = {
     "is_encoder_decoder", "tokenizer_class", "model_type", "bos_token_id", "eos_token_id", "pad_token_id",
     "use_bidirectional_attention", "cache_implementation", "quantization_config_ignored", "name_or_path",
     "router_jitter_noise", "keys_to_ignore_at_inference", "classifier_dropout", "hidden_dropout",
+    "quantization_config",  # how the weights are stored, not the maths: read by export/prequant_checkpoint.py
 }
 
 _REQUIRED = object()  # default of a reader: the field must be present and not null

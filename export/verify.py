@@ -101,6 +101,13 @@ def verify(model: str, prompt_ids: list[int] | None, steps: int, kv_mode: str) -
     if task != "causal-lm":
         raise ValueError(f"{model_dir} is a {task} checkpoint: verify compares generations; build it and compare "
                          "`python -m runtime_py classify --json` with transformers (tests/test_task_heads.py does)")
+    from export.prequant_checkpoint import describe, load_prequant
+
+    prequant = load_prequant(model_dir)
+    if prequant is not None:
+        raise ValueError(f"{model_dir} is pre-quantized ({describe(prequant)}): verify runs transformers on the "
+                         "checkpoint, which needs that format's kernels; build it and compare `python -m runtime_py "
+                         "score` with transformers on the dequantized weights (tests/test_prequant_build.py does)")
     ours_model, spec = load_model(model_dir, kv_mode=kv_mode)
     if prompt_ids is None:
         prompt_ids = [(7 * i + 3) % spec.vocab_size for i in range(8)]

@@ -234,6 +234,10 @@ def attach_weights(model, spec: ModelSpec, plan: list[Weight], ckpt: Checkpoint,
             return _ir_tensor(t.t() if transposed else t, name)
 
         value.const_value = ir.LazyTensor(load, dtype=_ir_dtype(w_dtype), shape=ir.Shape(shape), name=name)
+        if hasattr(ckpt, "qsource"):  # a pre-quantized checkpoint: the stored integers go with the float view
+            from graphs.quantize import with_qsource
+
+            with_qsource(value, ckpt.qsource(w))
     return folded
 
 

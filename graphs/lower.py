@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs import fuse, native, norms, pack
+from graphs import fuse, native, norms, pack, quantize
 from graphs.fuse import Consumed, LoweringError, Matches, Needs
 from plugins import attention as attn_plugin
 from plugins import moe as moe_plugin
@@ -276,7 +276,12 @@ def _interleaved(graph: ir.Graph, gate_up: ir.Value) -> ir.Value:
         out[:, 0::2], out[:, 1::2] = arr[:, :half], arr[:, half:]
         return out
 
-    return fuse.lazy_initializer(graph, gate_up.name + ".interleaved", gate_up, gate_up.shape, load)
+    value = fuse.lazy_initializer(graph, gate_up.name + ".interleaved", gate_up, gate_up.shape, load)
+    pre = quantize.qsource(gate_up)  # a pre-quantized checkpoint's integers, rows interleaved the same way
+    if pre is not None:
+        half = gate_up.shape[1] // 2
+        quantize.with_qsource(value, pre.rows(np.stack([np.arange(half), np.arange(half, 2 * half)], 1).reshape(-1)))
+    return value
 
 
 def _swap(graph: ir.Graph, old: ir.Node, new: list[ir.Node], new_outputs) -> None:

@@ -11,6 +11,9 @@ synchronisations. The concatenated weights are lazy tensors: read from the check
 written. A projection that does not have exactly this shape is left alone; each pass returns how many groups it
 packed.
 
+A pre-quantized checkpoint's integers (graphs/quantize.py QSource) are concatenated with the weights; projections
+stored in different schemes, or with act-order, are not packed.
+
 What it does not do: change any result (concatenation is exact), or touch MoE experts.
 """
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs import fuse, scopes
+from graphs import fuse, quantize, scopes
 
 
 def _linear(value: ir.Value):
@@ -39,8 +42,20 @@ def _lazy_concat(graph: ir.Graph, name: str, parts: list[ir.Value], axis: int) -
     srcs = [p.const_value for p in parts]
     shape = list(parts[0].shape)
     shape[axis] = sum(p.shape[axis] for p in parts)
-    return fuse.lazy_initializer(graph, name, parts[0], shape,
-                                 lambda: np.concatenate([s.numpy() for s in srcs], axis=axis))
+    value = fuse.lazy_initializer(graph, name, parts[0], shape,
+                                  lambda: np.concatenate([s.numpy() for s in srcs], axis=axis))
+    if axis == 1 and quantize.qsource(parts[0]) is not None:  # a pre-quantized checkpoint's integers, along N
+        quantize.with_qsource(value, quantize.qsource(parts[0]).concat([quantize.qsource(p) for p in parts[1:]]))
+    return value
+
+
+def _packable(weights: list[ir.Value]) -> bool:
+    """Weights of a pre-quantized checkpoint pack only when they share one stored scheme (no act-order: each has
+    its own input order); float weights pack with float weights only."""
+    sources = [quantize.qsource(w) for w in weights]
+    if all(s is None for s in sources):
+        return True
+    return all(s is not None for s in sources) and sources[0].concat(sources[1:]) is not None
 
 
 def pack_qkv(model: ir.Model, node_filter) -> int:
@@ -53,7 +68,7 @@ def pack_qkv(model: ir.Model, node_filter) -> int:
         parts = [_linear(v) for v in node.inputs[:3]]
         if any(p is None for p in parts) or len({id(p[0]) for p in parts}) != 1:
             continue
-        if len({p[2] is None for p in parts}) != 1:
+        if len({p[2] is None for p in parts}) != 1 or not _packable([p[1] for p in parts]):
             continue
         x = parts[0][0]
         weight = _lazy_concat(graph, f"{node.name}.qkv.weight", [p[1] for p in parts], axis=1)
@@ -85,7 +100,8 @@ def pack_gate_up(model: ir.Model, spec) -> int:
         if len(gate) != 1 or len(up) != 1 or gate[0].inputs[0] is not up[0].inputs[0]:
             continue
         g, u = gate[0], up[0]
-        if g.inputs[1].const_value is None or u.inputs[1].const_value is None:
+        if g.inputs[1].const_value is None or u.inputs[1].const_value is None or \
+                not _packable([g.inputs[1], u.inputs[1]]):
             continue
         weight = _lazy_concat(graph, f"{scope}.gate_up.weight", [g.inputs[1], u.inputs[1]], axis=1)
         width = g.inputs[1].shape[1]

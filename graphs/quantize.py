@@ -32,6 +32,7 @@ What it does not do: choose the scheme or check group sizes against the model (e
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -129,22 +130,110 @@ def unpack_nbits(b: np.ndarray, bits: int) -> np.ndarray:
     return q.reshape(*q.shape[:-2], -1)
 
 
-# ---- lazy, memoised quantization of one source tensor ----------------------------------------------------------
+# ---- where a weight's integers come from -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QInfo:
+    """What the rewrite of one weight needs before any data is read. group is along K (0 = one group spanning K);
+    zeros: the integers have zero points; perm: act-order, the graph computes x[..., perm] @ W' (W' = the weight with
+    its inputs permuted so that groups are contiguous)."""
+
+    scheme: str  # int4 | int8 | fp8
+    group: int
+    zeros: bool = False
+    perm: bool = False
+    label: str = "rtn-symmetric"  # what the manifest calls the source: rtn-symmetric, gptq-v2, awq, fp8-block, ...
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.scheme == "int4" else 8
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """The integers of one weight, laid out [..., N, K] (K = input dim): q int8 signed (float8_e4m3fn for fp8),
+    scales [..., N, G] float32, zeros [..., N, G] int8 signed or None, perm [K] int64 or None (see QInfo)."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray | None = None
+    perm: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class QSource:
+    """A pre-quantized checkpoint's integers for one float initializer (export/prequant_checkpoint.py attaches it to
+    the initializer's lazy tensor as ``meta[QSOURCE]``): ``load()`` -> QWeight [..., N, K], exactly the format's
+    values; the float tensor itself is their dequantization."""
+
+    info: QInfo
+    load: object  # () -> QWeight
+
+    def concat(self, others: list[QSource]) -> QSource | None:
+        """The source of the weights concatenated along N (graphs/pack.py), or None when they differ in scheme
+        (those are not packed)."""
+        parts = [self, *others]
+        if len({p.info for p in parts}) != 1 or self.info.perm:
+            return None
+        loads = [p.load for p in parts]
+
+        def load():
+            ws = [f() for f in loads]
+            cat = lambda xs: np.concatenate(xs, axis=-2)  # noqa: E731 - N is the second last axis
+            return QWeight(cat([w.q for w in ws]), cat([w.scales for w in ws]),
+                           None if ws[0].zeros is None else cat([w.zeros for w in ws]))
+        return QSource(self.info, load)
+
+    def rows(self, index: np.ndarray) -> QSource:
+        """The source of the weight with its N rows reordered as index (the MoE gate/up interleave)."""
+        load = self.load
+
+        def reorder():
+            w = load()
+            take = lambda a: None if a is None else np.ascontiguousarray(a[..., index, :])  # noqa: E731
+            return QWeight(take(w.q), take(w.scales), take(w.zeros), w.perm)
+        return QSource(self.info, reorder)
+
+
+QSOURCE = "llm_export.qsource"
+
+
+def qsource(value: ir.Value | None) -> QSource | None:
+    """The QSource a pre-quantized checkpoint attached to this initializer, if any."""
+    tensor = None if value is None else value.const_value
+    return None if tensor is None else tensor.meta.get(QSOURCE)
+
+
+def with_qsource(value: ir.Value, source: QSource | None) -> ir.Value:
+    if source is not None:
+        value.const_value.meta[QSOURCE] = source
+    return value
+
+
+# ---- lazy, memoised integers of one weight ---------------------------------------------------------------------
 
 class _Quantized:
-    """Quantizes one source tensor (a lazy initializer) on first read. One slot is shared by the whole pass, so at
-    most one quantized tensor is alive: the q and scale initializers of a weight are written one after the other."""
+    """The integers of one weight, computed (RTN from its float source) or unpacked (pre-quantized) on first read.
+    One slot is shared by the whole pass, so at most one is alive: the initializers of a weight (integers, scales,
+    zero points) are written one after the other."""
 
     slot: list = [None, None]
 
-    def __init__(self, src, scheme: str, group: int, scale_dtype, transpose: bool):
-        self.src, self.scheme, self.group, self.scale_dtype, self.transpose = src, scheme, group, scale_dtype, transpose
+    def __init__(self, info: QInfo, load):
+        self.info, self._load = info, load
 
-    def get(self) -> tuple[np.ndarray, np.ndarray]:
+    @classmethod
+    def rtn(cls, src, info: QInfo, scale_dtype, transpose: bool) -> _Quantized:
+        def load():
+            w = src.numpy()
+            w = w.T if transpose else w  # to [..., N, K]
+            return QWeight(*quantize_rtn(w, info.scheme, info.group, scale_dtype))
+        return cls(info, load)
+
+    def get(self) -> QWeight:
         if self.slot[0] is not self:
-            w = self.src.numpy()
-            w = w.T if self.transpose else w  # to [..., N, K]
-            self.slot[:] = [self, quantize_rtn(w, self.scheme, self.group, self.scale_dtype)]
+            self.slot[:] = [None, None]
+            self.slot[:] = [self, self._load()]
         return self.slot[1]
 
 
@@ -168,6 +257,10 @@ def _lazy(graph: ir.Graph, name: str, dtype: ir.DataType, shape, load) -> ir.Val
 
 # ---- the pass --------------------------------------------------------------------------------------------------
 
+NBITS_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits / QMoE block sizes: a power of two, 16..256
+TRT_INT4_BLOCKS = (64, 128)  # TensorRT's weight-only INT4 GEMM
+
+
 def _weight_of(value: ir.Value):
     """(initializer, transposed) when value is a constant float 2-D weight [K, N] or Transpose(perm 1,0) of one
     stored [N, K] (the tied LM head), else None."""
@@ -190,11 +283,29 @@ def _expert_weight(value: ir.Value) -> bool:
         value.shape is not None and len(value.shape) == 3 and ".moe." in value.name
 
 
-def quantize_graph(model: ir.Model, cfg: QuantConfig, lowering: str, np_dtype) -> dict:
-    """Rewrite in place; returns counts and the scheme of every weight (by initializer name)."""
+def _form(info: QInfo, lowering: str, K: int) -> str:
+    """How one weight is stored: ``nbits`` (MatMulNBits / QMoE), ``dq`` (DequantizeLinear, what TensorRT fuses into
+    its weight-only GEMMs) or ``reference`` (Cast [- zero] * scale: standard ops, any layout)."""
+    group = info.group or K
+    if lowering == "ort":
+        return "nbits" if info.scheme != "fp8" and group in NBITS_BLOCKS and K % group == 0 else "reference"
+    if lowering == "trt-native" and not info.zeros:
+        if info.scheme == "int4" and group in TRT_INT4_BLOCKS and K % group == 0:
+            return "dq"  # blocked along K
+        if info.scheme in ("int8", "fp8") and group == K:
+            return "dq"  # one scale per output channel
+    return "reference"
+
+
+def quantize_graph(model: ir.Model, cfg: QuantConfig | None, lowering: str, np_dtype,
+                   accuracy_level: int | None = None) -> dict:
+    """Rewrite in place; returns counts and the scheme of every weight (by initializer name).
+
+    cfg None: a pre-quantized checkpoint's graph. The weights that carry a :class:`QSource` get its integers (their
+    layout picks the form, :func:`_form`); the others stay in the precision (layers the checkpoint left float)."""
     if lowering == "trt-plugin":
         raise QuantizeError("the trt-plugin lowering has no quantized form; use trt-native")
-    if cfg.scheme == "fp8" and lowering == "ort":
+    if cfg is not None and cfg.scheme == "fp8" and lowering == "ort":
         raise QuantizeError("fp8 weights have no ONNX Runtime CPU kernel (MatMulNBits takes int4/int8)")
     graph = model.graph
     for node in graph:
@@ -205,8 +316,20 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig, lowering: str, np_dtype) -
     _Quantized.slot[:] = [None, None]
     schemes: dict[str, dict] = {}
     counts = {"linear": 0, "experts": 0, "lm_head": 0}
+    forms = {"nbits": 0, "dq": 0, "reference": 0}
     # TensorRT's INT8/FP8 Q/DQ is per tensor or per channel: one group spans the whole input dimension.
-    group = cfg.group_size if (cfg.scheme == "int4" or lowering != "trt-native") else 0
+    group = 0 if cfg is None else cfg.group_size if (cfg.scheme == "int4" or lowering != "trt-native") else 0
+    level = (4 if accuracy_level is None else accuracy_level) if cfg is None else cfg.accuracy_level
+
+    def source(w: ir.Value, transpose: bool) -> _Quantized | None:
+        pre = qsource(w)
+        if cfg is None:
+            if pre is None:
+                return None
+            load = pre.load
+            return _Quantized(pre.info, lambda: dataclasses.replace(w := load(), scales=w.scales.astype(np_dtype)))
+        return _Quantized.rtn(w.const_value, QInfo(cfg.scheme, group), np_dtype, transpose)
+
     for node in list(graph):
         if node.op_type == "MatMul" and node.domain == "":
             found = _weight_of(node.inputs[1])
@@ -216,54 +339,79 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig, lowering: str, np_dtype) -
             if _is_router(w.name):
                 continue
             head = w.name == LM_HEAD
-            if head and not cfg.lm_head:
+            if head and cfg is not None and not cfg.lm_head:
                 continue
             K, N = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
-            # quantize W^T [N, K] along K: a stored [K, N] weight is transposed, a transposed [N, K] one is not
-            quant = _Quantized(w.const_value, cfg.scheme, group, np_dtype, transpose=not transposed)
+            # the integers are W^T [N, K] along K: a stored [K, N] weight is transposed, a transposed [N, K] one not
+            quant = source(w, transpose=not transposed)
+            if quant is None:
+                continue
             tag = f"{w.name}.{'lm_head' if head and transposed else 'q'}"
-            if lowering == "ort":
-                _to_matmul_nbits(graph, node, quant, tag, K, N, cfg, act)
+            form = _form(quant.info, lowering, K)
+            x = _permuted_input(graph, node, quant, tag, K)
+            if form == "nbits":
+                _to_matmul_nbits(graph, node, x, quant, tag, K, N, level, act)
             else:
-                node.replace_input_with(1, _dequant_2d(graph, node, quant, tag, K, N, cfg, lowering, act, group))
-            schemes[w.name + (".as_lm_head" if head and transposed else "")] = _scheme(cfg, group or K, [K, N])
+                node.replace_input_with(0, x)
+                node.replace_input_with(1, _dequant_2d(graph, node, quant, tag, K, N, form, act,
+                                                                      lowering))
+            schemes[w.name + (".as_lm_head" if head and transposed else "")] = _scheme(quant.info, form, K, [K, N])
             counts["lm_head" if head else "linear"] += 1
-        elif node.domain == MS and node.op_type == "MoE" and lowering == "ort" and not _qmoe_inexact(cfg):
-            _to_qmoe(graph, node, cfg, np_dtype, act, schemes)
-            counts["experts"] += 2
+            forms[form] += 1
+        elif node.domain == MS and node.op_type == "MoE" and lowering == "ort":
+            fc1, fc2 = node.inputs[2], node.inputs[4]
+            pair = [source(fc1, False), source(fc2, False)]
+            if all(q is not None and _qmoe_takes(q.info, v.shape[2], level) for q, v in zip(pair, (fc1, fc2))):
+                _to_qmoe(graph, node, pair, level, act, schemes)
+                counts["experts"] += 2
+                forms["nbits"] += 2
     # Expert stacks still read as floats: the decomposed expert loop (reference, trt-native, and MoE layers the ort
-    # lowering left unfused) and com.microsoft.MoE kept for exactness (_qmoe_inexact): dequantized in the graph.
+    # lowering left unfused) and com.microsoft.MoE kept for exactness (_qmoe_takes): dequantized in the graph.
     # (QMoE's own scales are float stacks too: not weights.)
     for value in list(graph.initializers.values()):
         if _expert_weight(value) and not _is_scale(value.name) and list(value.uses()):
             E, N, K = value.shape
-            quant = _Quantized(value.const_value, cfg.scheme, group, np_dtype, transpose=False)
-            out = _dequant_experts(graph, quant, value.name + ".q", E, N, K, cfg, lowering, act, group)
+            quant = source(value, transpose=False)
+            if quant is None:
+                continue
+            form = "dq" if _form(quant.info, lowering, K) == "dq" else "reference"  # no MatMulNBits for stacks
+            out = _dequant_experts(graph, quant, value.name + ".q", E, N, K, form, act, lowering)
             value.replace_all_uses_with(out)
-            schemes[value.name] = _scheme(cfg, group or K, [E, N, K])
+            schemes[value.name] = _scheme(quant.info, form, K, [E, N, K])
             counts["experts"] += 1
+            forms[form] += 1
     fuse.remove_unused(model)
-    left = _float_linears(graph, cfg)
-    if left:
-        raise QuantizeError(f"{len(left)} linear weight(s) were not quantized: {', '.join(left[:8])}")
+    if cfg is not None:
+        left = _float_linears(graph, cfg)
+        if left:
+            raise QuantizeError(f"{len(left)} linear weight(s) were not quantized: {', '.join(left[:8])}")
     if lowering == "ort":
         model.opset_imports.setdefault(MS, 1)
-    if lowering == "trt-native":
-        model.opset_imports[""] = max(model.opset_imports.get("", 21), 21)  # blocked DequantizeLinear
+    if lowering == "trt-native" or any(d.get("scheme", "").startswith("fp8") for d in schemes.values()):
+        model.opset_imports[""] = max(model.opset_imports.get("", 21), 21)  # blocked DequantizeLinear, float8 Cast
     for value in graph.initializers.values():  # everything else keeps its stored precision
         if value.dtype.is_floating_point() and value.name not in schemes and value.shape is not None \
                 and len(value.shape) >= 1 and not _is_scale(value.name):
             schemes[value.name] = {"scheme": value.dtype.name.lower()}
+    if cfg is None:  # weights whose integers no form here takes (e.g. a quantized router) are their dequantization
+        kept = sorted(v.name for v in graph.initializers.values() if qsource(v) is not None and list(v.uses()))
+        for name in kept:
+            schemes[name]["dequantized_from"] = qsource(graph.initializers[name]).info.label
+        return {"scheme": "pre-quantized", "accuracy_level": level if lowering == "ort" else None,
+                "counts": counts, "forms": forms, "dequantized": kept, "tensors": dict(sorted(schemes.items()))}
     return {"scheme": cfg.scheme, "group_size": cfg.group_size, "trt_channel_wise": group == 0,
             "accuracy_level": cfg.accuracy_level if lowering == "ort" else None, "lm_head": cfg.lm_head,
             "counts": counts, "tensors": dict(sorted(schemes.items()))}
 
 
-def _qmoe_inexact(cfg: QuantConfig) -> bool:
-    """QMoE's block-wise 8-bit CPU kernel always quantizes the activations to int8 (measured: 1% off a numpy
-    reference at accuracy_level 1). At --accuracy-level 1 (fp32 compute, for checking) int8 experts are therefore
-    dequantized (the reference form, standard ops) into com.microsoft.MoE instead."""
-    return cfg.scheme == "int8" and cfg.accuracy_level < 4
+def _qmoe_takes(info: QInfo, K: int, level: int) -> bool:
+    """QMoE holds these experts exactly: int4/int8 in a block size it takes, no zero points or act-order. Its
+    block-wise 8-bit CPU kernel always quantizes the activations to int8 (measured: 1% off a numpy reference at
+    accuracy_level 1), so at --accuracy-level below 4 (fp32 compute, for checking) int8 experts are dequantized (the
+    reference form, standard ops) into com.microsoft.MoE instead."""
+    group = info.group or K
+    return (info.scheme in ("int4", "int8") and group in NBITS_BLOCKS and K % group == 0 and not info.zeros
+            and not info.perm and not (info.scheme == "int8" and level < 4))
 
 
 def _is_router(name: str) -> bool:
@@ -276,9 +424,12 @@ def _is_scale(name: str) -> bool:
     return name.endswith((".scales", ".fc1_scales", ".fc2_scales"))
 
 
-def _scheme(cfg: QuantConfig, group: int, shape) -> dict:
-    return {"scheme": f"{cfg.scheme}-rtn-symmetric", "bits": cfg.bits, "group_size": group, "axis": "input",
-            "shape": list(shape)}
+def _scheme(info: QInfo, form: str, K: int, shape) -> dict:
+    d = {"scheme": f"{info.scheme}-{info.label}", "bits": info.bits, "group_size": info.group or K, "axis": "input",
+         "shape": list(shape)}
+    if info.label != "rtn-symmetric":
+        d.update(zero_points=info.zeros, act_order=info.perm, form=form)
+    return d
 
 
 def _copy_type(old: ir.Value, new: ir.Value) -> None:
@@ -288,14 +439,42 @@ def _copy_type(old: ir.Value, new: ir.Value) -> None:
         new.shape = old.shape.copy()
 
 
-def _to_matmul_nbits(graph, node, quant, tag, K, N, cfg, act) -> None:
-    g = cfg.group_size
-    bits = cfg.bits
+def _permuted_input(graph, node, quant, tag, K) -> ir.Value:
+    """x, or x[..., perm] for an act-order weight (its inputs were permuted so that its groups are contiguous)."""
+    x = node.inputs[0]
+    if not quant.info.perm:
+        return x
+    perm = _lazy(graph, f"{tag}.perm", ir.DataType.INT64, [K], lambda: quant.get().perm.astype(np.int64))
+    gather = ir.node("Gather", [x, perm], {"axis": -1}, name=f"{tag}.act_order")
+    _copy_type(x, gather.outputs[0])
+    graph.insert_before(node, [gather])
+    return gather.outputs[0]
+
+
+def pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' ``zero_points`` from signed zeros [N, G]: uint8 [N, ceil(G*bits/8)], offset binary (as its B),
+    two 4-bit values a byte, low nibble first."""
+    z = (zeros.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 8:
+        return z
+    if z.shape[-1] % 2:
+        z = np.concatenate([z, np.zeros((*z.shape[:-1], 1), np.uint8)], axis=-1)
+    return (z[..., 0::2] | (z[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _to_matmul_nbits(graph, node, x, quant, tag, K, N, level, act) -> None:
+    info = quant.info
+    g, bits = info.group or K, info.bits
     B = _lazy(graph, f"{tag}.packed", ir.DataType.UINT8, [N, K // g, g * bits // 8],
-              lambda: pack_nbits(quant.get()[0], bits, g))
-    S = _lazy(graph, f"{tag}.scales", act, [N, K // g], lambda: quant.get()[1])
-    new = ir.node("MatMulNBits", [node.inputs[0], B, S],
-                  {"K": K, "N": N, "bits": bits, "block_size": g, "accuracy_level": cfg.accuracy_level},
+              lambda: pack_nbits(quant.get().q, bits, g))
+    S = _lazy(graph, f"{tag}.scales", act, [N, K // g], lambda: quant.get().scales)
+    inputs = [x, B, S]
+    if info.zeros:
+        width = (K // g) if bits == 8 else (K // g + 1) // 2
+        inputs.append(_lazy(graph, f"{tag}.zero_points", ir.DataType.UINT8, [N, width],
+                            lambda: pack_zero_points(quant.get().zeros, bits)))
+    new = ir.node("MatMulNBits", inputs,
+                  {"K": K, "N": N, "bits": bits, "block_size": g, "accuracy_level": level},
                   domain=MS, num_outputs=1, name=f"{node.name or tag}.nbits")
     _copy_type(node.outputs[0], new.outputs[0])
     ir.convenience.replace_nodes_and_values(graph, node, [node], [new], list(node.outputs), list(new.outputs))
@@ -306,63 +485,82 @@ _TRT_QTYPES = {"int4": (ir.DataType.INT4, ml_dtypes.int4), "int8": (ir.DataType.
                "fp8": (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn)}
 
 
-def _dequant_2d(graph, node, quant, tag, K, N, cfg, lowering, act, group) -> ir.Value:
+def _reference(graph, quant, tag, q_shape, group_shape, s_shape, out_shape, q_of, s_of, act, lowering) -> list:
+    """Cast(q) [- Cast(zero)] * scale, reshaped: the standard-op dequantization of one weight (any layout; the
+    oracle of the other forms, and the form of layouts no kernel takes). float8 values, and on TensorRT (which
+    takes an 8-bit constant only as the input of a DequantizeLinear) the integers too, become floats through a
+    DequantizeLinear with scale 1 instead of the Cast: exact either way."""
+    fp8 = quant.info.scheme == "fp8"
+    qtype = ir.DataType.FLOAT8E4M3FN if fp8 else ir.DataType.INT8
+    q = _lazy(graph, f"{tag}.weight", qtype, q_shape, lambda: q_of(quant.get()))
+    s = _lazy(graph, f"{tag}.scales", act, s_shape, lambda: s_of(quant.get().scales))
+    dims = "x".join(map(str, group_shape))
+    split = fuse.initializer(graph, f"quant.shape_{dims}", np.array(group_shape, dtype=np.int64))
+    merge = fuse.initializer(graph, f"quant.shape_{'x'.join(map(str, out_shape))}", np.array(out_shape, np.int64))
+
+    def to_float(v: ir.Value, name: str) -> ir.Node:
+        if fp8 or lowering == "trt-native":
+            one = fuse.initializer(graph, f"quant.one_{act.name.lower()}", np.array(1, dtype=act.numpy()))
+            return ir.node("DequantizeLinear", [v, one], name=name)
+        return ir.node("Cast", [v], {"to": act}, name=name)
+
+    nodes = [to_float(q, f"{tag}.cast")]
+    nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], split], name=f"{tag}.groups"))
+    if quant.info.zeros:
+        z = _lazy(graph, f"{tag}.zero_points", ir.DataType.INT8, s_shape, lambda: s_of(quant.get().zeros))
+        zc = to_float(z, f"{tag}.zero_cast")
+        nodes += [zc, ir.node("Sub", [nodes[-1].outputs[0], zc.outputs[0]], name=f"{tag}.zero")]
+    nodes.append(ir.node("Mul", [nodes[-1].outputs[0], s], name=f"{tag}.scale"))
+    nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], merge], name=f"{tag}.dequant"))
+    return nodes
+
+
+def _dequant_2d(graph, node, quant, tag, K, N, form, act, lowering) -> ir.Value:
     """W [K, N] in the activation dtype, computed from q and the scales (block along K)."""
-    g = group or K
+    info = quant.info
+    g = info.group or K
     groups = K // g
-    if lowering == "trt-native":
-        qtype, np_q = _TRT_QTYPES[cfg.scheme]
-        q = _lazy(graph, f"{tag}.weight", qtype, [K, N], lambda: quant.get()[0].T.astype(np_q))
-        if group:  # int4: blocked along K (axis 0), scales [K/g, N]
-            s = _lazy(graph, f"{tag}.scales", act, [groups, N], lambda: quant.get()[1].T)
+    if form == "dq":
+        qtype, np_q = _TRT_QTYPES[info.scheme]
+        q = _lazy(graph, f"{tag}.weight", qtype, [K, N], lambda: quant.get().q.T.astype(np_q))
+        if info.scheme == "int4":  # blocked along K (axis 0), scales [K/g, N]
+            s = _lazy(graph, f"{tag}.scales", act, [groups, N], lambda: quant.get().scales.T)
             dq = ir.node("DequantizeLinear", [q, s], {"axis": 0, "block_size": g}, name=f"{tag}.dq")
         else:  # per output channel: scales [N] on axis 1
-            s = _lazy(graph, f"{tag}.scales", act, [N], lambda: quant.get()[1][:, 0])
+            s = _lazy(graph, f"{tag}.scales", act, [N], lambda: quant.get().scales[:, 0])
             dq = ir.node("DequantizeLinear", [q, s], {"axis": 1}, name=f"{tag}.dq")
         nodes = [dq]
-    else:
-        q = _lazy(graph, f"{tag}.weight", ir.DataType.INT8, [K, N], lambda: quant.get()[0].T)
-        s = _lazy(graph, f"{tag}.scales", act, [groups, 1, N], lambda: quant.get()[1].T[:, None, :])
-        split = fuse.initializer(graph, f"quant.shape_{groups}x{g}x{N}", np.array([groups, g, N], dtype=np.int64))
-        merge = fuse.initializer(graph, f"quant.shape_{K}x{N}", np.array([K, N], dtype=np.int64))
-        cast = ir.node("Cast", [q], {"to": act}, name=f"{tag}.cast")
-        r = ir.node("Reshape", [cast.outputs[0], split], name=f"{tag}.groups")
-        m = ir.node("Mul", [r.outputs[0], s], name=f"{tag}.scale")
-        out = ir.node("Reshape", [m.outputs[0], merge], name=f"{tag}.dequant")
-        nodes = [cast, r, m, out]
+    else:  # q [K, N] as [groups, g, N]; scales (and zeros) [groups, 1, N]
+        nodes = _reference(graph, quant, tag, [K, N], [groups, g, N], [groups, 1, N], [K, N],
+                           lambda w: w.q.T, lambda a: a.T[:, None, :], act, lowering)
     nodes[-1].outputs[0].dtype, nodes[-1].outputs[0].shape = act, ir.Shape([K, N])
     graph.insert_before(node, nodes)
     return nodes[-1].outputs[0]
 
 
-def _dequant_experts(graph, quant, tag, E, N, K, cfg, lowering, act, group) -> ir.Value:
+def _dequant_experts(graph, quant, tag, E, N, K, form, act, lowering) -> ir.Value:
     """Expert stack [E, N, K] in the activation dtype (block along K, the last axis)."""
-    g = group or K
+    info = quant.info
+    g = info.group or K
     groups = K // g
-    if lowering == "trt-native":
-        qtype, np_q = _TRT_QTYPES[cfg.scheme]
+    if form == "dq":
+        qtype, np_q = _TRT_QTYPES[info.scheme]
         # TensorRT (Myelin) refuses a 3-D blocked DequantizeLinear: dequantize the stack as one 2-D weight
         # [E*N, K] blocked along K, then view it as [E, N, K].
-        q = _lazy(graph, f"{tag}.weight", qtype, [E * N, K], lambda: quant.get()[0].reshape(E * N, K).astype(np_q))
+        q = _lazy(graph, f"{tag}.weight", qtype, [E * N, K], lambda: quant.get().q.reshape(E * N, K).astype(np_q))
         merge = fuse.initializer(graph, f"quant.shape_{E}x{N}x{K}", np.array([E, N, K], dtype=np.int64))
-        if group:
-            s = _lazy(graph, f"{tag}.scales", act, [E * N, groups], lambda: quant.get()[1].reshape(E * N, groups))
+        if info.scheme == "int4":
+            s = _lazy(graph, f"{tag}.scales", act, [E * N, groups], lambda: quant.get().scales.reshape(E * N, groups))
             dq = ir.node("DequantizeLinear", [q, s], {"axis": 1, "block_size": g}, name=f"{tag}.dq")
         else:  # per output channel (TensorRT int8/fp8): one scale per row of the flattened stack
-            s = _lazy(graph, f"{tag}.scales", act, [E * N], lambda: quant.get()[1].reshape(E * N))
+            s = _lazy(graph, f"{tag}.scales", act, [E * N], lambda: quant.get().scales.reshape(E * N))
             dq = ir.node("DequantizeLinear", [q, s], {"axis": 0}, name=f"{tag}.dq")
         nodes = [dq, ir.node("Reshape", [dq.outputs[0], merge], name=f"{tag}.dequant")]
+    elif info.perm:  # act-order experts: each expert has its own input order; their integers in it, gathered back
+        raise QuantizeError(f"{tag}: act-order expert weights have no in-graph form (their QSource should not exist)")
     else:
-        q = _lazy(graph, f"{tag}.weight", ir.DataType.INT8, [E, N, K], lambda: quant.get()[0])
-        s = _lazy(graph, f"{tag}.scales", act, [E, N, groups, 1], lambda: quant.get()[1][..., None])
-        split = fuse.initializer(graph, f"quant.shape_{E}x{N}x{groups}x{g}",
-                                 np.array([E, N, groups, g], dtype=np.int64))
-        merge = fuse.initializer(graph, f"quant.shape_{E}x{N}x{K}", np.array([E, N, K], dtype=np.int64))
-        cast = ir.node("Cast", [q], {"to": act}, name=f"{tag}.cast")
-        r = ir.node("Reshape", [cast.outputs[0], split], name=f"{tag}.groups")
-        m = ir.node("Mul", [r.outputs[0], s], name=f"{tag}.scale")
-        out = ir.node("Reshape", [m.outputs[0], merge], name=f"{tag}.dequant")
-        nodes = [cast, r, m, out]
+        nodes = _reference(graph, quant, tag, [E, N, K], [E, N, groups, g], [E, N, groups, 1], [E, N, K],
+                           lambda w: w.q, lambda a: a[..., None], act, lowering)
     nodes[-1].outputs[0].dtype, nodes[-1].outputs[0].shape = act, ir.Shape([E, N, K])
     # before the first node of the graph that reads it: weights have no producer, so the top of the graph is safe
     first = next(iter(graph))
@@ -370,22 +568,25 @@ def _dequant_experts(graph, quant, tag, E, N, K, cfg, lowering, act, group) -> i
     return nodes[-1].outputs[0]
 
 
-def _to_qmoe(graph, node, cfg, np_dtype, act, schemes) -> None:
+def _to_qmoe(graph, node, pair, level, act, schemes) -> None:
     """com.microsoft.MoE (fc1 = gate|up interleaved [E, 2I, H], fc2 = down [E, H, I]) -> QMoE, same routing."""
     attrs = fuse.lowered_attrs("ort (QMoE)", QMOE_FROM_MOE, node)
     x, logits, fc1, fc1_bias, fc2 = node.inputs[:5]
     if fc1_bias is not None or any(v is not None for v in node.inputs[5:]):
         raise fuse.LoweringError(f"the QMoE rewrite of node {node.name} carries no expert biases or fc3 weights")
-    g, bits = cfg.group_size, cfg.bits
+    infos = {q.info for q in pair}
+    if len({(i.scheme, i.group or w.shape[2]) for i, w in zip((pair[0].info, pair[1].info), (fc1, fc2))}) != 1:
+        raise QuantizeError(f"QMoE node {node.name}: fc1 and fc2 weights differ in bits or group size ({infos})")
+    bits = pair[0].info.bits
+    g = pair[0].info.group or fc1.shape[2]
     new_inputs = [x, logits]
-    for tag, w in (("fc1", fc1), ("fc2", fc2)):
+    for tag, w, quant in (("fc1", fc1, pair[0]), ("fc2", fc2, pair[1])):
         E, N, K = w.shape
-        quant = _Quantized(w.const_value, cfg.scheme, g, np_dtype, transpose=False)
         packed = _lazy(graph, f"{w.name}.{tag}_weight", ir.DataType.UINT8, [E, N, K * bits // 8],
-                       lambda quant=quant, E=E, N=N: pack_nbits(quant.get()[0], bits, g).reshape(E, N, -1))
-        scales = _lazy(graph, f"{w.name}.{tag}_scales", act, [E, N, K // g], lambda quant=quant: quant.get()[1])
+                       lambda quant=quant, E=E, N=N: pack_nbits(quant.get().q, bits, g).reshape(E, N, -1))
+        scales = _lazy(graph, f"{w.name}.{tag}_scales", act, [E, N, K // g], lambda quant=quant: quant.get().scales)
         new_inputs += [packed, scales, None]
-        schemes[w.name] = _scheme(cfg, g, [E, N, K])
+        schemes[w.name] = _scheme(quant.info, "nbits", K, [E, N, K])
     pre = []
     if not attrs["normalize_routing_weights"]:
         # QMoE with normalize_routing_weights=0 still mixes with a softmax over the top-k logits only (measured:
@@ -395,7 +596,7 @@ def _to_qmoe(graph, node, cfg, np_dtype, act, schemes) -> None:
         pre.append(soft)
         new_inputs += [None] * 6 + [soft.outputs[0]]  # fc3 weight/scales/bias, 3 zero points, router_weights
     attrs.update(expert_weight_bits=bits, block_size=g, quant_type="int", weights_prepacked=0,
-                 accuracy_level=cfg.accuracy_level)
+                 accuracy_level=level)
     new = ir.node("QMoE", new_inputs, attrs, domain=MS, num_outputs=1, name=f"{node.name}.q")
     _copy_type(node.outputs[0], new.outputs[0])
     ir.convenience.replace_nodes_and_values(graph, node, [node], pre + [new], list(node.outputs),

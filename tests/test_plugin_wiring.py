@@ -159,7 +159,7 @@ def test_trt_plugin_engine_without_full_tensorrt_fails_clearly(plugin_artifact, 
     with pytest.raises(EngineError, match=r"full TensorRT not found: the graph has TensorRT plugin nodes "
                                           r"\(LlmExportAttention, LlmExportMoE, from the trt-plugin lowering\).*"
                                           r"pip install tensorrt"):
-        build_engine_stage(stage, io, "static", 1, 32, "fp32", None)
+        build_engine_stage(stage, io, "static", 1, 32, "fp32", False)
     assert not (stage / ENGINE).exists()
 
     from export.__main__ import main
@@ -191,7 +191,7 @@ def test_engine_build_registers_the_graph_plugins_before_parsing(plugin_artifact
     shutil.copyfile(plugin_artifact / GRAPH, stage / GRAPH)
     io = json.loads((plugin_artifact / "manifest.json").read_text())["graphs"]["decoder"]
     with pytest.raises(_Stop, match="OnnxParser"):
-        build_engine_stage(stage, io, "static", 1, 32, "fp32", None)  # what `export build` runs
+        build_engine_stage(stage, io, "static", 1, 32, "fp32", False)  # what `export build` runs
     assert record["at_parse"] == [ATTENTION_ID, MOE_ID]
 
     record = _stand_in_tensorrt(monkeypatch)

@@ -14,7 +14,8 @@ packed, then unpacked and dequantized, and compared bit for bit with
   or dequantizes (the package is located with importlib.util.find_spec, its __init__ not run) and skip, saying so,
   when the package is absent. GPTQModel's v1 <-> v2 zero-point conversion is transcribed (cited) below.
 
-The test packers are written loop by loop from the library sources (cited at each), independently of the unpacker.
+The test packers (tests/prequant_writer.py) are written loop by loop from the library sources (cited at each),
+independently of the unpacker.
 Also: bad configs and bad tensors are refused naming the field / tensor; per-layer rules (modules_to_not_convert,
 lm_head, router, GPTQModel dynamic, compressed-tensors ignore/targets); the MatMulNBits form runs in ONNX Runtime.
 Numpy/torch only, no model builds.
@@ -35,46 +36,10 @@ import torch
 from export import prequant as P
 from export.checkpoint import CheckpointError
 from graphs.quantize import pack_nbits
+from tests.prequant_writer import AWQ_ORDER, ct_pack, gptq_v2_to_v1, pack_along_cols, pack_along_rows
 
 RNG = np.random.default_rng(1234)
 L = "model.layers.0.self_attn.q_proj"
-
-
-# ---- documented packers (independent of export/prequant.py) ----------------------------------------------------
-
-def pack_along_rows(vals: np.ndarray, bits: int) -> np.ndarray:
-    """AutoGPTQ nn_modules/qlinear/qlinear_cuda.py QuantLinear.pack (qweight loop): word row r gets
-    vals[i + j] << (bits * j) for j in range(32 // bits), i = r * 32 // bits."""
-    per = 32 // bits
-    out = np.zeros((vals.shape[0] // per, vals.shape[1]), dtype=np.uint32)
-    for r in range(out.shape[0]):
-        for j in range(per):
-            out[r] |= vals[r * per + j].astype(np.uint32) << np.uint32(bits * j)
-    return out.view(np.int32)
-
-
-def pack_along_cols(vals: np.ndarray, bits: int, order=None) -> np.ndarray:
-    """The same along the last axis (AutoGPTQ QuantLinear.pack, qzeros loop); `order` = AutoAWQ's order_map
-    (awq/modules/linear/gemm.py WQLinear_GEMM.from_linear: qweight[:, col] |= intweight[:, col*8 + order_map[i]]
-    << (i * 4))."""
-    per = 32 // bits
-    order = order or list(range(per))
-    out = np.zeros((vals.shape[0], math.ceil(vals.shape[1] / per)), dtype=np.uint32)
-    padded = np.zeros((vals.shape[0], out.shape[1] * per), dtype=np.uint32)
-    padded[:, :vals.shape[1]] = vals
-    for c in range(out.shape[1]):
-        for i in range(per):
-            out[:, c] |= padded[:, c * per + order[i]] << np.uint32(bits * i)
-    return out.view(np.int32)
-
-
-def gptq_v2_to_v1(qzeros: np.ndarray, bits: int) -> np.ndarray:
-    """GPTQModel gptqmodel/utils/model.py convert_gptq_v2_to_v1_format_module: `module.qzeros.data -=
-    0b00010001000100010001000100010001` (4 bits) / `0b00000001000000010000000100000001` (8 bits) on the int32
-    tensor (wrapping, borrows included)."""
-    t = torch.from_numpy(qzeros.copy())
-    t -= 0b00010001000100010001000100010001 if bits == 4 else 0b00000001000000010000000100000001
-    return t.numpy()
 
 
 def fp16_scales(*shape) -> np.ndarray:
@@ -226,9 +191,6 @@ def test_gptq_against_autogptq(bits, desc_act):
 
 # ---- AWQ -------------------------------------------------------------------------------------------------------
 
-AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-
-
 def awq_case(K, N, group):
     G = K // group
     q, z, s = RNG.integers(0, 16, (K, N)), RNG.integers(0, 16, (G, N)), fp16_scales(G, N)
@@ -296,13 +258,6 @@ def test_awq_against_autoawq():
 
 
 # ---- compressed-tensors ----------------------------------------------------------------------------------------
-
-def ct_pack(vals_signed: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """compressed-tensors compressors/quantized_compressors/pack_quantized.py pack_to_int32 (commit 52792be0):
-    offset binary (value + 2^(bits-1)), padded, value i of a word at bits i*num_bits, along `axis`."""
-    u = (vals_signed.astype(np.int32) + (1 << (bits - 1))).astype(np.uint32)
-    return pack_along_cols(u, bits) if axis == 1 else np.ascontiguousarray(pack_along_cols(u.T, bits).T)
-
 
 def ct_config(bits, sym, strategy, group, actorder=None, ignore=("lm_head",)):
     weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": strategy, "group_size": group,
@@ -556,7 +511,12 @@ def test_not_converted_follows_transformers_boundaries():
     fp8 = P.detect({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128],
                                             "modules_to_not_convert": ["model.layers.0.mlp.gate"]}})
     assert fp8.scheme_for("lm_head") is None and fp8.scheme_for("model.layers.0.mlp.gate") is None
-    assert fp8.scheme_for("model.layers.1.mlp.gate") is not None  # transformers' FP8 converts every other Linear
+    # transformers' FP8 converts nn.Linear and the experts; Qwen3-MoE's router (Qwen3MoeTopKRouter) is neither
+    assert fp8.scheme_for("model.layers.1.mlp.gate") is None
+    assert fp8.scheme_for("model.layers.1.mlp.down_proj") is not None
+    gptq = P.detect({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}})
+    assert gptq.scheme_for("score") is None  # GPTQ/AWQ quantize inside the decoder layers only
+    assert gptq.scheme_for("model.layers.3.mlp.up_proj") is not None
     # which tensors the transformers rule wants matches the tools' checkpoints
     f = P.tensor_names(fp8, L)
     assert f == [f"{L}.weight", f"{L}.weight_scale_inv"]

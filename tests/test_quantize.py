@@ -325,9 +325,9 @@ def test_int4_smaller_than_fp32(qbuild):
 def test_unquantized_linear_fails_the_build(monkeypatch, qbuild):
     real = gq._to_matmul_nbits
 
-    def skip_o(graph, node, quant, tag, *args):
+    def skip_o(graph, node, x, quant, tag, *args):
         if ".attn.o." not in tag:
-            real(graph, node, quant, tag, *args)
+            real(graph, node, x, quant, tag, *args)
 
     monkeypatch.setattr(gq, "_to_matmul_nbits", skip_o)
     with pytest.raises(gq.QuantizeError, match=r"not quantized: decoder\.layers\.0\.attn\.o\.weight"):
