@@ -424,9 +424,24 @@ def test_mrope(copy_checkpoint):
              r"use_mrope \(multimodal RoPE\) is not supported")
 
 
+@pytest.mark.parametrize("case, qc, missing", [
+    ("qwen2_window", {"quant_method": "gptq", "bits": 4}, "model.layers.0.mlp.down_proj.qweight"),
+    ("gemma2", {"quant_method": "awq", "bits": 4}, "model.layers.0.mlp.down_proj.qweight"),
+])
+def test_quantization_config_on_float_weights(case, qc, missing, copy_checkpoint, capsys, tmp_path):
+    """quantization_config is read (export/prequant_checkpoint.py): float weights under it are refused, naming the
+    quantized tensor the config wants; verify refuses a pre-quantized checkpoint."""
+    from export.__main__ import main as export_main
+
+    path = edit_config(copy_checkpoint(case), lambda c: c.update({"quantization_config": qc}))
+    assert export_main(["build", "--model", str(path), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "missing tensor(s) [" in err and missing in err and "Traceback" not in err, err
+    assert not (tmp_path / "a").exists()
+    assert "is pre-quantized" in cli_error(capsys, path)
+
+
 @pytest.mark.parametrize("case, field, value", [
-    ("qwen2_window", "quantization_config", {"quant_method": "gptq", "bits": 4}),
-    ("gemma2", "quantization_config", {"quant_method": "awq", "bits": 4}),
     ("qwen3_moe_mixed", "layer_types", ["full_attention"] * 4),  # qwen3_moe has no per-layer types
     ("qwen2_window", "some_future_switch", True),
 ])
