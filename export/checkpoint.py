@@ -172,7 +172,11 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the file. The file is opened (mmap) per call and closed again: a handle kept
         open would leave every page read so far mapped, and the process's RSS would grow to the checkpoint size."""
-        info = self.tensors[name]
+        return self.read(self.tensors[name], name)
+
+    @staticmethod
+    def read(info: TensorInfo, name: str) -> torch.Tensor:
+        """Tensor `name` of the file `info` names, copied out (the file is opened and closed again)."""
         try:
             with safe_open(info.file, framework="pt") as handle:
                 return handle.get_tensor(name).clone()

@@ -106,14 +106,7 @@ class PreQuantCheckpoint(Checkpoint):
         return (cols, rows * per) if s.method == "gptq" else (cols * per, rows)  # gptq [in/per, out]; awq [in, out/per]
 
     def _read(self, name: str) -> torch.Tensor:
-        info = self.stored[name]
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(info.file, framework="pt") as handle:
-                return handle.get_tensor(name).clone()
-        except SafetensorError as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor '{name}': {e}") from None
+        return self.read(self.stored[name], name)
 
     def unpacked(self, prefix: str) -> pq.Unpacked | pq.UnpackedFP8:
         """The stored integers (or FP8 values) of one quantized linear, checked (PreQuantError naming the tensor)."""
