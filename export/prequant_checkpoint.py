@@ -30,7 +30,7 @@ import torch
 
 from export import prequant as pq
 from export.checkpoint import Checkpoint, CheckpointError, TensorInfo, checkpoint_file
-from graphs.quantize import QInfo, QSource, QWeight
+from graphs.quantize import QInfo, QSource, QWeight, concat_rows
 
 # The last component of a module that is a linear layer in the three families (and their task heads).
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "score",
@@ -141,7 +141,7 @@ class PreQuantCheckpoint(Checkpoint):
         if w.transform == "stack_gate_up":
             def load():
                 pairs = zip(prefixes[0::2], prefixes[1::2])
-                return _stack([_cat([self._qweight(g, info), self._qweight(u, info)]) for g, u in pairs])
+                return _stack([concat_rows([self._qweight(g, info), self._qweight(u, info)]) for g, u in pairs])
             return QSource(info, load)
         return None
 
@@ -180,12 +180,6 @@ class PreQuantCheckpoint(Checkpoint):
             raise pq.PreQuantError(f"linear '{prefix}': quantization_config says symmetric (sym: true) but its zero "
                                    "points are not all 2^(bits-1)")
         return QWeight(u.q, u.scales.astype(np.float32), zeros, perm)
-
-
-def _cat(ws: list[QWeight]) -> QWeight:
-    cat = lambda xs: np.concatenate(xs, axis=-2)  # noqa: E731 - along N
-    return QWeight(cat([w.q for w in ws]), cat([w.scales for w in ws]),
-                   None if ws[0].zeros is None else cat([w.zeros for w in ws]))
 
 
 def _stack(ws: list[QWeight]) -> QWeight:

@@ -19,6 +19,11 @@ The pass (:func:`quantize_graph`), run after fusion and lowering, per lowering:
 * ``reference``: the integers stored as int8 and dequantized with Cast/Reshape/Mul (no quantization op at all:
   the oracle the other two are checked against).
 
+Pre-quantized checkpoints (``quantize_graph(model, None, ...)``): the weights export/prequant_checkpoint.py gave a
+:class:`QSource` get the checkpoint's own integers (zero points, act-order permutation), never requantized, in the
+form their layout allows (:func:`_form`): MatMulNBits/QMoE, DequantizeLinear, or the standard-op dequantization
+(``(q - zero) * scale``, the form of every layout no kernel takes). Weights without one stay in the precision.
+
 A graph still holding a fused ``llm_export`` node (one no lowering rewrote) is refused: the pass has no form for it.
 
 Every new initializer is lazy: a weight is read, quantized and dropped while the graph is written, so the build
@@ -176,13 +181,7 @@ class QSource:
         if len({p.info for p in parts}) != 1 or self.info.perm:
             return None
         loads = [p.load for p in parts]
-
-        def load():
-            ws = [f() for f in loads]
-            cat = lambda xs: np.concatenate(xs, axis=-2)  # noqa: E731 - N is the second last axis
-            return QWeight(cat([w.q for w in ws]), cat([w.scales for w in ws]),
-                           None if ws[0].zeros is None else cat([w.zeros for w in ws]))
-        return QSource(self.info, load)
+        return QSource(self.info, lambda: concat_rows([f() for f in loads]))
 
     def rows(self, index: np.ndarray) -> QSource:
         """The source of the weight with its N rows reordered as index (the MoE gate/up interleave)."""
@@ -193,6 +192,13 @@ class QSource:
             take = lambda a: None if a is None else np.ascontiguousarray(a[..., index, :])  # noqa: E731
             return QWeight(take(w.q), take(w.scales), take(w.zeros), w.perm)
         return QSource(self.info, reorder)
+
+
+def concat_rows(ws: list[QWeight]) -> QWeight:
+    """Weights of one scheme (no act-order) concatenated along N, the second last axis."""
+    cat = lambda xs: np.concatenate(xs, axis=-2)  # noqa: E731
+    return QWeight(cat([w.q for w in ws]), cat([w.scales for w in ws]),
+                   None if ws[0].zeros is None else cat([w.zeros for w in ws]))
 
 
 QSOURCE = "llm_export.qsource"
