@@ -9,7 +9,8 @@ symmetric and asymmetric, act-order (MatMulNBits on the permuted activation), 8-
 compressed-tensors (asymmetric act-order, symmetric experts through QMoE), FP8 blocks, layers the config leaves
 float (an attention projection; one expert, which leaves its stack dequantized), tied embeddings, MoE. The manifest
 says what each weight became. TensorRT-RTX builds an engine from each format (ahead of time), its I/O checked
-against the contract. Bad input: a conflicting --quantize, a missing tensor, unsupported bits and an unknown
+against the contract. AutoGPTQ's quantize_config.json is read when config.json has no quantization_config. Bad
+input: a conflicting --quantize, a missing tensor, unsupported bits and an unknown
 quant_method get exit 2 and no artifact.
 """
 
@@ -193,3 +194,16 @@ def test_bad_quantized_checkpoints_are_refused(breakage, message, written, tmp_p
     code, err = _cli(["build", "--model", str(bad), "--out", str(tmp_path / "a")], capsys)
     assert code == 2 and message in err, err
     assert "Traceback" not in err and not (tmp_path / "a").exists()
+
+
+def test_autogptq_quantize_config_json(written, tmp_path):
+    """An AutoGPTQ checkpoint keeps its scheme in quantize_config.json (no quantization_config in config.json)."""
+    src = tmp_path / "legacy"
+    shutil.copytree(_qwen2_gptq(written), src)
+    cfg = json.loads((src / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "quantize_config.json").write_text(json.dumps({k: v for k, v in qc.items() if k != "quant_method"}))
+    path = build(str(src), out=tmp_path / "a", max_seq_len=32, progress=False)
+    q = json.loads((path / "manifest.json").read_text())["quantization"]
+    assert q["source"]["method"] == "gptq" and q["forms"]["nbits"] > 0
