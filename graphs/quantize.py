@@ -294,13 +294,20 @@ def _form(info: QInfo, lowering: str, K: int) -> str:
     its weight-only GEMMs) or ``reference`` (Cast [- zero] * scale: standard ops, any layout)."""
     group = info.group or K
     if lowering == "ort":
-        return "nbits" if info.scheme != "fp8" and group in NBITS_BLOCKS and K % group == 0 else "reference"
+        return "nbits" if info.scheme != "fp8" and nbits_block(group) is not None else "reference"
     if lowering == "trt-native" and not info.zeros:
         if info.scheme == "int4" and group in TRT_INT4_BLOCKS and K % group == 0:
             return "dq"  # blocked along K
         if info.scheme in ("int8", "fp8") and group == K:
             return "dq"  # one scale per output channel
     return "reference"
+
+
+def nbits_block(group: int) -> int | None:
+    """The MatMulNBits block for integers stored with one scale per `group` inputs: the largest block it takes that
+    divides the group (each scale then repeats group/block times: exact, e.g. a per-channel K=896 as blocks of 128),
+    None when no block divides it."""
+    return next((b for b in reversed(NBITS_BLOCKS) if group % b == 0), None)
 
 
 def quantize_graph(model: ir.Model, cfg: QuantConfig | None, lowering: str, np_dtype,
@@ -470,15 +477,21 @@ def pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
 
 def _to_matmul_nbits(graph, node, x, quant, tag, K, N, level, act) -> None:
     info = quant.info
-    g, bits = info.group or K, info.bits
+    bits = info.bits
+    g = nbits_block(info.group or K)
+    rep = (info.group or K) // g  # stored groups wider than the block: each scale (and zero) repeats, exactly
+
+    def per_block(a):
+        return a if rep == 1 else np.repeat(a, rep, axis=-1)
+
     B = _lazy(graph, f"{tag}.packed", ir.DataType.UINT8, [N, K // g, g * bits // 8],
               lambda: pack_nbits(quant.get().q, bits, g))
-    S = _lazy(graph, f"{tag}.scales", act, [N, K // g], lambda: quant.get().scales)
+    S = _lazy(graph, f"{tag}.scales", act, [N, K // g], lambda: per_block(quant.get().scales))
     inputs = [x, B, S]
     if info.zeros:
         width = (K // g) if bits == 8 else (K // g + 1) // 2
         inputs.append(_lazy(graph, f"{tag}.zero_points", ir.DataType.UINT8, [N, width],
-                            lambda: pack_zero_points(quant.get().zeros, bits)))
+                            lambda: pack_zero_points(per_block(quant.get().zeros), bits)))
     new = ir.node("MatMulNBits", inputs,
                   {"K": K, "N": N, "bits": bits, "block_size": g, "accuracy_level": level},
                   domain=MS, num_outputs=1, name=f"{node.name or tag}.nbits")

@@ -42,9 +42,9 @@ BUILDS = {
     "gptq-v1-asym-actorder-qwen2-reference": ("qwen2_window", "gptq", dict(
         sym=False, desc_act=True, version=1, float_layers=("model.layers.0.self_attn.o_proj",)), "reference",
         {"reference"}),
-    # per channel: K=64 is a MatMulNBits block, down_proj's K=96 is not (the standard-op form)
+    # per channel: K=64 is a MatMulNBits block; down_proj's K=96 is not, and takes blocks of 32 (scales repeated)
     "gptq-v2-sym-8bit-channel-qwen2-tied": ("qwen2_mqa_tied_linear", "gptq", dict(bits=8, group=-1, version=2), "ort",
-                                            {"nbits", "reference"}),
+                                            {"nbits"}),
     "awq-gemma2": ("gemma2", "awq", dict(group=32), "ort", {"nbits"}),
     "ct-asym-actorder-gemma2": ("gemma2_mqa_untied", "compressed-tensors", dict(sym=False, desc_act=True, group=16),
                                 "ort", {"nbits"}),
