@@ -196,11 +196,8 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
 
             fusion["sealed"] = seal(graph)
         fold(graph)
-        quantization = quantize_weights(graph, quant, lowering, dtype, plan.prequant, plan.accuracy_level)
-        if plan.prequant is not None:
-            for name, why in ckpt.dequantized.items():
-                print(f"note: {name}: stored as its dequantization ({why})", file=sys.stderr)
-            quantization["dequantized"] += [f"decoder.{name}" for name in ckpt.dequantized]
+        quantization = quantize_weights(graph, quant, lowering, dtype, ckpt if plan.prequant else None,
+                                        plan.accuracy_level)
         stored = stored_bytes(graph)
         save(graph, tmp / GRAPH, progress)
         op_histogram = histogram(graph)
@@ -268,23 +265,25 @@ def fold(model) -> None:
     fold_constants(model, keep=(CheckpointError,))
 
 
-def quantize_weights(model, quant, lowering: str, dtype: torch.dtype, prequant=None,
+def quantize_weights(model, quant, lowering: str, dtype: torch.dtype, prequant_ckpt=None,
                      accuracy_level: int | None = None) -> dict | None:
     """Stage 6: weight-only quantization of the linears (graphs/quantize.py), after folding so the optimizer never
-    folds a dequantize back into a float weight; for a pre-quantized checkpoint, its own integers stored in the
-    graph instead. None (no --quantize, a float checkpoint): every weight stays in the precision."""
+    folds a dequantize back into a float weight; for a pre-quantized checkpoint (prequant_ckpt, an
+    export.prequant_checkpoint.PreQuantCheckpoint), its own integers stored in the graph instead. None (no
+    --quantize, a float checkpoint): every weight stays in the precision."""
     from graphs.quantize import quantize_graph
 
-    if prequant is not None:
+    if prequant_ckpt is not None:
         import dataclasses
 
         result = quantize_graph(model, None, lowering, NP_DTYPES[dtype], accuracy_level)
-        for name in result["dequantized"]:
-            print(f"note: {name}: its stored integers have no form here; stored as their dequantization",
-                  file=sys.stderr)
-        source = {k: v for k, v in dataclasses.asdict(prequant).items()
+        why = {name: "its stored integers have no form here" for name in result["dequantized"]}
+        why.update({f"decoder.{name}": reason for name, reason in prequant_ckpt.dequantized.items()})
+        for name, reason in why.items():
+            print(f"note: {name}: stored as its dequantization ({reason})", file=sys.stderr)
+        source = {k: v for k, v in dataclasses.asdict(prequant_ckpt.prequant).items()
                   if k in ("method", "bits", "group_size", "sym", "desc_act", "format_version", "lm_head")}
-        return {**result, "source": source}
+        return {**result, "dequantized": list(why), "source": source}
     if quant is None:
         return None
     return quantize_graph(model, quant, lowering, NP_DTYPES[dtype])

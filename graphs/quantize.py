@@ -366,8 +366,7 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig | None, lowering: str, np_d
                 _to_matmul_nbits(graph, node, x, quant, tag, K, N, level, act)
             else:
                 node.replace_input_with(0, x)
-                node.replace_input_with(1, _dequant_2d(graph, node, quant, tag, K, N, form, act,
-                                                                      lowering))
+                node.replace_input_with(1, _dequant_2d(graph, node, quant, tag, K, N, form, act, lowering))
             schemes[w.name + (".as_lm_head" if head and transposed else "")] = _scheme(quant.info, form, K, [K, N])
             counts["lm_head" if head else "linear"] += 1
             forms[form] += 1
@@ -593,9 +592,9 @@ def _to_qmoe(graph, node, pair, level, act, schemes) -> None:
     x, logits, fc1, fc1_bias, fc2 = node.inputs[:5]
     if fc1_bias is not None or any(v is not None for v in node.inputs[5:]):
         raise fuse.LoweringError(f"the QMoE rewrite of node {node.name} carries no expert biases or fc3 weights")
-    infos = {q.info for q in pair}
-    if len({(i.scheme, i.group or w.shape[2]) for i, w in zip((pair[0].info, pair[1].info), (fc1, fc2))}) != 1:
-        raise QuantizeError(f"QMoE node {node.name}: fc1 and fc2 weights differ in bits or group size ({infos})")
+    layouts = [(q.info.scheme, q.info.group or w.shape[2]) for q, w in zip(pair, (fc1, fc2))]
+    if layouts[0] != layouts[1]:
+        raise QuantizeError(f"QMoE node {node.name}: fc1 and fc2 weights differ in scheme or group size {layouts}")
     bits = pair[0].info.bits
     g = pair[0].info.group or fc1.shape[2]
     new_inputs = [x, logits]

@@ -54,3 +54,17 @@ except EngineError:
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="neither tensorrt nor tensorrt_rtx_bindings is installed")
 
 ONNX_TO_TRT = {"int64": "int64", "float32": "float", "float16": "half"}  # graph dtype -> TensorRT I/O dtype name
+
+
+def engine_manifest(path) -> dict:
+    """The manifest of a TensorRT artifact, after checking that its engine file exists, its graph is trt-native and
+    the engine's I/O names and dtypes are the graph's (the contract)."""
+    import json
+
+    m = json.loads((path / "manifest.json").read_text())
+    engine, graph = m["engine"], m["graphs"]["decoder"]
+    assert (path / engine["file"]).stat().st_size > 0 and graph["lowering"] == "trt-native"
+    for ours, trt in ((graph["inputs"], engine["io"]["inputs"]), (graph["outputs"], engine["io"]["outputs"])):
+        assert [t["name"] for t in ours] == [t["name"] for t in trt]
+        assert [ONNX_TO_TRT[t["dtype"]] for t in ours] == [t["dtype"] for t in trt]
+    return m

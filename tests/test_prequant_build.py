@@ -30,7 +30,7 @@ from runtime_py.generate import Generator
 from runtime_py.sampling import SamplingParams
 from runtime_py.score import score
 from tests.conftest import CASES, save_hf_checkpoint
-from tests.helpers import PROMPT, ONNX_TO_TRT, hf_greedy, needs_trt
+from tests.helpers import PROMPT, engine_manifest, hf_greedy, needs_trt
 from tests.prequant_writer import write_prequant
 
 N_NEW = 16
@@ -138,12 +138,7 @@ def test_tensorrt_engine_from_each_format(key, tmp_path):
     qdir = tmp_path / "q"
     write_prequant(src, qdir, fmt, **opts)
     path = build(str(qdir), backend="tensorrt", out=tmp_path / "a", max_seq_len=32, max_batch=1, progress=False)
-    m = json.loads((path / "manifest.json").read_text())
-    engine, graph = m["engine"], m["graphs"]["decoder"]
-    assert (path / engine["file"]).stat().st_size > 0 and graph["lowering"] == "trt-native"
-    for ours, trt in ((graph["inputs"], engine["io"]["inputs"]), (graph["outputs"], engine["io"]["outputs"])):
-        assert [t["name"] for t in ours] == [t["name"] for t in trt]
-        assert [ONNX_TO_TRT[t["dtype"]] for t in ours] == [t["dtype"] for t in trt]
+    m = engine_manifest(path)
     assert {f for f, n in m["quantization"]["forms"].items() if n} == forms
 
 
