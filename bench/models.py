@@ -5,7 +5,9 @@ What it does: ``ensure_bench_model(name)`` writes (once, atomically) under ``~/.
 fp32 safetensors streamed from our weight plan in chunks of at most 64 MiB (the model, or even one embedding, is
 never held in memory; std 0.02 normal weights, RMSNorm weights 1 + small noise, Gemma's stored as small noise
 around 0 since it adds the 1), ``generation_config.json`` and the tiny byte-level BPE tokenizer of
-:mod:`export.tiny` (its vocabulary is small; the benchmark feeds token ids, not text). A checkpoint up to
+:mod:`export.tiny`, its vocabulary filled up to the model's with one word per id (:func:`fill_vocab`: every id a
+random model writes decodes to text, so text streams such as Triton's have a delta per token; encoding text never
+produces the filler ids). A checkpoint up to
 ``SHARD_BYTES`` is one ``model.safetensors``; a larger one is ``model-0000i-of-0000n.safetensors`` shards of at most
 that size plus ``model.safetensors.index.json``, as Hugging Face writes them. Models:
 
@@ -199,6 +201,7 @@ def make_random_checkpoint(config: dict, out_dir: str | Path, seed: int = 0, sha
                       "do_sample": False, "max_new_tokens": 64}
         (tmp / "generation_config.json").write_text(json.dumps(gen_config, indent=2))
         write_tokenizer(tmp, config["vocab_size"])
+        fill_vocab(tmp / "tokenizer.json", config["vocab_size"])
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,11 +209,24 @@ def make_random_checkpoint(config: dict, out_dir: str | Path, seed: int = 0, sha
     return out
 
 
+def fill_vocab(path: Path, vocab_size: int) -> None:
+    """Give every id below `vocab_size` a token in the byte-level BPE tokenizer.json at `path`: the trained
+    vocabulary is a few hundred tokens, so the ids above it get " w<id>" (byte-level spelled "Ġw<id>"), which the
+    decoder turns into text. No merges reach them: encoding is unchanged."""
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    taken = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
+    for i in range(vocab_size):
+        if i not in taken:
+            vocab[f"\u0120w{i}"] = i
+    path.write_text(json.dumps(data, ensure_ascii=False))
+
+
 def ensure_bench_model(name: str) -> Path:
     """The directory of bench model `name`, made on first use; the name carries a hash of its recipe."""
     from export.tiny import CORPUS, cache_root
 
-    recipe = json.dumps([BENCH_MODELS[name], STD, CORPUS, "v1"], sort_keys=True).encode()
+    recipe = json.dumps([BENCH_MODELS[name], STD, CORPUS, "v2"], sort_keys=True).encode()  # v2: fill_vocab
     out = cache_root() / "bench-models" / f"{name}-{hashlib.sha256(recipe).hexdigest()[:10]}"
     if not (out / "config.json").exists():
         try:

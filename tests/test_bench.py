@@ -144,6 +144,16 @@ def test_random_checkpoint_streamed(tmp_path, monkeypatch):
     assert json.loads((ckpt / "config.json").read_text())["torch_dtype"] == "float32"
     assert (ckpt / "tokenizer.json").exists() and (ckpt / "generation_config.json").exists()
 
+    from tokenizers import Tokenizer  # every id the model can write decodes to text (fill_vocab)
+
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    assert tok.get_vocab_size() == 300 and all(tok.decode([i]) for i in range(3, 300))
+    from export.tiny import write_tokenizer
+
+    write_tokenizer(tmp_path, 300)  # the unfilled tokenizer encodes text the same way
+    text = "Hello world, numbers 123."
+    assert tok.encode(text).ids == Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids
+
     monkeypatch.setattr(bm, "CHUNK_BYTES", 1000)  # every tensor in several chunks
     sharded = make_random_checkpoint(small, tmp_path / "sharded", shard_bytes=80_000)  # the 300 x 64 embedding is 76.8 kB
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
