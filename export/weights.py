@@ -151,18 +151,25 @@ def _same_tensor(ckpt: Checkpoint, a: str, b: str) -> bool:
     return torch.equal(x, y) if x.dtype == y.dtype else torch.equal(x.float(), y.float())
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """torch.isfinite(t).all() in slices of `chunk` elements: isfinite makes float temporaries of its input's size
+    (1.75x a 3.4 GiB embedding), a slice makes them of 64 MiB."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def read_finite(ckpt: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
     """One checkpoint tensor cast to `dtype`, refused (CheckpointError naming it) if it holds NaN/Inf or if the cast
-    overflows (e.g. 1e6 in an fp32 checkpoint built as fp16). The checks run on the tensor already in memory; the
-    boolean masks they make are transient."""
+    overflows (e.g. 1e6 in an fp32 checkpoint built as fp16). The checks run on the tensor already in memory, a slice
+    at a time (:func:`_all_finite`)."""
     t = ckpt.get(name)
     where = f"tensor '{name}' ({ckpt.tensors[name].file.name})"
-    if not torch.isfinite(t).all():
+    if not _all_finite(t):
         nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         raise CheckpointError(f"{where} has {nan + inf} non-finite value(s) of {t.numel()} ({nan} NaN, {inf} Inf); "
                               "refusing to export it (NaN/Inf weights turn the logits into NaN at generate time)")
     out = t.to(dtype)
-    if out is not t and not torch.isfinite(out).all():
+    if out is not t and not _all_finite(out):
         over = int((~torch.isfinite(out)).sum())
         raise CheckpointError(
             f"{where}: {over} value(s) overflow {_PRECISION.get(dtype, dtype)} (largest magnitude "

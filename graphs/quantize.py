@@ -88,13 +88,25 @@ def qmax(scheme: str) -> float:
     return {"int4": 7.0, "int8": 127.0, "fp8": FP8_MAX}[scheme]
 
 
-def quantize_rtn(w: np.ndarray, scheme: str, group: int, scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rtn(w: np.ndarray, scheme: str, group: int, scale_dtype=np.float32,
+                 rows: int = 1 << 12) -> tuple[np.ndarray, np.ndarray]:
     """w [..., K] -> (q [..., K] int8 (float8_e4m3fn for fp8), scales [..., K/group] in scale_dtype).
-    group 0 = K (per channel)."""
+    group 0 = K (per channel). Computed `rows` rows of K at a time (rows are independent, so the result is the same
+    whatever `rows`): the float temporaries stay a few MiB while q is written, not five copies of a 3.4 GiB head."""
     K = w.shape[-1]
     group = group or K
     if K % group:
         raise QuantizeError(f"input dimension {K} is not a multiple of the group size {group}")
+    flat = w.reshape(-1, K)
+    qtype = ml_dtypes.float8_e4m3fn if scheme == "fp8" else np.int8
+    q, scale = np.empty(flat.shape, qtype), np.empty((flat.shape[0], K // group), scale_dtype)
+    for i in range(0, flat.shape[0], rows):
+        q[i:i + rows], scale[i:i + rows] = _rtn_rows(flat[i:i + rows], scheme, group, scale_dtype)
+    return q.reshape(w.shape), scale.reshape(*w.shape[:-1], K // group)
+
+
+def _rtn_rows(w: np.ndarray, scheme: str, group: int, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+    K = w.shape[-1]
     g = w.astype(np.float32).reshape(*w.shape[:-1], K // group, group)
     scale = (np.abs(g).max(axis=-1) / np.float32(qmax(scheme))).astype(scale_dtype)
     s32 = scale.astype(np.float32)
@@ -117,7 +129,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, out_dtype=np.float32) -> np.nda
 
 def pack_nbits(q: np.ndarray, bits: int, group: int) -> np.ndarray:
     """q [..., N, K] int8 -> uint8 [..., N, K/group, group*bits/8]: offset binary, int4 low nibble first."""
-    u = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    u = np.ascontiguousarray(q).view(np.uint8) + np.uint8(1 << (bits - 1))  # q + 2^(bits-1), wrapping: one uint8 copy
     *lead, K = u.shape
     u = u.reshape(*lead, K // group, group)
     if bits == 8:
