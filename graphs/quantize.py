@@ -340,7 +340,7 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig | None, lowering: str, np_d
     act = ir.DataType.from_numpy(np.dtype(np_dtype))
     _Quantized.slot[:] = [None, None]
     schemes: dict[str, dict] = {}
-    counts = {"linear": 0, "experts": 0, "lm_head": 0}
+    counts = {"linear": 0, "experts": 0, "lm_head": 0, "embedding": 0}
     forms = {"nbits": 0, "dq": 0, "reference": 0}
     # TensorRT's INT8/FP8 Q/DQ is per tensor or per channel: one group spans the whole input dimension.
     group = 0 if cfg is None else cfg.group_size if (cfg.scheme == "int4" or lowering != "trt-native") else 0
@@ -375,13 +375,18 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig | None, lowering: str, np_d
             form = _form(quant.info, lowering, K)
             x = _permuted_input(graph, node, quant, tag, K)
             if form == "nbits":
-                _to_matmul_nbits(graph, node, x, quant, tag, K, N, level, act)
+                quantized = _to_matmul_nbits(graph, node, x, quant, tag, K, N, level, act)
             else:
                 node.replace_input_with(0, x)
-                node.replace_input_with(1, _dequant_2d(graph, node, quant, tag, K, N, form, act, lowering))
+                quantized = _dequant_2d(graph, node, quant, tag, K, N, form, act, lowering)
+                node.replace_input_with(1, quantized)
             schemes[w.name + (".as_lm_head" if head and transposed else "")] = _scheme(quant.info, form, K, [K, N])
             counts["lm_head" if head else "linear"] += 1
             forms[form] += 1
+            if head and transposed and _tied_embedding(graph, w, quantized, quant.info, form, lowering, K, N):
+                schemes[w.name + ".as_embedding"] = dict(_scheme(quant.info, form, K, [N, K]),
+                                                         shared_with=w.name + ".as_lm_head")
+                counts["embedding"] = 1
         elif node.domain == MS and node.op_type == "MoE" and lowering == "ort":
             fc1, fc2 = node.inputs[2], node.inputs[4]
             pair = [source(fc1, False), source(fc2, False)]
@@ -426,6 +431,55 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig | None, lowering: str, np_d
     return {"scheme": cfg.scheme, "group_size": cfg.group_size, "trt_channel_wise": group == 0,
             "accuracy_level": cfg.accuracy_level if lowering == "ort" else None, "lm_head": cfg.lm_head,
             "counts": counts, "tensors": dict(sorted(schemes.items()))}
+
+
+def _tied_embedding(graph, w: ir.Value, head, info: QInfo, form: str, lowering: str, K: int, N: int) -> bool:
+    """A tied model whose LM head was just quantized: its embedding Gather reads the head's integers too, so the
+    float table is not stored a second time (what onnxruntime-genai's int4 builds do). ort: the head's MatMulNBits
+    weights through ``com.microsoft.GatherBlockQuantized`` (same offset-binary bytes reshaped [N, K*bits/8], same
+    scales, implicit zero point; rows of the table dequantized on lookup). reference: ``Gather`` of the transposed
+    standard-op dequantization (its oracle). trt-native keeps the float table (no quantized gather in TensorRT),
+    and so do integers with zero points or an act-order permutation. Returns whether the Gather was rewritten."""
+    gathers = [u.node for u in w.uses() if u.node.op_type == "Gather" and u.node.domain == "" and u.idx == 0
+               and (u.node.attributes.get("axis") is None or u.node.attributes["axis"].value == 0)]
+    if not gathers or info.zeros or info.perm or lowering == "trt-native" or (lowering == "ort") != (form == "nbits"):
+        return False
+    for gather in gathers:
+        tag = f"{w.name}.embedding"
+        if form == "nbits":
+            B, S = head.inputs[1], head.inputs[2]
+            bits, block = head.attributes["bits"].value, head.attributes["block_size"].value
+            shape = fuse.initializer(graph, f"quant.shape_{N}x{K * bits // 8}", np.array([N, K * bits // 8], np.int64))
+            rows = ir.node("Reshape", [B, shape], name=f"{tag}.rows")
+            new = ir.node("GatherBlockQuantized", [rows.outputs[0], gather.inputs[1], S],
+                          {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
+                          domain=MS, name=f"{tag}.gather")
+            nodes = [rows, new]
+        else:  # head: the [K, N] output of the dequantization chain, which moves up to before the Gather
+            chain = _chain_of(graph, head)
+            graph.remove(chain)
+            graph.insert_before(gather, chain)
+            rows = ir.node("Transpose", [head], {"perm": [1, 0]}, name=f"{tag}.rows")
+            new = ir.node("Gather", [rows.outputs[0], gather.inputs[1]], {"axis": 0}, name=f"{tag}.gather")
+            nodes = [rows, new]
+        _copy_type(gather.outputs[0], new.outputs[0])
+        graph.insert_before(gather, nodes)
+        gather.outputs[0].replace_all_uses_with(new.outputs[0])
+        graph.remove(gather, safe=True)
+    return True
+
+
+def _chain_of(graph: ir.Graph, value: ir.Value) -> list[ir.Node]:
+    """The nodes computing `value` from initializers only (the dequantization of one weight), in order."""
+    chain, todo = [], [value.producer()]
+    while todo:
+        node = todo.pop()
+        if node is None or node in chain:
+            continue
+        chain.append(node)
+        todo += [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+    order = {id(n): i for i, n in enumerate(graph)}
+    return sorted(chain, key=lambda n: order[id(n)])
 
 
 def _qmoe_takes(info: QInfo, K: int, level: int) -> bool:
@@ -508,6 +562,7 @@ def _to_matmul_nbits(graph, node, x, quant, tag, K, N, level, act) -> None:
                   domain=MS, num_outputs=1, name=f"{node.name or tag}.nbits")
     _copy_type(node.outputs[0], new.outputs[0])
     ir.convenience.replace_nodes_and_values(graph, node, [node], [new], list(node.outputs), list(new.outputs))
+    return new
 
 
 # scheme -> (ONNX type, numpy type) of the stored weights in the trt-native (DequantizeLinear) form

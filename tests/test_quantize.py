@@ -320,15 +320,44 @@ def test_int8_ort_and_reference(case, qbuild, checkpoints, artifacts):
     assert 0 < np.abs(b - fp32).max() < 0.1  # int8 is close to fp32, and it did change the weights
 
 
-def test_lm_head_quantized_tied(qbuild, checkpoints):
-    """The tied head (the exporter's Transpose of the embedding) quantized; the embedding itself stays fp32."""
+def _embedding_rows(path: Path, ids: np.ndarray) -> np.ndarray:
+    """Run the artifact's own embedding lookup (its GatherBlockQuantized node and the Reshape feeding it, with their
+    initializers) alone on ONNX Runtime for `ids`."""
+    model, inits = _initializers(path)
+    gbq = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    reshape = next(n for n in model.graph.node if gbq.input[0] in n.output)
+    names = [*reshape.input, *gbq.input[2:]]
+    graph = helper.make_graph([reshape, gbq], "embedding",
+                              [helper.make_tensor_value_info(gbq.input[1], TensorProto.INT64, [len(ids)])],
+                              [helper.make_tensor_value_info(gbq.output[0], TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(inits[n], n) for n in names])
+    m = helper.make_model(graph, opset_imports=list(model.opset_import))
+    return _session(m).run(None, {gbq.input[1]: ids})[0]
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_lm_head_quantized_tied(scheme, qbuild, checkpoints):
+    """The tied head (the exporter's Transpose of the embedding) quantized, and the embedding served from its
+    integers: on ort a GatherBlockQuantized over the MatMulNBits bytes, on reference a Gather of the dequantized
+    head. The float table is gone from the artifact; the rows looked up are quantize-dequantize of the checkpoint's
+    embedding, exactly."""
     case = "qwen2_mqa_tied_linear"
-    paths = [qbuild(case, "int4", low, quantize_lm_head=True) for low in ("ort", "reference")]
+    paths = [qbuild(case, scheme, low, quantize_lm_head=True) for low in ("ort", "reference")]
     for path in paths:
-        _check_weights(path, checkpoints(case), "int4", 32, lm_head=True)
+        _check_weights(path, checkpoints(case), scheme, 32, lm_head=True)
         m = json.loads((path / "manifest.json").read_text())
-        assert m["quantization"]["counts"]["lm_head"] == 1 and m["quantization"]["lm_head"]
-        assert m["quantization"]["tensors"]["decoder.lm_head.weight"]["scheme"] == "float"  # the Gather's table
+        q = m["quantization"]
+        assert q["counts"]["lm_head"] == 1 == q["counts"]["embedding"] and q["lm_head"]
+        assert "decoder.lm_head.weight" not in q["tensors"]  # no float table stored
+        assert q["tensors"]["decoder.lm_head.weight.as_embedding"]["scheme"] == f"{scheme}-rtn-symmetric"
+    ops = json.loads((paths[0] / "manifest.json").read_text())["graphs"]["decoder"]["op_histogram"]
+    assert ops["com.microsoft.GatherBlockQuantized"] == 1
+    embed = Checkpoint(checkpoints(case)).get("model.embed_tokens.weight").numpy()
+    ids = np.array([0, 5, 17, embed.shape[0] - 1, 5], np.int64)
+    assert np.array_equal(_embedding_rows(paths[0], ids), dequantize(*quantize_rtn(embed, scheme, 32))[ids])
+    plain = qbuild(case, scheme, "ort")  # the default: float head, the float table shared by head and Gather
+    size = lambda p: (p / "model.onnx.data").stat().st_size  # noqa: E731
+    assert size(paths[0]) < size(plain) - 0.6 * embed.nbytes, (size(paths[0]), size(plain), embed.nbytes)
     assert np.abs(_score(paths[0]) - _score(paths[1])).max() < 1e-3
 
 
