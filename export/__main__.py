@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"MatMulNBits/QMoE compute (ort lowering): 4 = int8 (default {DEFAULT_ACCURACY_LEVEL}, fast "
                         "with VNNI), 1 = fp32 (for checking against the reference)")
     b.add_argument("--quantize-lm-head", action="store_true",
-                   help="also quantize the LM head (default: it stays --precision, like the embeddings and norms)")
+                   help="also quantize the LM head (default: it stays --precision, like the embeddings and norms); a tied "
+                        "model's embedding then reads the quantized head on ort/reference (no float table stored)")
     b.add_argument("--task", choices=TASKS, default=None,
                    help="the head: from config.json architectures by default; refused when it contradicts them")
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")

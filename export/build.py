@@ -198,6 +198,10 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
         fold(graph)
         quantization = quantize_weights(graph, quant, lowering, dtype, ckpt if plan.prequant else None,
                                         plan.accuracy_level)
+        if lowering == "ort" and spec.task == "causal-lm":
+            from graphs.tied_head import share_tied_head
+
+            fusion["tied_head_shared"] = share_tied_head(graph)  # the table held once (graphs/tied_head.py)
         stored = stored_bytes(graph)
         save(graph, tmp / GRAPH, progress)
         op_histogram = histogram(graph)

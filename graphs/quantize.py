@@ -29,8 +29,9 @@ A graph still holding a fused ``llm_export`` node (one no lowering rewrote) is r
 Every new initializer is lazy: a weight is read, quantized and dropped while the graph is written, so the build
 holds one tensor at a time (a one-slot memo lets the packed weight and its scales share one quantization).
 Quantized: every MatMul with a constant weight (attention q/k/v/o, packed qkv, MLP gate/up/down) and the MoE
-experts; the LM head only when asked. Never: embeddings, norms, biases, the router (a Gemm). After the rewrite the
-pass looks for any float linear weight left and raises :class:`QuantizeError` naming it.
+experts; the LM head only when asked (a tied model's embedding Gather then reads the head's integers, ort and
+reference: :func:`_tied_embedding`). Never: an untied embedding, norms, biases, the router (a Gemm). After the
+rewrite the pass looks for any float linear weight left and raises :class:`QuantizeError` naming it.
 
 What it does not do: choose the scheme or check group sizes against the model (export/quantize.py does).
 """

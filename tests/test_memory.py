@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from artifacts.bundle import ArtifactError, open_artifact
@@ -167,6 +168,32 @@ def test_estimate_follows_the_fp16_expansion(mid_fp16, tmp_path):
     assert 0.85 <= estimate / peak <= 1.4, (parts, peak / MiB)
     unexpanded = memory.graph_bytes(manifest) + parts["kv_cache"] + parts["runtime"]
     assert unexpanded / peak < 0.8  # weights taken at their size on disk would let it through: the factor matters
+
+
+def test_tied_head_shared_holds_the_table_once(tmp_path, monkeypatch):
+    """graphs/tied_head.py: a tied fp32 model's head as MatMul(E, h^T) keeps one copy of the 62.5 MiB table where
+    the exporter's MatMul(h, Transpose(E)) costs a prepacked second one; same tokens, same log-probabilities."""
+    import graphs.tied_head
+    from export.build import build
+    from runtime_py.score import score
+
+    fields = dict(CASES["qwen2_sharded"][1], vocab_size=32000, hidden_size=512, intermediate_size=256,
+                  num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    ckpt = save_hf_checkpoint("qwen2", fields, tmp_path / "ckpt")
+    shared = build(str(ckpt), out=tmp_path / "shared", max_seq_len=64, progress=False)
+    monkeypatch.setattr(graphs.tied_head, "share_tied_head", lambda model: 0)
+    packed = build(str(ckpt), out=tmp_path / "packed", max_seq_len=64, progress=False)
+    manifests = [open_artifact(a) for a in (shared, packed)]
+    assert [m.graphs["decoder"].fusion["tied_head_shared"] for m in manifests] == [1, 0]
+    table = 32000 * 512 * 4
+    (peak_shared, out_shared), (peak_packed, out_packed) = (_peak_of_generate(a, tmp_path) for a in (shared, packed))
+    assert out_shared == out_packed
+    assert peak_packed - peak_shared > 0.7 * table, (peak_shared / MiB, peak_packed / MiB)
+    for m, peak in zip(manifests, (peak_shared, peak_packed)):  # the estimate counts the copy only when it is made
+        assert 0.85 <= memory.estimate_bytes(m) / peak <= 1.3, (memory.estimate_parts(m), peak / MiB)
+    ids = [5, 17, 33, 100, 7, 8, 9, 200, 3]
+    a, b = (np.array(score(p, ids)["logprobs"]) for p in (shared, packed))
+    assert np.abs(a - b).max() < 1e-4
 
 
 # -- the refusal ----------------------------------------------------------------------------------------------------

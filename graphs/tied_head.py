@@ -1,0 +1,64 @@
+"""The float LM head of a tied model, rewritten for ONNX Runtime so the table is held once, not twice.
+
+What it does: the exporter writes the tied head as ``MatMul(h, Transpose(E))`` with ``E`` [V, H] the embedding
+table the Gather also reads. ONNX Runtime's CPU provider prepacks the constant right-hand side of a MatMul into a
+buffer of its own (about 1.2x E: 4.06 GiB for gemma-2-9b's 3.42 GiB table) while the mapped E stays resident for
+the Gather: the head costs 2.2x its bytes, the peak of `generate` on a gemma-2-9b int4 artifact 1.66x its weight
+bytes. :func:`share_tied_head` computes the transposed product instead,
+
+    logits = Reshape(Transpose(MatMul(E, Reshape(Transpose(h, [2, 0, 1]), [H, -1]))), [B, S, V])
+
+where E is the left-hand side, which the provider never prepacks: the head reads the mapped table itself. Measured
+on the Qwen2-0.5B head alone (V 151936, H 896, fp32, 2 threads): peak 574 MiB instead of 1091 MiB, 17.6 ms instead
+of 23.4 ms a token at batch 1, 31 ms instead of 25 ms at batch 8 (an unpacked table costs more for a few columns).
+
+What it does not do: touch a quantized head (MatMulNBits reads its integers; graphs/quantize.py), an untied head
+(its own weight is not shared, prepacking it costs nothing extra), or TensorRT graphs (it builds its own weights).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphs import fuse
+from graphs.quantize import LM_HEAD
+
+
+def share_tied_head(model: ir.Model) -> int:
+    """Rewrite ``MatMul(h, Transpose(E))`` with E the tied table (an initializer a Gather also reads); returns how
+    many heads were rewritten (0 or 1)."""
+    graph = model.graph
+    table = graph.initializers.get(LM_HEAD)
+    if table is None or not any(u.node.op_type == "Gather" for u in table.uses()):
+        return 0
+    done = 0
+    for use in list(table.uses()):
+        transpose = use.node
+        if transpose.op_type != "Transpose" or list(transpose.attributes["perm"].value) != [1, 0]:
+            continue
+        for mm_use in list(transpose.outputs[0].uses()):
+            matmul = mm_use.node
+            h = matmul.inputs[0]
+            if matmul.op_type != "MatMul" or mm_use.idx != 1 or h.shape is None or len(h.shape) != 3:
+                continue
+            V, H = table.shape
+            tag = "decoder.lm_head.shared"
+            hk = fuse.initializer(graph, f"tied_head.shape_{H}x-1", np.array([H, -1], np.int64))
+            lead = [fuse.initializer(graph, f"tied_head.{n}", np.array([v], np.int64))
+                    for n, v in (("zero", 0), ("two", 2), (f"v{V}", V))]
+            nodes = [ir.node("Transpose", [h], {"perm": [2, 0, 1]}, name=f"{tag}.h_t"),
+                     ir.node("Shape", [h], name=f"{tag}.shape")]
+            nodes.append(ir.node("Reshape", [nodes[0].outputs[0], hk], name=f"{tag}.columns"))  # [H, B*S]
+            nodes.append(ir.node("MatMul", [table, nodes[-1].outputs[0]], name=f"{tag}.matmul"))  # [V, B*S]
+            nodes.append(ir.node("Transpose", [nodes[-1].outputs[0]], {"perm": [1, 0]}, name=f"{tag}.rows"))
+            nodes.append(ir.node("Slice", [nodes[1].outputs[0], lead[0], lead[1]], name=f"{tag}.batch_seq"))
+            nodes.append(ir.node("Concat", [nodes[-1].outputs[0], lead[2]], {"axis": 0}, name=f"{tag}.out_shape"))
+            out = ir.node("Reshape", [nodes[4].outputs[0], nodes[-1].outputs[0]], name=f"{tag}.logits")
+            nodes.append(out)
+            out.outputs[0].type, out.outputs[0].shape = matmul.outputs[0].type, matmul.outputs[0].shape
+            ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], nodes, list(matmul.outputs),
+                                                    list(out.outputs))
+            done += 1
+    fuse.remove_unused(model)
+    return done
