@@ -437,25 +437,31 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig | None, lowering: str, np_d
 def _tied_embedding(graph, w: ir.Value, head, info: QInfo, form: str, lowering: str, K: int, N: int) -> bool:
     """A tied model whose LM head was just quantized: its embedding Gather reads the head's integers too, so the
     float table is not stored a second time (what onnxruntime-genai's int4 builds do). ort: the head's MatMulNBits
-    weights through ``com.microsoft.GatherBlockQuantized`` (same offset-binary bytes reshaped [N, K*bits/8], same
-    scales, implicit zero point; rows of the table dequantized on lookup). reference: ``Gather`` of the transposed
+    weights through ``com.microsoft.GatherBlockQuantized`` (the same offset-binary bytes [N, K/g, g*bits/8] read
+    as blocks of g along the last axis, the same scales viewed [N, K/g, 1], implicit zero point; the looked-up rows
+    reshaped to [..., K]). Sharing the bytes themselves matters: a Reshape of B would be folded into a copy of the
+    whole head when the session opens (0.43 GiB for gemma-2-9b). reference: ``Gather`` of the transposed
     standard-op dequantization (its oracle). trt-native keeps the float table (no quantized gather in TensorRT),
     and so do integers with zero points or an act-order permutation. Returns whether the Gather was rewritten."""
     gathers = [u.node for u in w.uses() if u.node.op_type == "Gather" and u.node.domain == "" and u.idx == 0
                and (u.node.attributes.get("axis") is None or u.node.attributes["axis"].value == 0)]
-    if not gathers or info.zeros or info.perm or lowering == "trt-native" or (lowering == "ort") != (form == "nbits"):
+    if not gathers or info.zeros or info.perm or lowering == "trt-native" or (lowering == "ort") != (form == "nbits") \
+            or any(g.outputs[0].shape is None for g in gathers):
         return False
     for gather in gathers:
         tag = f"{w.name}.embedding"
-        if form == "nbits":
+        if form == "nbits":  # B [N, K/g, g*bits/8] as it is (no copy); only the small scales get a [N, K/g, 1] view
             B, S = head.inputs[1], head.inputs[2]
             bits, block = head.attributes["bits"].value, head.attributes["block_size"].value
-            shape = fuse.initializer(graph, f"quant.shape_{N}x{K * bits // 8}", np.array([N, K * bits // 8], np.int64))
-            rows = ir.node("Reshape", [B, shape], name=f"{tag}.rows")
-            new = ir.node("GatherBlockQuantized", [rows.outputs[0], gather.inputs[1], S],
-                          {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
-                          domain=MS, name=f"{tag}.gather")
-            nodes = [rows, new]
+            lead = len(gather.outputs[0].shape) - 1  # the ids' rank
+            s_shape = fuse.initializer(graph, f"quant.shape_{N}x{K // block}x1", np.array([N, K // block, 1], np.int64))
+            out_shape = fuse.initializer(graph, f"quant.shape_{'0x' * lead}{K}", np.array([0] * lead + [K], np.int64))
+            scales = ir.node("Reshape", [S, s_shape], name=f"{tag}.scales")
+            blocks = ir.node("GatherBlockQuantized", [B, gather.inputs[1], scales.outputs[0]],
+                             {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 2},
+                             domain=MS, name=f"{tag}.gather")  # [..., K/g, g]
+            new = ir.node("Reshape", [blocks.outputs[0], out_shape], name=f"{tag}.rows")
+            nodes = [scales, blocks, new]
         else:  # head: the [K, N] output of the dequantization chain, which moves up to before the Gather
             chain = _chain_of(graph, head)
             graph.remove(chain)

@@ -321,18 +321,27 @@ def test_int8_ort_and_reference(case, qbuild, checkpoints, artifacts):
 
 
 def _embedding_rows(path: Path, ids: np.ndarray) -> np.ndarray:
-    """Run the artifact's own embedding lookup (its GatherBlockQuantized node and the Reshape feeding it, with their
-    initializers) alone on ONNX Runtime for `ids`."""
+    """Run the artifact's own embedding lookup (its GatherBlockQuantized node and the nodes between it, input_ids
+    and the initializers) alone on ONNX Runtime for `ids`."""
     model, inits = _initializers(path)
+    producer = {o: n for n in model.graph.node for o in n.output}
     gbq = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-    reshape = next(n for n in model.graph.node if gbq.input[0] in n.output)
-    names = [*reshape.input, *gbq.input[2:]]
-    graph = helper.make_graph([reshape, gbq], "embedding",
-                              [helper.make_tensor_value_info(gbq.input[1], TensorProto.INT64, [len(ids)])],
-                              [helper.make_tensor_value_info(gbq.output[0], TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(inits[n], n) for n in names])
+    out = next(n for n in model.graph.node if gbq.output[0] in n.input)  # the Reshape back to [..., K]
+    nodes, todo = [], [out]
+    while todo:
+        node = todo.pop()
+        if node not in nodes:
+            nodes.append(node)
+            todo += [producer[i] for i in node.input if i in producer]
+    order = list(model.graph.node)
+    nodes.sort(key=order.index)
+    used = {i for n in nodes for i in n.input}
+    graph = helper.make_graph(nodes, "embedding",
+                              [helper.make_tensor_value_info(gbq.input[1], TensorProto.INT64, [1, len(ids)])],
+                              [helper.make_tensor_value_info(out.output[0], TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(inits[n], n) for n in used if n in inits])
     m = helper.make_model(graph, opset_imports=list(model.opset_import))
-    return _session(m).run(None, {gbq.input[1]: ids})[0]
+    return _session(m).run(None, {gbq.input[1]: ids[None]})[0][0]
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
@@ -352,6 +361,10 @@ def test_lm_head_quantized_tied(scheme, qbuild, checkpoints):
         assert q["tensors"]["decoder.lm_head.weight.as_embedding"]["scheme"] == f"{scheme}-rtn-symmetric"
     ops = json.loads((paths[0] / "manifest.json").read_text())["graphs"]["decoder"]["op_histogram"]
     assert ops["com.microsoft.GatherBlockQuantized"] == 1
+    graph = onnx.load(str(paths[0] / "model.onnx"), load_external_data=False).graph
+    gbq = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == gbq.input[0])
+    assert head.input[1] in {t.name for t in graph.initializer}  # the head's own bytes, no copy made of them
     embed = Checkpoint(checkpoints(case)).get("model.embed_tokens.weight").numpy()
     ids = np.array([0, 5, 17, embed.shape[0] - 1, 5], np.int64)
     assert np.array_equal(_embedding_rows(paths[0], ids), dequantize(*quantize_rtn(embed, scheme, 32))[ids])
