@@ -19,7 +19,9 @@ What it does:
 - :func:`estimate_bytes` (parts in :func:`estimate_parts`): what an ONNX Runtime CPU session over the artifact will
   hold, from its manifest alone: the graph's weight bytes on disk expanded by the factor measured for the precision
   (:data:`ORT_CPU_EXPANSION`; the CPU provider computes fp16 MatMuls in fp32, so it folds every fp16 weight into an
-  fp32 copy), plus the extra copy of a tied embedding (ONNX Runtime folds the LM head into a transposed copy of it),
+  fp32 copy), plus the extra copy of a tied embedding where the graph makes one (ONNX Runtime prepacks a
+  ``MatMul(h, Transpose(E))`` head into a copy of its own; not the ``ort`` graphs whose head graphs/tied_head.py
+  shares or whose head is quantized),
   the KV buffers the runtime allocates for ``batch`` sequences of ``seq_len`` tokens (one set when the graph updates
   the cache in place, two when it writes a second set and swaps, or in concat mode where past and present are alive
   together), and the measured fixed cost of the interpreter, numpy, ONNX Runtime and the tokenizer. The factors were
