@@ -300,7 +300,7 @@ def graph_ops(onnx_path: Path) -> dict:
     for node in m.graph.node:
         key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
         ops[key] = ops.get(key, 0) + 1
-    head_q = any(n.op_type == "MatMulNBits" and "lm_head" in n.name for n in m.graph.node)
+    head_q = any(n.op_type == "MatMulNBits" and ("lm_head" in n.name or "lm_head" in n.input[1]) for n in m.graph.node)
     embed_q = any(n.op_type == "GatherBlockQuantized" for n in m.graph.node)
     return {"ops": dict(sorted(ops.items())), "lm_head_quantized": head_q, "embedding_quantized": embed_q}
 

@@ -1,9 +1,11 @@
 """Weight-only quantization: RTN symmetric per-group maths, and the pass that rewrites a graph's linears.
 
 Maths (numpy only; the exporter and the tests share it): :func:`quantize_rtn` rounds a weight ``[..., K]`` (K =
-the input dimension, last) to the nearest integer of ``w / s`` with one absmax scale ``s = max|w| / qmax`` per group
-of ``group`` consecutive inputs (qmax 7 for int4, 127 for int8; no zero point); fp8 is FP8E4M3 with ``s = max|w| /
-448``. The scales are rounded to the activation dtype first and the integers computed from the rounded scale, so
+the input dimension, last) to the nearest integer of ``w / s`` with one scale per group of ``group`` consecutive
+inputs, no zero point: on ort and reference ``s = extreme / -2^(bits-1)`` (the group's largest-magnitude value,
+signed, lands on -8 / -128: the full integer range, as ONNX Runtime's own quantizer does it), on trt-native
+``s = max|w| / qmax`` (qmax 7 / 127, positive scales for TensorRT's Q/DQ); fp8 is FP8E4M3 with ``s = max|w| / 448``.
+The scales are rounded to the activation dtype first and the integers computed from the rounded scale, so
 ``dequantize(q, s)`` is exactly what every lowering multiplies out. :func:`pack_nbits` lays the integers out the way
 ``com.microsoft.MatMulNBits`` / ``QMoE`` read them: offset binary (q + 2^(bits-1), their implicit zero point),
 ``[N, K/block, block*bits/8]`` uint8, int4 low nibble first.
@@ -89,10 +91,13 @@ def qmax(scheme: str) -> float:
     return {"int4": 7.0, "int8": 127.0, "fp8": FP8_MAX}[scheme]
 
 
-def quantize_rtn(w: np.ndarray, scheme: str, group: int, scale_dtype=np.float32,
-                 rows: int = 1 << 12) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rtn(w: np.ndarray, scheme: str, group: int, scale_dtype=np.float32, rows: int = 1 << 12,
+                 full_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """w [..., K] -> (q [..., K] int8 (float8_e4m3fn for fp8), scales [..., K/group] in scale_dtype).
-    group 0 = K (per channel). Computed `rows` rows of K at a time (rows are independent, so the result is the same
+    group 0 = K (per channel). full_range (int4/int8): the scale is the group's extreme value, signed, over
+    -2^(bits-1), so the extreme lands exactly on -8 (-128) and the step is absmax/8 instead of absmax/7 (ONNX
+    Runtime's own blockwise quantizer does this; a scale may be negative); otherwise absmax / qmax, positive scales
+    (TensorRT's Q/DQ). Computed `rows` rows of K at a time (rows are independent, so the result is the same
     whatever `rows`): the float temporaries stay a few MiB while q is written, not five copies of a 3.4 GiB head."""
     K = w.shape[-1]
     group = group or K
@@ -102,14 +107,19 @@ def quantize_rtn(w: np.ndarray, scheme: str, group: int, scale_dtype=np.float32,
     qtype = ml_dtypes.float8_e4m3fn if scheme == "fp8" else np.int8
     q, scale = np.empty(flat.shape, qtype), np.empty((flat.shape[0], K // group), scale_dtype)
     for i in range(0, flat.shape[0], rows):
-        q[i:i + rows], scale[i:i + rows] = _rtn_rows(flat[i:i + rows], scheme, group, scale_dtype)
+        q[i:i + rows], scale[i:i + rows] = _rtn_rows(flat[i:i + rows], scheme, group, scale_dtype,
+                                                     full_range and scheme != "fp8")
     return q.reshape(w.shape), scale.reshape(*w.shape[:-1], K // group)
 
 
-def _rtn_rows(w: np.ndarray, scheme: str, group: int, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+def _rtn_rows(w: np.ndarray, scheme: str, group: int, scale_dtype, full_range: bool) -> tuple[np.ndarray, np.ndarray]:
     K = w.shape[-1]
     g = w.astype(np.float32).reshape(*w.shape[:-1], K // group, group)
-    scale = (np.abs(g).max(axis=-1) / np.float32(qmax(scheme))).astype(scale_dtype)
+    if full_range:
+        extreme = np.take_along_axis(g, np.abs(g).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        scale = (extreme / np.float32(-qmax(scheme) - 1)).astype(scale_dtype)
+    else:
+        scale = (np.abs(g).max(axis=-1) / np.float32(qmax(scheme))).astype(scale_dtype)
     s32 = scale.astype(np.float32)
     safe = np.where(s32 == 0, np.float32(1), s32)[..., None]  # an all-zero group: q = 0, scale 0
     if scheme == "fp8":
@@ -161,6 +171,7 @@ class QInfo:
     zeros: bool = False
     perm: bool = False
     label: str = "rtn-symmetric"  # what the manifest calls the source: rtn-symmetric, gptq-v2, awq, fp8-block, ...
+    full_range: bool = False  # RTN only: the scale rule of quantize_rtn
 
     @property
     def bits(self) -> int:
@@ -246,7 +257,7 @@ class _Quantized:
         def load():
             w = src.numpy()
             w = w.T if transpose else w  # to [..., N, K]
-            return QWeight(*quantize_rtn(w, info.scheme, info.group, scale_dtype))
+            return QWeight(*quantize_rtn(w, info.scheme, info.group, scale_dtype, full_range=info.full_range))
         return cls(info, load)
 
     def get(self) -> QWeight:
@@ -354,7 +365,8 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig | None, lowering: str, np_d
                 return None
             load = pre.load
             return _Quantized(pre.info, lambda: dataclasses.replace(w := load(), scales=w.scales.astype(np_dtype)))
-        return _Quantized.rtn(w.const_value, QInfo(cfg.scheme, group), np_dtype, transpose)
+        info = QInfo(cfg.scheme, group, full_range=lowering != "trt-native")  # TensorRT: positive scales
+        return _Quantized.rtn(w.const_value, info, np_dtype, transpose)
 
     for node in list(graph):
         if node.op_type == "MatMul" and node.domain == "":
@@ -514,6 +526,8 @@ def _scheme(info: QInfo, form: str, K: int, shape) -> dict:
          "shape": list(shape)}
     if info.label != "rtn-symmetric":
         d.update(zero_points=info.zeros, act_order=info.perm, form=form)
+    elif info.scheme != "fp8":
+        d["scale"] = f"extreme/{-int(qmax(info.scheme)) - 1}" if info.full_range else f"absmax/{int(qmax(info.scheme))}"
     return d
 
 

@@ -309,7 +309,7 @@ def test_moe_attribute_quantized(case, scheme):
     gq.quantize_graph(model, gq.QuantConfig(scheme, 32, accuracy_level=1), "ort", np.float32)
     ops = [n.op_type for n in model.graph]
     assert ("QMoE" in ops) == (scheme == "int4") and ("MoE" in ops) == (scheme == "int8")
-    gate_up, down = (gq.dequantize(*gq.quantize_rtn(arrays[f"layers.0.moe.{w}"], scheme, 32))
+    gate_up, down = (gq.dequantize(*gq.quantize_rtn(arrays[f"layers.0.moe.{w}"], scheme, 32, full_range=True))
                      for w in ("gate_up", "down"))
     ref = _moe_reference(a, arrays, gate_up, down)
     assert np.abs(_run(model, {"hidden": arrays["hidden"]})["output"] - ref).max() < 1e-4
