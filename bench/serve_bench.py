@@ -160,14 +160,14 @@ class TritonClient:
 
     def text(self, prompt: list[int]) -> str:
         """The prompt as text that re-tokenizes to at most len(prompt) tokens (random ids decode to text whose own
-        tokenization is usually longer): drop ids from the end until it fits."""
+        tokenization is usually longer): keep the share of the ids that fits, then drop one at a time until it does."""
         ids = list(prompt)
         while True:
             text = self.tok.decode(ids)
-            extra = len(self.tok.encode(text)) - len(prompt)
-            if extra <= 0 or len(ids) <= 1:
+            n = len(self.tok.encode(text))
+            if n <= len(prompt) or len(ids) <= 1:
                 return text
-            ids = ids[:max(1, len(ids) - extra)]
+            ids = ids[:max(1, min(len(ids) - 1, len(ids) * len(prompt) // n))]
 
     def stream(self, prompt: list[int], new_tokens: int) -> tuple[list[float], int]:
         import queue
