@@ -35,7 +35,8 @@ def share_tied_head(model: ir.Model) -> int:
     done = 0
     for use in list(table.uses()):
         transpose = use.node
-        if transpose.op_type != "Transpose" or list(transpose.attributes["perm"].value) != [1, 0]:
+        perm = transpose.attributes.get("perm")
+        if transpose.op_type != "Transpose" or perm is None or list(perm.value) != [1, 0]:
             continue
         for mm_use in list(transpose.outputs[0].uses()):
             matmul = mm_use.node
