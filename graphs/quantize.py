@@ -454,12 +454,17 @@ def _tied_embedding(graph, w: ir.Value, head, info: QInfo, form: str, lowering: 
     reshaped to [..., K]). Sharing the bytes themselves matters: a Reshape of B would be folded into a copy of the
     whole head when the session opens (0.43 GiB for gemma-2-9b). reference: ``Gather`` of the transposed
     standard-op dequantization (its oracle). trt-native keeps the float table (no quantized gather in TensorRT),
-    and so do integers with zero points or an act-order permutation. Returns whether the Gather was rewritten."""
+    and so do integers with zero points or an act-order permutation. `head` is what the head's rewrite made: the
+    MatMulNBits node (nbits) or the dequantized [K, N] value (reference). Returns whether the Gather was rewritten."""
     gathers = [u.node for u in w.uses() if u.node.op_type == "Gather" and u.node.domain == "" and u.idx == 0
                and (u.node.attributes.get("axis") is None or u.node.attributes["axis"].value == 0)]
     if not gathers or info.zeros or info.perm or lowering == "trt-native" or (lowering == "ort") != (form == "nbits") \
             or any(g.outputs[0].shape is None for g in gathers):
         return False
+    if form != "nbits":  # the dequantization chain moves up, before the first Gather, so every Gather can read it
+        chain, order = _chain_of(graph, head), list(graph)
+        graph.remove(chain)
+        graph.insert_before(min(gathers, key=order.index), chain)
     for gather in gathers:
         tag = f"{w.name}.embedding"
         if form == "nbits":  # B [N, K/g, g*bits/8] as it is (no copy); only the small scales get a [N, K/g, 1] view
@@ -474,10 +479,7 @@ def _tied_embedding(graph, w: ir.Value, head, info: QInfo, form: str, lowering: 
                              domain=MS, name=f"{tag}.gather")  # [..., K/g, g]
             new = ir.node("Reshape", [blocks.outputs[0], out_shape], name=f"{tag}.rows")
             nodes = [scales, blocks, new]
-        else:  # head: the [K, N] output of the dequantization chain, which moves up to before the Gather
-            chain = _chain_of(graph, head)
-            graph.remove(chain)
-            graph.insert_before(gather, chain)
+        else:
             rows = ir.node("Transpose", [head], {"perm": [1, 0]}, name=f"{tag}.rows")
             new = ir.node("Gather", [rows.outputs[0], gather.inputs[1]], {"axis": 0}, name=f"{tag}.gather")
             nodes = [rows, new]
@@ -561,7 +563,7 @@ def pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
     return (z[..., 0::2] | (z[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _to_matmul_nbits(graph, node, x, quant, tag, K, N, level, act) -> None:
+def _to_matmul_nbits(graph, node, x, quant, tag, K, N, level, act) -> ir.Node:
     info = quant.info
     bits = info.bits
     g = nbits_block(info.group or K)

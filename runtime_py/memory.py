@@ -253,9 +253,9 @@ def estimate_parts(manifest: Manifest, batch: int = 1, seq_len: int | None = Non
     # no second copy on ort when the tied head is quantized (MatMulNBits and GatherBlockQuantized read the integers)
     # or shared (graphs/tied_head.py: the table is the left-hand side, never prepacked)
     quantized_head = ((manifest.quantization or {}).get("counts") or {}).get("embedding") == 1
-    shared = quantized_head or any(g.fusion.get("tied_head_shared") for g in manifest.graphs.values())
-    if manifest.tie_embeddings and manifest.task == "causal-lm" and not (
-            shared and all(g.lowering == "ort" for g in manifest.graphs.values())):  # task heads have no LM head
+    shared = all(g.lowering == "ort" for g in manifest.graphs.values()) and (
+        quantized_head or any(g.fusion.get("tied_head_shared") for g in manifest.graphs.values()))
+    if manifest.tie_embeddings and manifest.task == "causal-lm" and not shared:  # task heads have no LM head
         itemsize = 4 if precision == "fp32" else 2
         parts["tied_lm_head"] = int(manifest.vocab_size * manifest.hidden_size * itemsize * factor)
     parts["kv_cache"] = kv_bytes(manifest, batch, seq_len)
