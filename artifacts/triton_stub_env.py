@@ -12,6 +12,9 @@ this environment, or touch the network beyond that one pip install.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import subprocess
 import sys
 import sysconfig
@@ -42,12 +45,33 @@ def stub_env(dest: str | Path | None = None) -> Path:
     The stub nvidia-pytriton 0.7 bundles (Triton 2.51) is built against numpy 1.x. When this environment has numpy
     1.x it is used as is. Otherwise `dest` (default: a per-user cache) becomes a venv of this Python holding only
     numpy<2 (pip, binary wheel) that sees this environment's site-packages after its own (a .pth file), so model.py
-    gets numpy 1.x and everything else (onnxruntime, tokenizers, jinja2) from here. Made once, atomically."""
+    gets numpy 1.x and everything else (onnxruntime, tokenizers, jinja2) from here. Made once, atomically; a
+    process that finds another one making it waits for that one instead of failing."""
     if numpy_major() < 2:
         return Path(sys.prefix)
     dest = Path(dest) if dest is not None else default_stub_env()
     if (dest / ".complete").is_file():
         return dest
+    with _one_maker(dest):  # a second process (e.g. another pytest worker) waits for the first one's env
+        if not (dest / ".complete").is_file():
+            _make(dest)
+    return dest
+
+
+@contextlib.contextmanager
+def _one_maker(dest: Path):
+    """A blocking fcntl lock on ``.<dest name>.wait`` beside `dest` (staging_dir's own lock refuses a second writer
+    at once, which is right for a user's --out but not for a shared cache entry)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest.with_name(f".{dest.name}.wait"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _make(dest: Path) -> None:
     import site
     import venv
 
@@ -66,4 +90,3 @@ def stub_env(dest: str | Path | None = None) -> Path:
         publishable(tmp)
         (tmp / ".complete").write_text(f"numpy<2 for the tritonserver python backend stub; parent env {sys.prefix}\n")
     # venv scripts name the staging path; only bin/python* (symlinks to the base interpreter) are used.
-    return dest

@@ -407,3 +407,25 @@ def test_config_symlink_out_of_the_checkpoint_is_refused(ckpt, tmp_path, capsys)
     err = capsys.readouterr().err
     assert rc == 2 and "config.json" in err and "outside the checkpoint" in err, err
     assert not (tmp_path / "art").exists()
+
+
+def test_stub_env_made_once_by_concurrent_processes(tmp_path):
+    """Two processes asking for the same missing Triton stub env at once (two pytest workers on a fresh machine):
+    the second waits for the first instead of failing on its lock, and both get the one finished env (numpy 1.x)."""
+    from artifacts.triton_stub_env import numpy_major
+
+    if numpy_major() < 2:
+        pytest.skip("numpy 1.x here: stub_env uses this environment itself and makes nothing")
+    dest = tmp_path / "stub-env"
+    code = "import sys; from artifacts.triton_stub_env import stub_env; print(stub_env(sys.argv[1]))"
+    root = Path(__file__).resolve().parent.parent
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(dest)], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.communicate(timeout=600), p.returncode) for p in procs]
+    for (out, err), rc in results:
+        assert rc == 0, err
+        assert out.strip().splitlines()[-1] == str(dest)
+    assert (dest / ".complete").is_file()
+    done = subprocess.run([str(dest / "bin" / "python"), "-c", "import numpy; print(numpy.__version__)"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("1."), (done.stdout, done.stderr)
