@@ -23,6 +23,10 @@ import numpy as np
 
 
 DEFAULT_MAX_NEW_TOKENS = 32  # the CLI's --max-new-tokens, the Triton model's and the server's max_tokens default
+# Stop strings are checked against the text after every token and held back until they cannot match: bounded, for
+# requests from the network (the HTTP server and the Triton model take them from clients).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,13 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.stop, tuple):
             raise ValueError(f"stop must be a tuple of strings, got {type(self.stop).__name__} {self.stop!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters, got one of {len(s)}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if not isinstance(self.logprobs, bool):

@@ -18,7 +18,8 @@ and runs it on uvicorn. Endpoints:
 * ``GET /v1/models`` (one model: ``--model-name``, default the artifact directory's name) and ``GET /health``.
 
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON, bad values and
-prompts that do not fit the context (code ``context_length_exceeded``), 404 for an unknown model or path, 429 when
+prompts that do not fit the context (code ``context_length_exceeded``), 404 for an unknown model or path, 413 for a
+body larger than :func:`body_limit` (64 bytes per context token, at least 1 MiB; refused before it is read), 429 when
 ``--max-queue`` requests already wait for a slot (the queue never grows past it), 503 while the engine is stopping
 or after it failed, 500 when a model call fails (that request only; the others go on). A client that disconnects
 cancels its request; the engine frees its slot at its next iteration.
@@ -38,11 +39,14 @@ import uuid
 from pathlib import Path
 
 from runtime_py.engine import (EngineClosedError, Engine, PromptTooLongError, QueueFullError, Update)
-from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-MAX_STOP_STRINGS = 16
+# A request body is read into memory (and tokenized on the event loop) only up to this size: generous for any prompt
+# the context can hold (token ids are <= 8 bytes each as JSON, text a few bytes per token, \uXXXX escapes 6).
+BODY_BYTES_PER_TOKEN = 64
+MIN_BODY_BYTES = 1 << 20
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
@@ -59,6 +63,11 @@ class APIError(Exception):
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def body_limit(context: int) -> int:
+    """The largest request body accepted, in bytes (larger ones get 413 before they are read)."""
+    return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * context)
 
 
 # -- request parsing ---------------------------------------------------------------------------------------------
@@ -115,9 +124,9 @@ def parse_sampling(body: dict, prompt_len: int, context: int, prompt_param: str)
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stop)):
-        raise _bad(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
-                   param="stop")
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise _bad(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings "
+                   f"of at most {MAX_STOP_CHARS} characters", param="stop")
     rest = dict(repetition_penalty=float(penalty), seed=seed, max_new_tokens=max_tokens, stop=tuple(stop),
                 ignore_eos=ignore_eos)
     if temperature == 0:  # OpenAI's greedy, whatever top_p / top_k say
@@ -182,9 +191,23 @@ def create_app(engine: Engine, model_name: str):
     def error_response(e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    limit = body_limit(engine.max_seq_len)
+
     async def read_body(request: Request) -> dict:
+        too_large = APIError(413, f"the request body is larger than this server accepts ({limit} bytes: "
+                                  f"{BODY_BYTES_PER_TOKEN} per token of the {engine.max_seq_len}-token context, "
+                                  f"at least {MIN_BODY_BYTES})", code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise too_large
+        chunks, size = [], 0
+        async for piece in request.stream():  # chunked bodies have no Content-Length: count what arrives
+            size += len(piece)
+            if size > limit:
+                raise too_large
+            chunks.append(piece)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _bad(f"We could not parse the JSON body of your request ({e})") from None
         if not isinstance(body, dict):

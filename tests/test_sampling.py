@@ -193,6 +193,8 @@ def test_nan_logits_raise():
     (dict(seed=-3), "seed must be None or an int >= 0"),
     (dict(stop="\n"), "stop must be a tuple of strings"),
     (dict(stop=("",)), "stop strings must be non-empty"),
+    (dict(stop=("x",) * 17), "at most 16 stop strings"),
+    (dict(stop=("x" * 1025,)), "at most 1024 characters"),
     (dict(greedy=1), "greedy must be a bool"),
     (dict(logprobs="yes"), "logprobs must be a bool"),
 ])

@@ -257,3 +257,50 @@ def test_cli_bad_values(artifacts, capsys):
             main(["serve", path, *flags])
         assert e.value.code == 2
         assert "error: argument" in capsys.readouterr().err
+
+
+def test_body_limit(server, client):
+    """A body over serve.body_limit gets 413 before it is read (Content-Length) or as soon as it passes the limit
+    (chunked); one of exactly the limit is read (and then refused for the context); the server goes on."""
+    from runtime_py.serve import MIN_BODY_BYTES, body_limit
+
+    url = server[0] + "/v1/completions"
+    limit = body_limit(128)
+    assert limit == MIN_BODY_BYTES  # the tiny artifact's 128-token context
+
+    def body(size: int) -> bytes:  # a JSON body of exactly `size` bytes: a prompt of words "a a a ..."
+        head, tail = f'{{"model": "{MODEL}", "max_tokens": 4, "prompt": "'.encode(), b'"}'
+        n = size - len(head) - len(tail)
+        return head + (b"a " * (n // 2 + 1))[:n] + tail
+
+    def post(data, chunked=False) -> tuple[int, dict]:
+        if chunked:  # an iterable body without Content-Length: urllib sends it chunked
+            whole = data
+            data = (whole[i:i + 65536] for i in range(0, len(whole), 65536))
+        request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    exact = body(limit)
+    assert len(exact) == limit and len(body(limit + 1)) == limit + 1
+    status, got = post(exact)
+    assert status == 400 and got["error"]["code"] == "context_length_exceeded"
+    for chunked in (False, True):
+        status, got = post(body(limit + 1), chunked)
+        assert status == 413 and got["error"]["code"] == "request_too_large", chunked
+        assert f"{limit} bytes" in got["error"]["message"]
+    assert _complete(client, False, False, prompt=[5, 6, 7], max_tokens=3, temperature=0)[1] == "length"
+
+
+def test_stop_string_bounds(client):
+    from runtime_py.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    for stop in (["x"] * (MAX_STOP_STRINGS + 1), ["x" * (MAX_STOP_CHARS + 1)]):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2, stop=stop)
+        assert e.value.param == "stop"
+    assert _complete(client, False, False, prompt="hi", max_tokens=2, temperature=0,
+                     stop=["x" * MAX_STOP_CHARS] * MAX_STOP_STRINGS)[1] == "length"
