@@ -393,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds per point, medians reported (default 3: one 64-token single stream is a 2-second "
+                        "window, and the ratios divide by it)")
     p.add_argument("--threads", type=int, default=None, help="the server's ONNX Runtime threads (default: all)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="the server's --prefill-chunk")
     p.add_argument("--out", default=None, help="results directory (default ~/.cache/llm-export/serve-bench/<time>)")

@@ -19,7 +19,8 @@ and runs it on uvicorn. Endpoints:
 
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON, bad values and
 prompts that do not fit the context (code ``context_length_exceeded``), 404 for an unknown model or path, 413 for a
-body larger than :func:`body_limit` (64 bytes per context token, at least 1 MiB; refused before it is read), 429 when
+body larger than :func:`body_limit` (64 bytes per context token, at least 1 MiB; refused before it is kept: the
+rest is dropped unread up to 4x the limit so the client reads the 413, larger ones see the connection close), 429 when
 ``--max-queue`` requests already wait for a slot (the queue never grows past it), 503 while the engine is stopping
 or after it failed, 500 when a model call fails (that request only; the others go on). A client that disconnects
 cancels its request; the engine frees its slot at its next iteration.
@@ -47,6 +48,10 @@ DEFAULT_PORT = 8000
 # the context can hold (token ids are <= 8 bytes each as JSON, text a few bytes per token, \uXXXX escapes 6).
 BODY_BYTES_PER_TOKEN = 64
 MIN_BODY_BYTES = 1 << 20
+# A refused body is read and dropped up to this many times the limit, for at most this long (nginx's lingering
+# close): most clients send the whole body before they read, and a connection closed under them reads as a reset.
+DRAIN_FACTOR = 4
+DRAIN_SECONDS = 5.0
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
@@ -182,7 +187,7 @@ def create_app(engine: Engine, model_name: str):
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
@@ -193,17 +198,36 @@ def create_app(engine: Engine, model_name: str):
 
     limit = body_limit(engine.max_seq_len)
 
+    async def discard(stream, size: int = 0) -> None:
+        """Read and drop the rest of a refused body, up to DRAIN_FACTOR x the limit and DRAIN_SECONDS, so that a
+        client that sends its whole body before reading the answer (urllib, requests, most do) reads the 413
+        instead of a reset connection; past either bound the server answers at once and the connection closes."""
+        async def drain() -> None:
+            nonlocal size
+            async for piece in stream:
+                size += len(piece)
+                if size > DRAIN_FACTOR * limit:
+                    return
+        try:
+            await asyncio.wait_for(drain(), DRAIN_SECONDS)
+        except (asyncio.TimeoutError, ClientDisconnect):
+            pass
+
     async def read_body(request: Request) -> dict:
         too_large = APIError(413, f"the request body is larger than this server accepts ({limit} bytes: "
                                   f"{BODY_BYTES_PER_TOKEN} per token of the {engine.max_seq_len}-token context, "
                                   f"at least {MIN_BODY_BYTES})", code="request_too_large")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
+            if length.isdigit() and int(length) <= DRAIN_FACTOR * limit:
+                await discard(request.stream())
             raise too_large
         chunks, size = [], 0
-        async for piece in request.stream():  # chunked bodies have no Content-Length: count what arrives
+        stream = request.stream()
+        async for piece in stream:  # chunked bodies have no Content-Length: count what arrives
             size += len(piece)
             if size > limit:
+                await discard(stream, size)
                 raise too_large
             chunks.append(piece)
         try:

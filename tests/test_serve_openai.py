@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -262,6 +264,7 @@ def test_cli_bad_values(artifacts, capsys):
 def test_body_limit(server, client):
     """A body over serve.body_limit gets 413 before it is read (Content-Length) or as soon as it passes the limit
     (chunked); one of exactly the limit is read (and then refused for the context); the server goes on."""
+    from runtime_py import serve
     from runtime_py.serve import MIN_BODY_BYTES, body_limit
 
     url = server[0] + "/v1/completions"
@@ -288,10 +291,20 @@ def test_body_limit(server, client):
     assert len(exact) == limit and len(body(limit + 1)) == limit + 1
     status, got = post(exact)
     assert status == 400 and got["error"]["code"] == "context_length_exceeded"
-    for chunked in (False, True):
-        status, got = post(body(limit + 1), chunked)
-        assert status == 413 and got["error"]["code"] == "request_too_large", chunked
-        assert f"{limit} bytes" in got["error"]["message"]
+    for size in (limit + 1, 3 * limit):  # 3x: the client is still sending long after the server has decided
+        for chunked in (False, True):
+            status, got = post(body(size), chunked)
+            assert status == 413 and got["error"]["code"] == "request_too_large", (size, chunked)
+            assert f"{limit} bytes" in got["error"]["message"]
+    # A declared length past what the server drains is answered at once, without waiting for (or reading) a byte.
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {100 * limit}\r\n\r\n".encode())
+        start, answer = time.monotonic(), b""
+        while b"\r\n\r\n" not in answer and (piece := s.recv(65536)):
+            answer += piece
+        assert answer.startswith(b"HTTP/1.1 413") and time.monotonic() - start < serve.DRAIN_SECONDS, answer[:200]
     assert _complete(client, False, False, prompt=[5, 6, 7], max_tokens=3, temperature=0)[1] == "length"
 
 
