@@ -183,3 +183,20 @@ def test_gemma_2_9b_shape():
     assert params == 9_241_705_984
     shards = _shards(entries, SHARD_BYTES)
     assert len(shards) == 8 and all(sum(int(np.prod(s)) * 4 for _, s in g) <= SHARD_BYTES for g in shards)
+
+
+def test_int4_kernel_table(capsys):
+    import pytest
+
+    from bench.int4_kernel import main
+
+    assert main(["--iters", "2", "--blocks", "128", "--accuracy-levels", "4", "--batch", "2", "8"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 128, 4 |")]
+    assert len(rows) == 1
+    cells = [float(c) for c in rows[0].strip("|").split("|")[1:]]
+    assert len(cells) == 5 and all(c > 0 for c in cells)  # M=1, 2, 8 times, then M=2 / M=1 and M=8 / M=1
+    for ratio, t in zip(cells[3:], cells[1:3]):  # the printed ratios are the printed times' (up to rounding)
+        assert abs(ratio / (t / cells[0]) - 1) < 0.05
+    with pytest.raises(SystemExit) as e:
+        main(["--blocks", "48"])
+    assert e.value.code == 2 and "does not divide qkv (K=896)" in capsys.readouterr().err

@@ -517,3 +517,21 @@ def test_trt_int4_group_size_checked(trt_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="TensorRT's INT4 weights take block sizes 64 or 128"):
         build(str(trt_checkpoint("qwen2_window")), backend="tensorrt", quantize="int4", group_size=32,
               out=tmp_path / "a", progress=False)
+
+
+@pytest.mark.parametrize("case", ["qwen2_window", "gemma2_mqa_untied"])
+def test_int4_kernel_bench_times_the_built_shapes(case, qbuild, checkpoints):
+    """bench.int4_kernel times MatMulNBits on layer_shapes(config): those are the (K, N) of the body linears our
+    int4 ort build emits (packed q|k|v and gate|up), layer by layer, and its table runs on them."""
+    from bench.int4_kernel import _session, layer_shapes
+
+    config = json.loads((checkpoints(case) / "config.json").read_text())
+    model = onnx.load(str(qbuild(case, "int4", "ort") / "model.onnx"), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    shapes = [(next(a.i for a in n.attribute if a.name == "K"), next(a.i for a in n.attribute if a.name == "N"))
+              for n in nodes]
+    want = sorted(layer_shapes(config).values()) * config["num_hidden_layers"]
+    assert sorted(shapes) == sorted(want)
+    k, n = layer_shapes(config)["gate_up"]
+    y = _session(k, n, 32, 1, 1).run(None, {"A": np.ones((3, k), np.float32)})[0]
+    assert y.shape == (3, n) and np.isfinite(y).all()
