@@ -1,7 +1,8 @@
 """`python -m bench.serve_bench`: aggregate decode throughput and latency of `python -m runtime_py serve` under
 concurrent streams.
 
-What it does: for each precision variant (``fp32``, and ``int4``: ``--quantize int4``) it builds one artifact of the
+What it does: for each precision variant (``fp32``; ``int4``: ``--quantize int4``; ``int4-head``: the same with
+``--quantize-lm-head``, not run by default) it builds one artifact of the
 checkpoint (``--max-batch`` = the largest stream count, ``--max-seq-len`` = prompt + new tokens) or takes
 ``--artifact DIR``, starts the server on a free loopback port, warms it up, then for each stream count N (default
 1, 4, 8, 16) sends N streaming ``/v1/completions`` requests at once through the ``openai`` client (one thread per
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = {"fp32": [], "int4": ["--quantize", "int4"]}
+VARIANTS = {"fp32": [], "int4": ["--quantize", "int4"], "int4-head": ["--quantize", "int4", "--quantize-lm-head"]}
 
 
 def percentile(xs: list[float], q: float) -> float | None:

@@ -200,3 +200,24 @@ def test_int4_kernel_table(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--blocks", "48"])
     assert e.value.code == 2 and "does not divide qkv (K=896)" in capsys.readouterr().err
+
+
+def test_serve_bench_tiny(tmp_path):
+    """bench.serve_bench end to end on tiny-qwen2: builds the int4-head variant, serves it, streams 1 and 2 requests
+    through the openai client; every stream writes exactly --new-tokens tokens, and the files are written."""
+    out = tmp_path / "serve"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "bench.serve_bench", "--model", "tiny-qwen2", "--variants",
+                           "int4-head", "--streams", "1", "2", "--prompt-len", "8", "--new-tokens", "6", "--rounds",
+                           "1", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    points = res["variants"]["int4-head"]
+    assert [p["streams"] for p in points] == [1, 2]
+    for p in points:
+        assert [r["tokens"] for r in p["rounds"]] == [p["streams"] * 6]
+        assert p["decode_tok_s"] > 0 and 0 < p["ttft_p50_ms"] <= p["ttft_p99_ms"]
+    manifest = json.loads((out / "models" / "int4-head" / "manifest.json").read_text())
+    assert manifest["quantization"]["scheme"] == "int4" and manifest["quantization"]["lm_head"] is True
+    assert "| int4-head | 2 |" in (out / "table.md").read_text()
