@@ -22,7 +22,7 @@ import numpy as np
 from bench.models import BENCH_MODELS
 
 
-def _session(k: int, n: int, block: int, accuracy: int, threads: int):
+def matmul_nbits_session(k: int, n: int, block: int, accuracy: int, threads: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in ms:
                 total = 0.0
                 for k, n in shapes.values():
-                    session = _session(k, n, block, accuracy, args.threads)
+                    session = matmul_nbits_session(k, n, block, accuracy, args.threads)
                     a = np.random.default_rng(1).random((m, k), dtype=np.float32)
                     for _ in range(max(5, args.iters // 10)):
                         session.run(None, {"A": a})

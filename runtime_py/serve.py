@@ -71,7 +71,7 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
 
 
 def body_limit(context: int) -> int:
-    """The largest request body accepted, in bytes (larger ones get 413 before they are read)."""
+    """The largest request body accepted, in bytes (larger ones get 413; their bytes are never kept)."""
     return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * context)
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,8 +187,6 @@ def test_gemma_2_9b_shape():
 
 
 def test_int4_kernel_table(capsys):
-    import pytest
-
     from bench.int4_kernel import main
 
     assert main(["--iters", "2", "--blocks", "128", "--accuracy-levels", "4", "--batch", "2", "8"]) == 0

@@ -523,7 +523,7 @@ def test_trt_int4_group_size_checked(trt_checkpoint, tmp_path):
 def test_int4_kernel_bench_times_the_built_shapes(case, qbuild, checkpoints):
     """bench.int4_kernel times MatMulNBits on layer_shapes(config): those are the (K, N) of the body linears our
     int4 ort build emits (packed q|k|v and gate|up), layer by layer, and its table runs on them."""
-    from bench.int4_kernel import _session, layer_shapes
+    from bench.int4_kernel import layer_shapes, matmul_nbits_session
 
     config = json.loads((checkpoints(case) / "config.json").read_text())
     model = onnx.load(str(qbuild(case, "int4", "ort") / "model.onnx"), load_external_data=False)
@@ -533,5 +533,5 @@ def test_int4_kernel_bench_times_the_built_shapes(case, qbuild, checkpoints):
     want = sorted(layer_shapes(config).values()) * config["num_hidden_layers"]
     assert sorted(shapes) == sorted(want)
     k, n = layer_shapes(config)["gate_up"]
-    y = _session(k, n, 32, 1, 1).run(None, {"A": np.ones((3, k), np.float32)})[0]
+    y = matmul_nbits_session(k, n, 32, 1, 1).run(None, {"A": np.ones((3, k), np.float32)})[0]
     assert y.shape == (3, n) and np.isfinite(y).all()
