@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from artifacts.manifest import FORMAT, FORMAT_VERSION, MANIFEST, ArtifactError, Manifest
-from artifacts.paths import UnsafePathError, check_name, inside
+from artifacts.paths import UnsafePathError, check_name, inside, json_loads
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -43,7 +43,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def is_artifact(path: Path) -> bool:
     """True when `path` is a directory holding one of our manifests (the only kind of directory a build replaces)."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+        return json_loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -261,8 +261,8 @@ def read_manifest(root: Path) -> Manifest:
     if not path.exists():
         raise ArtifactError(f"{root}: no {MANIFEST}; not an artifact (or an interrupted build)")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        manifest = json_loads(path.read_text())
+    except ValueError as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not an {FORMAT} manifest")

@@ -43,7 +43,8 @@ import tempfile
 from pathlib import Path
 
 from artifacts.bundle import ArtifactError, open_artifact
-from artifacts.paths import UnsafePathError, check_name, create_inside, inside, mkdir_inside, open_dir
+from artifacts.paths import (UnsafePathError, check_name, create_inside, inside, json_loads, mkdir_inside,
+                             open_dir)
 
 BUNDLE_FORMAT = "llm-export-edge-bundle"
 BUNDLE_VERSION = 2  # v2: the index records {"bytes", "sha256"} per member and comes first in the tar
@@ -253,8 +254,8 @@ def _check_index(bundle: Path, data: bytes) -> dict:
     """The parsed bundle.json, with its format, version, settings and member table checked."""
     where = f"{bundle}: member '{BUNDLE_JSON}'"
     try:
-        info = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        info = json_loads(data)
+    except ValueError as e:
         raise ArtifactError(f"{where} is not valid JSON ({e})") from None
     if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
         raise ArtifactError(f"{where} is not an {BUNDLE_FORMAT} index")

@@ -9,13 +9,16 @@ above it (``dir_fd``) with ``O_NOFOLLOW``, so a symlink planted anywhere on the 
 by a check that a race could defeat. :func:`real_inside` says whether a path's real location lies under one of
 some roots (for files that may legitimately be links, such as an HF cache snapshot pointing into its blobs/).
 And :func:`cache_root`: the one directory llm-export caches in (``$LLM_EXPORT_CACHE``, else
-``$XDG_CACHE_HOME/llm-export``, else ``~/.cache/llm-export``).
+``$XDG_CACHE_HOME/llm-export``, else ``~/.cache/llm-export``). And :func:`json_loads`: ``json.loads`` for untrusted
+text, where nesting deeper than Python's recursion limit is a ValueError like any other bad JSON, not a
+RecursionError that escapes every ``except ValueError``.
 
 What it does not do: decide which names a format lists (artifacts/bundle.py, artifacts/edge.py do).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path, PurePosixPath
 
@@ -121,3 +124,13 @@ def cache_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
     return base / "llm-export"
+
+
+def json_loads(data: str | bytes):
+    """json.loads, but JSON nested too deeply to parse raises ValueError (bad input) instead of RecursionError.
+    Undecodable bytes raise UnicodeDecodeError and bad JSON json.JSONDecodeError, both ValueErrors."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse (arrays or objects inside each other past Python's "
+                         "recursion limit)") from None

@@ -25,7 +25,6 @@ What it does not do: any stage's work itself (the modules above), or run the art
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import sys
@@ -41,6 +40,7 @@ from export.options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_KV_MODE, DEFAULT_
                             TRT_LOWERINGS, default_lowering)
 from export.checkpoint import Checkpoint, CheckpointError, allowed_roots, checkpoint_file, resolve_model
 from artifacts.manifest import histogram
+from artifacts.paths import json_loads
 from export.trace import DTYPES, NP_DTYPES, io_description, trace_graph
 from export.spec import load_spec
 from export.weights import attach_weights, check_checkpoint, warn_unexpected, weight_bytes, weight_plan
@@ -363,7 +363,7 @@ def _tokenizer_files(model_dir: Path) -> dict[str, Path]:
     for name in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
         if name in found:
             try:
-                json.loads(found[name].read_text(encoding="utf-8"))
+                json_loads(found[name].read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{found[name]}: not valid JSON ({e})") from None
     from runtime_py.chat import check_chat_templates

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from artifacts.paths import json_loads
+
 
 class CheckpointError(ValueError):
     """The checkpoint cannot be found or is not usable (missing, corrupt, pickle-only, inconsistent)."""
@@ -155,8 +157,8 @@ class Checkpoint:
         if index.exists():
             checkpoint_file(self.dir, index.name)
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = json_loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: 'weight_map' is not an object of tensor name -> shard file")

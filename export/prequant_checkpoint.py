@@ -21,13 +21,13 @@ What it does not do: decide the graph form (graphs/quantize.py) or requantize an
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from artifacts.paths import json_loads
 from export import prequant as pq
 from export.checkpoint import Checkpoint, CheckpointError, TensorInfo, checkpoint_file
 from graphs.quantize import QInfo, QSource, QWeight, concat_rows
@@ -43,12 +43,12 @@ def _is_linear(prefix: str) -> bool:
 
 def load_prequant(model_dir: Path) -> pq.PreQuant | None:
     """The checkpoint's quantization scheme, None for a float checkpoint (PreQuantError on a bad config)."""
-    config = json.loads(checkpoint_file(Path(model_dir), "config.json").read_text(encoding="utf-8"))
+    config = json_loads(checkpoint_file(Path(model_dir), "config.json").read_text(encoding="utf-8"))
     legacy = checkpoint_file(Path(model_dir), "quantize_config.json")
     quantize_config = None
     if legacy is not None and "quantization_config" not in config:
         try:
-            quantize_config = json.loads(legacy.read_text(encoding="utf-8"))
+            quantize_config = json_loads(legacy.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{legacy}: not valid JSON ({e})") from None
         if not isinstance(quantize_config, dict):

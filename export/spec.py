@@ -22,7 +22,6 @@ Unknown model types, unsupported RoPE types and fields that would change the mat
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from artifacts.paths import json_loads
 from export.checkpoint import checkpoint_file
 
 
@@ -629,7 +629,7 @@ def load_spec(model_dir: str | Path, task: str | None = None) -> ModelSpec:
         raise FileNotFoundError(f"{Path(model_dir) / 'config.json'}: config.json not found in the checkpoint "
                                 "directory")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = json_loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
         raise UnsupportedConfigError(f"{path}: not valid JSON ({e})") from None
     return spec_from_config(config, task)

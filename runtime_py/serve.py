@@ -6,7 +6,8 @@ tokens through ``loop.call_soon_threadsafe`` into an ``asyncio.Queue`` per reque
 and runs it on uvicorn. Endpoints:
 
 * ``POST /v1/completions`` (``prompt``: a string, or a list of token ids) and ``POST /v1/chat/completions``
-  (``messages`` rendered with the artifact's chat template, bounded sandbox): ``stream`` true (server-sent events,
+  (``messages`` rendered with the artifact's chat template, bounded sandbox; roles ``system``, ``user``,
+  ``assistant`` and ``developer``, rendered as ``system``): ``stream`` true (server-sent events,
   chunks shaped as OpenAI's, ``data: [DONE]`` last; ``stream_options.include_usage`` adds a usage chunk) or false;
   ``max_tokens`` (chat: also ``max_completion_tokens``; default ``DEFAULT_MAX_NEW_TOKENS``, 32, or what is left of
   the context), ``temperature``, ``top_p``, ``seed``, ``stop`` (a string or a list), ``n`` = 1; extensions
@@ -39,6 +40,7 @@ import time
 import uuid
 from pathlib import Path
 
+from artifacts.paths import json_loads
 from runtime_py.engine import (EngineClosedError, Engine, PromptTooLongError, QueueFullError, Update)
 from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 
@@ -53,6 +55,7 @@ MIN_BODY_BYTES = 1 << 20
 DRAIN_FACTOR = 4
 DRAIN_SECONDS = 5.0
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+CHAT_ROLES = ("system", "user", "assistant", "developer")  # OpenAI's, less tool calling's; developer = system
 
 
 class APIError(Exception):
@@ -165,6 +168,14 @@ def _chat_prompt(engine: Engine, body: dict) -> list[int]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _bad(f"messages[{i}] must be an object with a string 'role'", param="messages")
+        if m["role"] in ("tool", "function"):
+            raise _bad(f"messages[{i}]: role '{m['role']}' belongs to tool calling, which this server does not do",
+                       param="messages")
+        if m["role"] not in CHAT_ROLES:
+            raise _bad(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m['role'][:64]!r}",
+                       param="messages")
+        if m["role"] == "developer":  # OpenAI's newer name for the system role; chat templates know "system"
+            m = {**m, "role": "system"}
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text parts can be rendered
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -231,8 +242,8 @@ def create_app(engine: Engine, model_name: str):
                 raise too_large
             chunks.append(piece)
         try:
-            body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json_loads(b"".join(chunks))
+        except ValueError as e:  # bad JSON, bad UTF-8, nested too deeply
             raise _bad(f"We could not parse the JSON body of your request ({e})") from None
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object")

@@ -17,13 +17,14 @@ uses). Chat templates live in ``chat.py``.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken
+
+from artifacts.paths import json_loads
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece-style byte-fallback pieces
 # The named special tokens transformers passes to chat templates (SPECIAL_TOKENS_ATTRIBUTES), in its order.
@@ -34,8 +35,8 @@ def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        return json_loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, bad UTF-8, nested too deeply
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 

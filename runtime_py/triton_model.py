@@ -96,6 +96,7 @@ def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
     prompt is ("text", str) or ("messages", list[dict]). Sampling follows ``python -m runtime_py generate``: greedy
     unless temperature, top_k > 0 or top_p != 1 is sent, and ``temperature`` 0 is greedy whatever else is sent (the
     OpenAI meaning, which Triton's OpenAI-compatible frontend forwards); SamplingParams checks the values."""
+    from artifacts.paths import json_loads
     from runtime_py.sampling import SamplingParams
 
     text, messages = get("text_input"), get("messages")
@@ -108,8 +109,8 @@ def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
     else:
         raw = _text("messages", _one("messages", messages))
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as e:
+            value = json_loads(raw)
+        except ValueError as e:
             raise RequestError(f"'messages' is not valid JSON ({e})") from None
         if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
             raise RequestError("'messages' must be a JSON list of {\"role\": ..., \"content\": ...} objects")

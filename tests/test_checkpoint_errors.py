@@ -299,6 +299,7 @@ def test_shard_index_lists_missing_shard(copy_checkpoint, capsys):
 
 @pytest.mark.parametrize("index, match", [
     ("{not json", r"not a valid safetensors index"),
+    ("[" * 100_000 + "]" * 100_000, r"not a valid safetensors index \(nested too deeply"),
     ('{"metadata": {}}', r"not a valid safetensors index \('weight_map'\)"),
     ('{"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}', r"shard names must be plain file names"),
 ])
@@ -462,9 +463,11 @@ def test_missing_required_field(case, field, copy_checkpoint, capsys):
     assert f"required field '{field}' is missing" in cli_error(capsys, path)
 
 
-def test_invalid_json_config(copy_checkpoint, capsys):
+@pytest.mark.parametrize("text", ['{"model_type": "qwen2", ', '{"a": ' * 100_000 + "1" + "}" * 100_000])
+def test_invalid_json_config(text, copy_checkpoint, capsys):
+    """Broken JSON, and JSON nested past Python's recursion limit (a RecursionError, not a ValueError, from json)."""
     path = copy_checkpoint("qwen2_window")
-    (path / "config.json").write_text('{"model_type": "qwen2", ')
+    (path / "config.json").write_text(text)
     _refused(path, r"config.json: not valid JSON \(")
     assert "not valid JSON" in cli_error(capsys, path)
 

@@ -243,6 +243,8 @@ def _cases(outside: Path):
         "index_huge": (lambda e: _with_index(e, lambda ix: json.dumps(ix).encode() + b" " * MAX_INDEX_BYTES),
                        "'bundle.json' is \\d+ bytes, over the limit"),
         "index_not_json": (lambda e: _with_index(e, lambda ix: b"{not json"), "'bundle.json' is not valid JSON"),
+        "index_too_deep": (lambda e: _with_index(e, lambda ix: b"[" * 50_000 + b"]" * 50_000),
+                           "'bundle.json' is not valid JSON \\(nested too deeply"),
         "index_old_version": (lambda e: _with_index(e, lambda ix: ix.update(format_version=1)),
                               "bundle format version 1 is not supported"),
         "index_unsafe_name": (lambda e: _with_index(e, lambda ix: ix["files"].update({"../x": {"bytes": 1,

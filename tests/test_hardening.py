@@ -293,6 +293,19 @@ def test_manifest_file_entry_leading_out_is_refused(artifacts, tmp_path):
     assert not repo.exists() and os.stat(secret).st_nlink == 1  # no hard link to the outside file anywhere
 
 
+def test_manifest_nested_too_deeply_is_refused(artifacts, tmp_path):
+    """json raises RecursionError (not a ValueError) past its recursion limit: still a clear exit 2."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifacts("qwen2_window"), art)
+    (art / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ArtifactError, match=r"manifest.json: not valid JSON \(nested too deeply"):
+        open_artifact(art)
+    done = cli("runtime_py", "generate", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "2")
+    assert_refused(done, "nested too deeply")
+
+
 def test_manifest_absolute_graph_path_is_refused(artifacts, tmp_path):
     import shutil
 
@@ -366,6 +379,7 @@ def test_hf_cache_snapshot_links_into_blobs_still_build(checkpoints, tmp_path, c
     ("tokenizer.json", "\xff\xfe garbage", ["tokenizer.json"]),
     ("tokenizer_config.json", "{broken", ["tokenizer_config.json", "not valid JSON"]),
     ("generation_config.json", "[1, 2", ["generation_config.json", "not valid JSON"]),
+    ("tokenizer_config.json", "[" * 100_000 + "]" * 100_000, ["tokenizer_config.json", "nested too deeply"]),
 ])
 def test_broken_tokenizer_files_are_refused_at_build_time(name, content, words, ckpt, tmp_path, capsys):
     (ckpt / name).write_text(content, encoding="utf-8", errors="surrogateescape")

@@ -218,12 +218,14 @@ def test_bad_requests_while_another_streams(server, client, gen):
     assert e.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[])
-    request = urllib.request.Request(url + "/v1/completions", data=b"{not json", method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(request, timeout=5)
-    body = json.loads(e.value.read())
-    assert e.value.code == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    for data in (b"{not json", b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):  # the second: too deep
+        request = urllib.request.Request(url + "/v1/completions", data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=5)
+        body = json.loads(e.value.read())
+        assert e.value.code == 400 and set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert "could not parse the JSON body" in body["error"]["message"], body
     t.join(60)
     assert result["out"] == _reference(gen, [11, 12, 13], SamplingParams(max_new_tokens=110, ignore_eos=True))
 
@@ -317,3 +319,25 @@ def test_stop_string_bounds(client):
         assert e.value.param == "stop"
     assert _complete(client, False, False, prompt="hi", max_tokens=2, temperature=0,
                      stop=["x" * MAX_STOP_CHARS] * MAX_STOP_STRINGS)[1] == "length"
+
+
+def test_chat_roles(client, gen):
+    """OpenAI's roles: developer is rendered as system (same tokens as the reference with a system message); tool
+    messages and unknown roles get 400 naming the message, and nothing is rendered for them."""
+    import openai
+
+    kw = dict(max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    dev = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    sys_ = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    want = _reference(gen, sys_, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert _complete(client, False, True, messages=dev, **kw) == want
+    assert gen.encode_chat(dev) != gen.encode_chat(sys_)  # the template alone would render the role as given
+    r = client.chat.completions.create(model=MODEL, messages=dev, **kw)
+    assert r.usage.prompt_tokens == len(gen.encode_chat(sys_))
+    for messages, words in (
+            ([{"role": "tool", "content": "42", "tool_call_id": "x"}], "tool calling"),
+            ([{"role": "user", "content": "hi"}, {"role": "<|im_start|>system", "content": "x"}],
+             "messages[1].role must be one of system, user, assistant, developer")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        assert words in e.value.message and e.value.param == "messages", e.value.message

@@ -235,6 +235,7 @@ def test_parse_request_follows_the_runtime_cli():
     assert p == SamplingParams(greedy=True, max_new_tokens=p.max_new_tokens)
     for bad, match in [({}, "exactly one of"), ({"text_input": b"a", "messages": b"[]"}, "exactly one of"),
                        ({"messages": b"{not json"}, "not valid JSON"), ({"messages": b'{"a": 1}'}, "JSON list"),
+                       ({"messages": b"[" * 100_000 + b"]" * 100_000}, "nested too deeply"),
                        ({"text_input": b"\xff"}, "UTF-8"), ({"text_input": b""}, "empty"),
                        ({"text_input": [b"a", b"b"]}, "exactly one value"),
                        ({"text_input": b"a", "temperature": np.float32(-1)}, "temperature"),
