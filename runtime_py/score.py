@@ -78,8 +78,16 @@ def main(args) -> int:
     elif args.text is not None:
         ids = _text_ids(gen, args.text, "--text")
     else:
+        from runtime_py.tokenizer import text_bytes_limit
+
+        limit = text_bytes_limit(gen.session.max_seq_len)
         try:
-            text = Path(args.file).read_bytes().decode("utf-8")
+            with open(args.file, "rb") as f:  # bounded: /dev/zero or a huge file is refused, not read whole
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                raise ValueError(f"--file {args.file} is larger than {limit} bytes, more text than the "
+                                 f"{gen.session.max_seq_len}-token context can hold; pass a shorter file")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"--file {args.file}: not valid UTF-8 ({e})") from None
         except OSError as e:

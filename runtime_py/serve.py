@@ -43,13 +43,13 @@ from pathlib import Path
 from artifacts.paths import json_loads
 from runtime_py.engine import (EngineClosedError, Engine, PromptTooLongError, QueueFullError, Update)
 from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
+from runtime_py.tokenizer import MIN_TEXT_BYTES, TEXT_BYTES_PER_TOKEN, text_bytes_limit
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-# A request body is read into memory (and tokenized on the event loop) only up to this size: generous for any prompt
-# the context can hold (token ids are <= 8 bytes each as JSON, text a few bytes per token, \uXXXX escapes 6).
-BODY_BYTES_PER_TOKEN = 64
-MIN_BODY_BYTES = 1 << 20
+# A request body is read into memory (and tokenized on the event loop) only up to runtime_py.tokenizer's bound.
+BODY_BYTES_PER_TOKEN = TEXT_BYTES_PER_TOKEN
+MIN_BODY_BYTES = MIN_TEXT_BYTES
 # A refused body is read and dropped up to this many times the limit, for at most this long (nginx's lingering
 # close): most clients send the whole body before they read, and a connection closed under them reads as a reset.
 DRAIN_FACTOR = 4
@@ -75,7 +75,7 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
 
 def body_limit(context: int) -> int:
     """The largest request body accepted, in bytes (larger ones get 413; their bytes are never kept)."""
-    return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * context)
+    return text_bytes_limit(context)
 
 
 # -- request parsing ---------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ def test_cli_json_ids_text_file(artifacts, tmp_path, capsys):
     (["--ids", "5,999999"], "outside the vocabulary"),
     (["--ids", ",".join(["1"] * 200)], "context length"),
     (["--file", "/nonexistent/x.txt"], "--file /nonexistent/x.txt"),
+    (["--file", "/dev/zero"], "--file /dev/zero is larger than 1048576 bytes"),  # read bounded, not whole
 ])
 def test_bad_input_exit_2(argv, message, artifacts, capsys):
     assert main(["score", str(artifacts("qwen2_window")), *argv]) == 2
