@@ -28,7 +28,7 @@ def matmul_nbits_session(k: int, n: int, block: int, accuracy: int, threads: int
 
     rng = np.random.default_rng(0)
     weight = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
-    scales = (rng.random(n * (k // block), dtype=np.float32) * 0.01).astype(np.float32)
+    scales = rng.random(n * (k // block), dtype=np.float32) * np.float32(0.01)
     node = helper.make_node("MatMulNBits", ["A", "W", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
                             block_size=block, accuracy_level=accuracy)
     graph = helper.make_graph([node], "matmulnbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     shapes = layer_shapes(config)
     for block in args.blocks:
         bad = [f"{n} (K={k})" for n, (k, _) in shapes.items() if k % block]
-        if bad or block & (block - 1):
+        if bad:
             p.error(f"block {block} must be a power of two dividing every K; it does not divide {', '.join(bad)}")
+        if block & (block - 1):
+            p.error(f"block {block} must be a power of two (MatMulNBits takes 16, 32, 64, ...)")
     layers = config["num_hidden_layers"]
     ms = [1, *args.batch]
     print(f"MatMulNBits, {args.model}: {layers} layers x {shapes}, {args.threads} threads, {args.iters} runs")

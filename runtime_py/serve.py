@@ -47,9 +47,6 @@ from runtime_py.tokenizer import MIN_TEXT_BYTES, TEXT_BYTES_PER_TOKEN, text_byte
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-# A request body is read into memory (and tokenized on the event loop) only up to runtime_py.tokenizer's bound.
-BODY_BYTES_PER_TOKEN = TEXT_BYTES_PER_TOKEN
-MIN_BODY_BYTES = MIN_TEXT_BYTES
 # A refused body is read and dropped up to this many times the limit, for at most this long (nginx's lingering
 # close): most clients send the whole body before they read, and a connection closed under them reads as a reset.
 DRAIN_FACTOR = 4
@@ -74,7 +71,8 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
 
 
 def body_limit(context: int) -> int:
-    """The largest request body accepted, in bytes (larger ones get 413; their bytes are never kept)."""
+    """The largest request body accepted, in bytes: runtime_py.tokenizer's bound on text read from outside (a body
+    is read into memory and tokenized on the event loop). Larger ones get 413; their bytes are never kept."""
     return text_bytes_limit(context)
 
 
@@ -226,8 +224,8 @@ def create_app(engine: Engine, model_name: str):
 
     async def read_body(request: Request) -> dict:
         too_large = APIError(413, f"the request body is larger than this server accepts ({limit} bytes: "
-                                  f"{BODY_BYTES_PER_TOKEN} per token of the {engine.max_seq_len}-token context, "
-                                  f"at least {MIN_BODY_BYTES})", code="request_too_large")
+                                  f"{TEXT_BYTES_PER_TOKEN} per token of the {engine.max_seq_len}-token context, "
+                                  f"at least {MIN_TEXT_BYTES})", code="request_too_large")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             if length.isdigit() and int(length) <= DRAIN_FACTOR * limit:

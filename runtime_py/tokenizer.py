@@ -27,7 +27,6 @@ from tokenizers import AddedToken
 from artifacts.paths import json_loads
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece-style byte-fallback pieces
-# The named special tokens transformers passes to chat templates (SPECIAL_TOKENS_ATTRIBUTES), in its order.
 # Text read from outside (a request body, a --file) is read and tokenized only up to this size: generous for any text
 # the context can hold (a token is a few bytes of text; as JSON, ids are <= 8 bytes each and \uXXXX escapes 6).
 TEXT_BYTES_PER_TOKEN = 64
@@ -39,6 +38,7 @@ def text_bytes_limit(context: int) -> int:
     return max(MIN_TEXT_BYTES, TEXT_BYTES_PER_TOKEN * context)
 
 
+# The named special tokens transformers passes to chat templates (SPECIAL_TOKENS_ATTRIBUTES), in its order.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 

@@ -267,11 +267,12 @@ def test_body_limit(server, client):
     """A body over serve.body_limit gets 413 before it is read (Content-Length) or as soon as it passes the limit
     (chunked); one of exactly the limit is read (and then refused for the context); the server goes on."""
     from runtime_py import serve
-    from runtime_py.serve import MIN_BODY_BYTES, body_limit
+    from runtime_py.serve import body_limit
+    from runtime_py.tokenizer import MIN_TEXT_BYTES
 
     url = server[0] + "/v1/completions"
     limit = body_limit(128)
-    assert limit == MIN_BODY_BYTES  # the tiny artifact's 128-token context
+    assert limit == MIN_TEXT_BYTES  # the tiny artifact's 128-token context
 
     def body(size: int) -> bytes:  # a JSON body of exactly `size` bytes: a prompt of words "a a a ..."
         head, tail = f'{{"model": "{MODEL}", "max_tokens": 4, "prompt": "'.encode(), b'"}'
