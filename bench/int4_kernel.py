@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         if block & (block - 1):
             p.error(f"block {block} must be a power of two (MatMulNBits takes 16, 32, 64, ...)")
     layers = config["num_hidden_layers"]
-    ms = [1, *args.batch]
+    batches = [m for m in dict.fromkeys(args.batch) if m != 1]  # M=1 is always the first column
+    ms = [1, *batches]
     print(f"MatMulNBits, {args.model}: {layers} layers x {shapes}, {args.threads} threads, {args.iters} runs")
     print("| block, accuracy level | " + " | ".join(f"M={m} ms" for m in ms) + " | "
-          + " | ".join(f"M={m} / M=1" for m in args.batch) + " |")
-    print("| --- " * (1 + len(ms) + len(args.batch)) + "|")
+          + " | ".join(f"M={m} / M=1" for m in batches) + " |")
+    print("| --- " * (1 + len(ms) + len(batches)) + "|")
     for block in args.blocks:
         for accuracy in args.accuracy_levels:
             times = []

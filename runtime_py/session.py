@@ -85,11 +85,12 @@ class _Bound:
 
 class OrtSession:
     def __init__(self, artifact: str | Path, threads: int | None = None, verify: bool = True, batch: int = 1,
-                 check_memory: bool = True):
+                 check_memory: bool = True, profile: str | None = None):
         """`batch`: how many sequences (of up to max_seq_len tokens) the caller will run at once; with
         `check_memory` the session refuses, before ONNX Runtime loads anything, an artifact whose estimated memory
         (weights as the CPU provider holds them, KV buffers for `batch` x max_seq_len, fixed cost) exceeds what this
-        process can get (runtime_py/memory.py: NotEnoughMemoryError, an ArtifactError)."""
+        process can get (runtime_py/memory.py: NotEnoughMemoryError, an ArtifactError). `profile`: a file prefix
+        for ONNX Runtime's profiler (on when given; ``self.session.end_profiling()`` writes the JSON)."""
         self.root = Path(artifact)
         self.manifest = open_artifact(self.root, verify=verify)
         if self.manifest.task != "causal-lm":
@@ -115,6 +116,9 @@ class OrtSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.log_severity_level = 3
+        if profile is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile
         if check_memory:
             check_fits(self.manifest, batch=batch, where=self.root)
         self.session = ort.InferenceSession(str(self.root / graph.file), options,

@@ -220,3 +220,40 @@ def test_serve_bench_tiny(tmp_path):
     manifest = json.loads((out / "models" / "int4-head" / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == "int4" and manifest["quantization"]["lm_head"] is True
     assert "| int4-head | 2 |" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("kv_mode", ["static", "concat"])
+def test_op_profile_counts_every_layer(checkpoints, tmp_path, capsys, kv_mode):
+    """bench.op_profile on a 3-layer qwen2 (int4, ort lowering for static KV; reference for concat): every decode
+    step runs one attention kernel per layer and one vocabulary-sized MatMul, at each batch size; the per-operator
+    times add up to the 'all kernels' row, which the profiled step contains; bad values are exit 2."""
+    from bench.op_profile import main
+    from export.build import build
+
+    layers = 3  # qwen2_window
+    art = build(str(checkpoints("qwen2_window")), kv_mode=kv_mode, quantize="int4", max_seq_len=32, max_batch=2,
+                out=tmp_path / "art", progress=False)
+    assert main([str(art), "--batch", "1", "2", "--context", "8", "--warmup", "1", "--steps", "3",
+                 "--threads", "1"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and not line.startswith("| operator") and not line.startswith("| ---"):
+            rows[cells[0]] = cells[1:]
+    attention = "GroupQueryAttention" if kv_mode == "static" else "Softmax"
+    assert f"{attention} x{layers}" in rows, rows.keys()
+    head = [k for k in rows if k.startswith("LM head: ")]
+    assert head and any(k.startswith(("LM head: MatMul x1", "LM head: MatMulNBits x1")) for k in head), head
+    ms = {k: [float(v[0]), float(v[2])] for k, v in rows.items() if not k.startswith(("all kernels", "step ms"))}
+    for col in (0, 1):
+        total = sum(v[col] for v in ms.values())
+        assert abs(total - float(rows["all kernels"][2 * col])) < 0.02 * max(total, 0.1) + 0.02
+        assert float(rows["all kernels"][2 * col]) <= float(rows["step ms (profiled)"][2 * col])
+    for bad, message in ((["--batch", "3"], "max batch 2"), (["--context", "30"], "max_seq_len 32"),
+                         (["--steps", "0"], "--steps must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            main([str(art), *bad])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "missing")])
+    assert e.value.code == 2
