@@ -29,6 +29,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
 
 
+PENALTY_RANGE = (1e-4, 1e4)  # a fp32 logit (|x| < ~1e4) times or over these stays finite
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     greedy: bool = True
@@ -74,10 +77,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        if (not _is_real(self.repetition_penalty) or not math.isfinite(self.repetition_penalty)
-                or self.repetition_penalty <= 0):
-            raise ValueError("repetition_penalty must be a finite number > 0 (1 = off), "
-                             f"got {self.repetition_penalty!r}")
+        low, high = PENALTY_RANGE
+        if not _is_real(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be a number in [{low:g}, {high:g}] (1 = off; beyond that "
+                             f"range float32 logits overflow), got {self.repetition_penalty!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be None or an int >= 0, got {self.seed!r}")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -175,7 +178,11 @@ def process_logits(logits: np.ndarray, params: SamplingParams,
     if params.greedy:
         return x
     if params.temperature != 1.0:
-        x = x / np.float32(params.temperature)
+        # In float64 after the row's max is subtracted (nothing changes: every warper and the softmax are
+        # shift-invariant): a temperature like 1e-38 then sends the others to -inf instead of making inf - inf NaNs.
+        x = x.astype(np.float64)
+        top = x.max(axis=1, keepdims=True)
+        x = (x - np.where(np.isfinite(top), top, 0.0)) / params.temperature
     if params.top_k > 0:
         x = _top_k_mask(x, params.top_k)
     if params.top_p < 1.0:

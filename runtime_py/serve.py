@@ -16,7 +16,8 @@ and runs it on uvicorn. Endpoints:
   is sent, and ``temperature: 0`` is always greedy (OpenAI's own default temperature is 1: send it to sample).
   ``finish_reason`` is ``stop`` (EOS or a stop string) or ``length``; ``usage`` counts the prompt and the sampled
   tokens (an EOS counts).
-* ``GET /v1/models`` (one model: ``--model-name``, default the artifact directory's name) and ``GET /health``.
+* ``GET /v1/models`` (one model: ``--model-name``, default the artifact directory's name), ``GET /v1/models/NAME``
+  and ``GET /health``.
 
 Errors are OpenAI-style bodies ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON, bad values and
 prompts that do not fit the context (code ``context_length_exceeded``), 404 for an unknown model or path, 413 for a
@@ -42,7 +43,8 @@ from pathlib import Path
 
 from artifacts.paths import json_loads
 from runtime_py.engine import (EngineClosedError, Engine, PromptTooLongError, QueueFullError, Update)
-from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
+from runtime_py.sampling import (DEFAULT_MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS, PENALTY_RANGE,
+                                 SamplingParams)
 from runtime_py.tokenizer import MIN_TEXT_BYTES, TEXT_BYTES_PER_TOKEN, text_bytes_limit
 
 DEFAULT_HOST = "127.0.0.1"
@@ -95,8 +97,15 @@ def _get(body: dict, name: str, check, what: str, default=None):
 
 
 def _refuse(body: dict, name: str, allowed=(None,)) -> None:
-    if name in body and body[name] not in allowed and body[name] != {} and body[name] != []:
+    """400 unless `name` is absent, empty, or one of `allowed` with the same JSON type (0 is not false)."""
+    v = body.get(name)
+    if name in body and not any(v is a or (type(v) is type(a) and v == a) for a in allowed) and v != {} and v != []:
         raise _bad(f"'{name}' is not supported by this server", param=name)
+
+
+def _count(n: int) -> str:
+    """A count for an error message: huge ones (a client's max_tokens) are not echoed digit by digit."""
+    return str(n) if n < 10 ** 12 else "more than 10^12"
 
 
 def parse_sampling(body: dict, prompt_len: int, context: int, prompt_param: str) -> SamplingParams:
@@ -118,13 +127,16 @@ def parse_sampling(body: dict, prompt_len: int, context: int, prompt_param: str)
         max_tokens = min(DEFAULT_MAX_NEW_TOKENS, max(context - prompt_len, 1))
     if prompt_len + max_tokens > context:
         raise _bad(f"This model's maximum context length is {context} tokens. However, you requested "
-                   f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}, {max_tokens} in the "
+                   f"{_count(prompt_len + max_tokens)} tokens ({prompt_len} in the {prompt_param}, "
+                   f"{_count(max_tokens)} in the "
                    "completion). Please reduce the length of the prompt or of max_tokens.",
                    param=prompt_param, code="context_length_exceeded")
     temperature = _get(body, "temperature", lambda v: _is_num(v) and 0 <= v <= 2, "a number in [0, 2]")
     top_p = _get(body, "top_p", lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]", 1.0)
     top_k = _get(body, "top_k", lambda v: _is_int(v) and v >= -1, "an integer >= 0 (0 or -1 = off)", 0)
-    penalty = _get(body, "repetition_penalty", lambda v: _is_num(v) and v > 0, "a number > 0", 1.0)
+    low, high = PENALTY_RANGE
+    penalty = _get(body, "repetition_penalty", lambda v: _is_num(v) and low <= v <= high,
+                   f"a number in [{low:g}, {high:g}]", 1.0)
     seed = _get(body, "seed", lambda v: _is_int(v) and 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
     ignore_eos = _get(body, "ignore_eos", lambda v: isinstance(v, bool), "true or false", False)
     stop = body.get("stop")
@@ -180,7 +192,7 @@ def _chat_prompt(engine: Engine, body: dict) -> list[int]:
                        for p in content):
                 raise _bad(f"messages[{i}].content: only text parts are supported", param="messages")
             content = "".join(p["text"] for p in content)
-        elif content is not None and not isinstance(content, str):
+        elif not isinstance(content, str):  # null content goes with tool calls, which are refused
             raise _bad(f"messages[{i}].content must be a string or a list of text parts", param="messages")
         clean.append({**m, "content": content})
     try:
@@ -197,13 +209,15 @@ def create_app(engine: Engine, model_name: str):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     created = int(time.time())
 
-    def error_response(e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    def error_response(e: APIError) -> Response:
+        # json.dumps escapes to ASCII: a message that quotes a client's string (a lone surrogate, say) still renders
+        return Response(json.dumps(e.body()), status_code=e.status, headers=e.headers, media_type="application/json")
 
     limit = body_limit(engine.max_seq_len)
 
@@ -249,9 +263,12 @@ def create_app(engine: Engine, model_name: str):
         if not isinstance(model, str) or not model:
             raise _bad("'model' is required (a string)", param="model")
         if model != model_name:
-            raise APIError(404, f"The model `{model}` does not exist (this server serves `{model_name}`)",
-                           param="model", code="model_not_found")
+            raise unknown_model(model)
         return body
+
+    def unknown_model(model: str) -> APIError:
+        return APIError(404, f"The model {json.dumps(model)[:200]} does not exist (this server serves "
+                             f"{json.dumps(model_name)})", param="model", code="model_not_found")
 
     def submit(prompt: list[int], params: SamplingParams) -> tuple[object, asyncio.Queue]:
         loop = asyncio.get_running_loop()
@@ -280,7 +297,8 @@ def create_app(engine: Engine, model_name: str):
     async def handle(request: Request, chat: bool):
         try:
             body = await read_body(request)
-            prompt = _chat_prompt(engine, body) if chat else _completion_prompt(engine, body)
+            # tokenizing (and rendering a chat template) a body of up to the limit takes a while: off the loop
+            prompt = await run_in_threadpool(_chat_prompt if chat else _completion_prompt, engine, body)
             params = parse_sampling(body, len(prompt), engine.max_seq_len, "messages" if chat else "prompt")
             stream = _get(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
             options = _get(body, "stream_options", lambda v: isinstance(v, dict) and stream,
@@ -364,10 +382,17 @@ def create_app(engine: Engine, model_name: str):
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "llm-export",
+                  "max_model_len": engine.max_seq_len}
+
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                                         "owned_by": "llm-export",
-                                                         "max_model_len": engine.max_seq_len}]})
+        return JSONResponse({"object": "list", "data": [model_card]})
+
+    async def model(request: Request):
+        name = request.path_params["name"]
+        if name != model_name:
+            return error_response(unknown_model(name))
+        return JSONResponse(model_card)
 
     async def health(request: Request):
         state = {"status": "ok" if engine.failure is None else "failed", "slots": engine.slots,
@@ -379,7 +404,7 @@ def create_app(engine: Engine, model_name: str):
     async def http_error(request: Request, exc: HTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                       code=kind))
+                                       code=kind, headers=exc.headers))  # a 405's Allow
 
     async def server_error(request: Request, exc: Exception):
         return error_response(APIError(500, f"{type(exc).__name__}: {exc}", type="server_error",
@@ -396,6 +421,7 @@ def create_app(engine: Engine, model_name: str):
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{name:path}", model, methods=["GET"]),
               Route("/health", health, methods=["GET"])]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: server_error})

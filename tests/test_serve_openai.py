@@ -342,3 +342,52 @@ def test_chat_roles(client, gen):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
         assert words in e.value.message and e.value.param == "messages", e.value.message
+
+
+def _post_raw(url: str, path: str, data: bytes, method: str = "POST") -> tuple[int, dict, dict]:
+    request = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def test_hostile_values(server, client, gen):
+    """Values that used to end in a 500 or in junk: lone UTF-16 surrogates (valid JSON, not Unicode) in a prompt,
+    chat content or the model name; a 4300-digit max_tokens (its error message echoes no digits); a temperature
+    that underflows float32 (sampled at 1e-38 it must equal greedy, not NaN -> token 0); a repetition penalty
+    beyond what float32 logits survive; logprobs 0 (0 is not false); null chat content; a 405's Allow header; and
+    GET /v1/models/NAME (the openai client's models.retrieve)."""
+    url = server[0]
+    for path, body, param in (
+            ("/v1/completions", '{"model": "%s", "prompt": "hi \\ud800", "max_tokens": 2}', "prompt"),
+            ("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": "\\udc80"}]}',
+             "messages")):
+        status, _, out = _post_raw(url, path, (body % MODEL).encode())
+        assert status == 400 and out["error"]["param"] == param and "lone surrogate" in out["error"]["message"], out
+    status, _, out = _post_raw(url, "/v1/completions", b'{"model": "\\ud800x", "prompt": "hi"}')
+    assert status == 404 and out["error"]["code"] == "model_not_found", out
+    status, _, out = _post_raw(url, "/v1/completions",
+                               ('{"model": "%s", "prompt": "hi", "max_tokens": %s}' % (MODEL, "9" * 4300)).encode())
+    assert status == 400 and out["error"]["code"] == "context_length_exceeded", out
+    assert len(out["error"]["message"]) < 400 and "10^12" in out["error"]["message"]
+    want = _complete(client, False, False, prompt="Hello", max_tokens=8, temperature=0,
+                     extra_body={"ignore_eos": True})
+    assert _complete(client, False, False, prompt="Hello", max_tokens=8, temperature=1e-38, seed=3,
+                     extra_body={"ignore_eos": True}) == want
+    for bad, param in ((dict(extra_body={"repetition_penalty": 1e-39}), "repetition_penalty"),
+                       (dict(extra_body={"repetition_penalty": 1e39}), "repetition_penalty"),
+                       (dict(logprobs=0), "logprobs")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="ok", max_tokens=2, **bad)
+        assert e.value.param == param, bad
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": None}], max_tokens=2)
+    assert "messages[0].content must be a string" in e.value.message
+    status, headers, out = _post_raw(url, "/v1/chat/completions", None, method="GET")
+    assert status == 405 and "POST" in headers.get("allow", headers.get("Allow", "")), (headers, out)
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    assert _health(url)["running"] == 0
