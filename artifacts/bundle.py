@@ -96,6 +96,9 @@ def _swap(new: Path, old: Path) -> None:
 
 
 # -- locking and stale staging directories -----------------------------------------------------------------------
+MAX_OUT_NAME = 200  # bytes of an output's name: ".NAME.partial-PID-XXXXXXXX" must stay under the 255 of most filesystems
+
+
 def _lock_path(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.lock")
 
@@ -157,8 +160,14 @@ def staging_dir(dest: Path, overwrite: bool = False, owned=is_artifact, protect=
     """Yield a temp dir beside `dest`; on success put it at `dest`, on any failure delete it.
 
     `dest` may be replaced (with `overwrite`) only when ``owned(dest)`` says it is one of ours; `protect` lists
-    paths `dest` must not equal, lie inside or contain (e.g. the checkpoint being read)."""
+    paths `dest` must not equal, lie inside or contain (e.g. the checkpoint being read). Parent directories it
+    creates for `dest` are removed again on failure (when still empty)."""
+    if not str(dest).strip():
+        raise ArtifactError(f"{what} is empty; give a directory path")
     given = Path(dest).expanduser()
+    if len(os.fsencode(given.name)) > MAX_OUT_NAME:
+        raise ArtifactError(f"{what} {given}: its last component has {len(os.fsencode(given.name))} bytes; at most "
+                            f"{MAX_OUT_NAME} (the staging directory and lock file beside it add a suffix)")
     if given.is_symlink():
         raise ArtifactError(f"{what} {given} is a symlink; give the real directory (links are not followed)")
     dest = given.resolve()
@@ -180,7 +189,32 @@ def staging_dir(dest: Path, overwrite: bool = False, owned=is_artifact, protect=
                                 "or remove it yourself")
 
     check_existing()
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = [d for d in (dest.parent, *dest.parent.parents) if not os.path.lexists(d)]  # deepest first
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty(created)
+        existing = next(d for d in (dest.parent, *dest.parent.parents) if os.path.lexists(d))
+        if not existing.is_dir():
+            raise ArtifactError(f"{what} {given}: {existing} is a file, not a directory") from None
+        raise ArtifactError(f"{what} {given}: cannot create its parent directory ({e.strerror or e}: "
+                            f"{e.filename or dest.parent})") from None
+    try:
+        with _staged(dest, overwrite, check_existing) as tmp:
+            yield tmp
+    except BaseException:
+        _remove_empty(created)  # the parents this command made for --out, if nothing else was put in them
+        raise
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only an empty directory: never what someone else wrote meanwhile
+
+
+@contextlib.contextmanager
+def _staged(dest: Path, overwrite: bool, check_existing):
     with _locked(dest):
         _remove_stale(dest)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=dest.parent))
@@ -260,10 +294,14 @@ def read_manifest(root: Path) -> Manifest:
         raise ArtifactError(f"{root}: {MANIFEST} is a symlink; not following it")
     if not path.exists():
         raise ArtifactError(f"{root}: no {MANIFEST}; not an artifact (or an interrupted build)")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: not a regular file; not an artifact")
     try:
         manifest = json_loads(path.read_text())
     except ValueError as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not an {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -75,6 +75,14 @@ def _get(d: dict, key: str, kind, where: str, default=...):
     return value
 
 
+def _positive(d: dict, key: str, where: str) -> int:
+    """d[key], an int >= 1 (a size: a hand-edited 0 would only fail later, with a stranger message)."""
+    value = _get(d, key, int, where)
+    if value < 1:
+        _fail(where, f"'{key}' must be >= 1, got {value}")
+    return value
+
+
 def _choice(d: dict, key: str, choices: tuple[str, ...], where: str, default=...) -> str:
     value = _get(d, key, str, where, default)
     if value not in choices:
@@ -133,6 +141,11 @@ class Graph:
                 _fail(f"{where} {t.name}", f"dtype {t.dtype!r} is not one of {sorted(DTYPES)}")
         if task == "causal-lm" and not graph.kv_inputs:
             _fail(where, "no past_key_values.* inputs")
+        logits = next((t for t in graph.outputs if t.name == "logits"), None)
+        if task == "causal-lm" and (logits is None or len(logits.shape) != 3
+                                    or (logits.shape[1] == 1) != (graph.logits == "last")):
+            _fail(where, f"'logits' is {graph.logits!r}, but the logits output is "
+                         f"{list(logits.shape) if logits else 'missing'} ([B, 1, V] for 'last', [B, S, V] for 'all')")
         if task != "causal-lm" and (graph.kv_inputs or graph.kv_binding != "none"):
             _fail(where, f"a {task} graph has no KV I/O (kv_binding 'none')")
         return graph
@@ -224,13 +237,13 @@ class Manifest:
             _fail(where, "'graphs' has no 'decoder' graph")
         spec = _get(d, "spec", dict, where)
         for key in ("vocab_size", "num_kv_heads", "head_dim", "hidden_size"):
-            _get(spec, key, int, f"{where} spec")
+            _positive(spec, key, f"{where} spec")
         _get(spec, "layers", list, f"{where} spec")
         task = _choice(spec, "task", TASKS, f"{where} spec", default="causal-lm")
         engine = d.get("engine")
         return cls(model=_get(d, "model", dict, where), spec=spec, backend=_choice(d, "backend", BACKENDS, where),
                    precision=_get(d, "precision", str, where), kv_mode=kv_mode,
-                   max_seq_len=_get(d, "max_seq_len", int, where), max_batch=_get(d, "max_batch", int, where),
+                   max_seq_len=_positive(d, "max_seq_len", where), max_batch=_positive(d, "max_batch", where),
                    graphs={name: Graph.from_dict(g, f"{where} graphs.{name}", kv_mode, task)
                            for name, g in graphs.items()},
                    files=_get(d, "files", dict, where), quantization=_get(d, "quantization", dict, where, None),

@@ -242,7 +242,7 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
     graph_name = f"{name}_graph"
     source = MODEL_SOURCE if task == "causal-lm" else CLASSIFY_MODEL_SOURCE
     model = _model_constants(source)
-    with staging_dir(Path(out), overwrite=overwrite, owned=is_repository, protect=[artifact]) as tmp:
+    with staging_dir(out, overwrite=overwrite, owned=is_repository, protect=[artifact]) as tmp:
         marker = {"format": REPOSITORY_FORMAT, "artifact": str(artifact.resolve()), "models": [name, graph_name]}
         (tmp / REPOSITORY_MARKER).write_text(json.dumps(marker, indent=2))
         # (a) the python model: streaming generation, or the task head behind the dynamic batcher
@@ -286,7 +286,7 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
         (tmp / "README.md").write_text(readme)
         validate_repository(tmp)
         publishable(tmp)
-    return Path(out).resolve()
+    return Path(out).expanduser().resolve()
 
 
 def publishable(path: Path) -> None:

@@ -172,7 +172,7 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
     max_seq_len, quant = plan.max_seq_len, plan.quant
     if spec.task != "causal-lm":
         logits = "all"  # a task head's outputs are per input (seq-cls) or per token; no LM head to trim
-    out = Path(out) if out else default_out(model, precision, kv_mode)
+    out = out if out is not None else default_out(model, precision, kv_mode)  # staging_dir checks it
     io = io_description(spec, kv_mode, dtype, logits)
     t0 = time.perf_counter()
     with staging_dir(out, overwrite=overwrite, protect=[model_dir, *allowed_roots(model_dir)]) as tmp:
@@ -240,7 +240,7 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
         }
         write_manifest(tmp, manifest)
         tmp.chmod(0o755)
-    return out.resolve()
+    return Path(out).expanduser().resolve()
 
 
 # -- the stages --------------------------------------------------------------------------------------------------

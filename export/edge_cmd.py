@@ -27,7 +27,7 @@ def bundle(artifact: str, out: str) -> Path:
 def engine(bundle_file: str, out: str | None = None, overwrite: bool = False) -> Path:
     load_tensorrt()  # fail before unpacking when TensorRT is missing
     bundle_path = Path(bundle_file)
-    dest = Path(out) if out else bundle_path.with_name(bundle_path.name.removesuffix(".tar") + "-engine")
+    dest = out if out is not None else bundle_path.with_name(bundle_path.name.removesuffix(".tar") + "-engine")
     with staging_dir(dest, overwrite=overwrite, protect=[bundle_path]) as tmp:
         unpacked, info = unpack(bundle_path, tmp / "unpacked")
         for item in unpacked.iterdir():
@@ -44,4 +44,4 @@ def engine(bundle_file: str, out: str | None = None, overwrite: bool = False) ->
         check_engine_io(graph.to_dict(), facts["io"])
         write_manifest(tmp, {**manifest.to_dict(), "backend": "tensorrt", "engine": facts})
         tmp.chmod(0o755)
-    return dest.resolve()
+    return Path(dest).expanduser().resolve()

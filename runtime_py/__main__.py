@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS
 
 
 def _ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    """Comma-separated decimal ids (ASCII digits, an optional minus: not int()'s "1_0" or other scripts' digits)."""
+    ids = [t.strip() for t in text.split(",") if t.strip()]
+    if not all(re.fullmatch(r"-?[0-9]+", t, re.ASCII) for t in ids):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text[:80]!r}")
+    return [int(t) for t in ids]
 
 
 def _utf8(what: str, text: str | None) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 
 from artifacts.bundle import ArtifactError, open_artifact
 from runtime_py.memory import check_fits
+from runtime_py.session import check_graph_io
 from runtime_py.tokenizer import Tokenizer
 
 ORT_LOWERINGS = ("reference", "ort", "trt-native")
@@ -98,6 +99,7 @@ class Classifier:
         if check_memory:
             check_fits(self.manifest, batch=self.max_batch, where=self.root)
         self.session = ort.InferenceSession(str(self.root / graph.file), options, providers=["CPUExecutionProvider"])
+        check_graph_io(self.session, graph, self.root)
 
     # -- inputs ---------------------------------------------------------------------------------------------
     def _need_tokenizer(self) -> Tokenizer:

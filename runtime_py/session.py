@@ -66,6 +66,22 @@ def pad_prompts(kv_mode: str, prompts: list[list[int]], pad_id: int) -> Padded:
     return Padded(ids, positions, mask, np.full(B, S - 1))
 
 
+def check_graph_io(session, graph, root: Path) -> None:
+    """The graph ONNX Runtime loaded has the inputs and outputs the manifest lists (names, ranks, fixed dims);
+    ArtifactError otherwise (a manifest edited by hand, or one beside the wrong graph: its checksum covers the
+    graph file, not what the manifest says about it)."""
+    for kind, listed, actual in (("input", graph.inputs, session.get_inputs()),
+                                 ("output", graph.outputs, session.get_outputs())):
+        shapes = {t.name: t.shape for t in actual}
+        for t in listed:
+            shape = shapes.get(t.name)
+            if shape is None or len(shape) != len(t.shape) or any(
+                    isinstance(want, int) and want != got for want, got in zip(t.shape, shape)):
+                raise ArtifactError(f"{root}: the manifest lists {kind} {t.name} {list(t.shape)}, but {graph.file} "
+                                    f"has {'no such ' + kind if shape is None else list(shape)}; the manifest does "
+                                    "not describe this graph (rebuild the artifact)")
+
+
 class KVCache:
     """The per-layer KV tensors of one batch, as ORT values."""
 
@@ -123,6 +139,7 @@ class OrtSession:
             check_fits(self.manifest, batch=batch, where=self.root)
         self.session = ort.InferenceSession(str(self.root / graph.file), options,
                                             providers=["CPUExecutionProvider"])
+        check_graph_io(self.session, graph, self.root)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.kv_in = [n for n in self.input_names if n.startswith("past_key_values.")]
         self.kv_out = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]

@@ -443,3 +443,58 @@ def test_stub_env_made_once_by_concurrent_processes(tmp_path):
     done = subprocess.run([str(dest / "bin" / "python"), "-c", "import numpy; print(numpy.__version__)"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("1."), (done.stdout, done.stderr)
+
+
+def test_failed_build_leaves_no_parent_dirs_and_bad_out_names_are_refused(ckpt, tmp_path):
+    """A build that fails mid-stream (a NaN weight) removes the staging dir and also the parents it created for
+    --out (a parent that existed stays); an empty --out, a name too long for its staging sibling and a parent that
+    is a file are exit 2 before anything is written."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(ckpt / "model.safetensors")
+    name = next(k for k in weights if k.endswith("down_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "kept").mkdir()
+    done = cli(*build_argv(ckpt, tmp_path / "kept" / "new" / "deeper" / "art"))
+    assert_refused(done, "non-finite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.name, "kept"])
+    assert list((tmp_path / "kept").iterdir()) == []
+    (tmp_path / "afile").write_text("mine")
+    for out, words in (("", "--out is empty"), (str(tmp_path / ("n" * 240)), "at most 200"),
+                       (str(tmp_path / "afile" / "sub" / "art"), "afile is a file, not a directory")):
+        assert_refused(cli(*build_argv(ckpt, out)), words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.name, "kept", "afile"])
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case", ["manifest_is_a_dir", "logits_all_on_a_last_graph", "max_batch_0",
+                                  "output_shape_edited"])
+def test_manifest_that_does_not_describe_the_graph_is_refused(artifacts, tmp_path, case):
+    """The manifest's checksums cover the files it lists, not itself: a hand-edited manifest must still be refused
+    with a clear message, not an ONNX Runtime traceback at the first call."""
+    def edit(m, art):
+        if case == "logits_all_on_a_last_graph":
+            m["graphs"]["decoder"]["logits"] = "all"
+        elif case == "max_batch_0":
+            m["max_batch"] = 0
+        elif case == "output_shape_edited":
+            logits = next(t for t in m["graphs"]["decoder"]["outputs"] if t["name"] == "logits")
+            logits["shape"][2] += 1
+
+    art = _tampered(artifacts, tmp_path, edit)
+    if case == "manifest_is_a_dir":
+        (art / "manifest.json").unlink()
+        (art / "manifest.json").mkdir()
+    words = {"manifest_is_a_dir": "not a regular file", "logits_all_on_a_last_graph": "'logits' is 'all'",
+             "max_batch_0": "'max_batch' must be >= 1", "output_shape_edited": "does not describe this graph"}[case]
+    assert_refused(cli("runtime_py", "score", str(art), "--ids", "1,2,3", "--json"), words)
+    assert_refused(cli("runtime_py", "generate", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"), words)
+
+
+def test_score_ids_are_plain_decimal(artifacts):
+    art = artifacts("qwen2_window")
+    for ids in ("1_0,2", "\uff15,\uff16", "0x10", "1.0"):
+        assert_refused(cli("runtime_py", "score", str(art), "--ids", ids), "expected comma-separated integers")
+    done = cli("runtime_py", "score", str(art), "--ids", " 1, 2,3,", "--json")
+    assert done.returncode == 0 and len(json.loads(done.stdout.splitlines()[-1])["logprobs"]) == 2, done.stderr
