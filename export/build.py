@@ -99,7 +99,7 @@ def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: i
 
         load_tensorrt()  # fail before any work when TensorRT is missing
         if lowering is not None and lowering not in TRT_LOWERINGS:
-            raise ValueError(f"--lowering {lowering} is for ONNX Runtime; TensorRT takes trt-native or trt-plugin")
+            raise ValueError(f"--lowering {lowering} is for ONNX Runtime; TensorRT takes {', '.join(TRT_LOWERINGS)}")
     lowering = lowering or default_lowering(backend, kv_mode)
     if lowering not in LOWERINGS:
         raise ValueError(f"--lowering {lowering}: choose from {LOWERINGS}")

@@ -23,6 +23,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from runtime_py.trt_session import stderr_logger
+
 
 class EngineError(RuntimeError):
     """TensorRT is missing, the graph does not parse, or the build failed."""
@@ -67,7 +69,7 @@ def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: in
     plugins = graph_plugins(onnx_path)
     trt, flavour = load_tensorrt(plugins)
     registered = register_plugins(plugins)  # before the parser looks the plugin nodes up
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = stderr_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):

@@ -51,7 +51,8 @@ def quant_config(scheme: str | None, backend: str, lowering: str, group_size: in
 
 def input_dims(spec: ModelSpec, lm_head: bool) -> dict[str, int]:
     """Input dimension (K) of every linear a quantized build rewrites, by a readable name."""
-    dims = {"hidden_size (q/k/v, gate/up and expert gate/up inputs)": spec.hidden_size,
+    experts = ", expert gate/up" if spec.sparse_layers else ""
+    dims = {f"hidden_size (q/k/v, gate/up{experts} inputs)": spec.hidden_size,
             "num_heads * head_dim (o_proj input)": spec.num_heads * spec.head_dim}
     if any(layer.mlp == "dense" for layer in spec.layers):
         dims["intermediate_size (down_proj input)"] = spec.intermediate_size

@@ -13,6 +13,7 @@ import re
 import sys
 
 from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS
+from runtime_py.tokenizer import check_text
 
 
 def _ids(text: str) -> list[int]:
@@ -24,15 +25,8 @@ def _ids(text: str) -> list[int]:
 
 
 def _utf8(what: str, text: str | None) -> None:
-    """Refuse text with undecodable bytes: Python hands them over as surrogate escapes, which no tokenizer takes."""
-    if text is None:
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        code = ord(text[e.start])
-        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
-        raise ValueError(f"{what} is not valid UTF-8 ({bad} at character {e.start}); pass UTF-8 text") from None
+    if text is not None:
+        check_text(text, what)
 
 
 def _check_text_args(args) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime_py.sampling import logprobs_of
+from runtime_py.tokenizer import check_text
 
 
 def score(artifact: str | Path, ids: list[int], threads: int | None = None, generator=None) -> dict:
@@ -59,11 +60,7 @@ def score(artifact: str | Path, ids: list[int], threads: int | None = None, gene
 
 
 def _text_ids(gen, text: str, what: str) -> list[int]:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not valid UTF-8 (at character {e.start}); pass UTF-8 text") from None
-    return gen.encode(text)
+    return gen.encode(check_text(text, what))
 
 
 def main(args) -> int:

@@ -270,7 +270,7 @@ def create_app(engine: Engine, model_name: str):
         return APIError(404, f"The model {json.dumps(model)[:200]} does not exist (this server serves "
                              f"{json.dumps(model_name)})", param="model", code="model_not_found")
 
-    def submit(prompt: list[int], params: SamplingParams) -> tuple[object, asyncio.Queue]:
+    def submit(prompt: list[int], params: SamplingParams, param: str) -> tuple[object, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -285,9 +285,9 @@ def create_app(engine: Engine, model_name: str):
         except EngineClosedError as e:
             raise APIError(503, str(e), type="server_error", code="unavailable") from None
         except PromptTooLongError as e:
-            raise _bad(str(e), code="context_length_exceeded") from None
-        except ValueError as e:
-            raise _bad(str(e)) from None
+            raise _bad(str(e), param=param, code="context_length_exceeded") from None
+        except ValueError as e:  # token ids outside the vocabulary (the sampling fields are checked before)
+            raise _bad(str(e), param=param) from None
 
     def end_error(update: Update) -> APIError:
         if update.finish_reason == "cancelled":
@@ -304,7 +304,7 @@ def create_app(engine: Engine, model_name: str):
             options = _get(body, "stream_options", lambda v: isinstance(v, dict) and stream,
                            "an object, and only with stream: true", {})
             include_usage = _get(options, "include_usage", lambda v: isinstance(v, bool), "true or false", False)
-            handle, queue = submit(prompt, params)
+            handle, queue = submit(prompt, params, "messages" if chat else "prompt")
         except APIError as e:
             return error_response(e)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

@@ -141,13 +141,13 @@ class Tokenizer:
         """Ids of `text`. add_special_tokens=True applies the post-processor (e.g. a BOS when add_bos_token);
         special-token strings inside `text` map to their ids either way. Chat prompts rendered by a template
         already contain their BOS: encode them with add_special_tokens=False, as transformers does."""
-        ids = self._tok.encode(_unicode(text), add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode(check_text(text), add_special_tokens=add_special_tokens).ids
         return [self.bos_id] + ids if add_special_tokens and self._prepend_bos else ids
 
     def encode_pair(self, first: str, second: str) -> tuple[list[int], list[int | None], list[tuple[int, int]]]:
         """A text pair as the post-processor joins it (a QA question and context): ids, which text each token
         came from (0, 1, None for a special token) and its character offsets in that text."""
-        enc = self._tok.encode(_unicode(first), _unicode(second))
+        enc = self._tok.encode(check_text(first), check_text(second))
         ids, seq, offsets = list(enc.ids), list(enc.sequence_ids), list(enc.offsets)
         if self._prepend_bos:
             ids, seq, offsets = [self.bos_id] + ids, [None] + seq, [(0, 0)] + offsets
@@ -157,14 +157,16 @@ class Tokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
-def _unicode(text: str) -> str:
-    """`text`, if it is valid Unicode; ValueError (bad input) for a lone UTF-16 surrogate, which JSON's "\\ud800"
-    escapes and undecodable bytes read with surrogateescape produce and the tokenizer refuses with a TypeError."""
+def check_text(text: str, what: str = "the text") -> str:
+    """`text`, if it is valid Unicode; ValueError (bad input) naming the first bad character otherwise: an
+    undecodable byte (Python hands those over from argv or a file as surrogate escapes) or a lone UTF-16 surrogate
+    (JSON's "\\ud800"), which the tokenizer would refuse with a TypeError."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"the text is not valid Unicode: a lone surrogate U+{ord(text[e.start]):04X} at character "
-                         f"{e.start}") from None
+        code = ord(text[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise ValueError(f"{what} is not valid UTF-8 ({bad} at character {e.start}); pass UTF-8 text") from None
     return text
 
 

@@ -17,12 +17,27 @@ What it does not do: build engines (export/engine.py) or sample (generate.py).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from artifacts.bundle import ArtifactError, open_artifact
 from artifacts.manifest import TENSORRT_DTYPES, Engine
+
+
+def stderr_logger(trt):
+    """A TensorRT logger that writes warnings and errors to stderr (trt.Logger prints to stdout, where the build's
+    last line must be the artifact path)."""
+    class StderrLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                print(f"[TRT] {msg}", file=sys.stderr, flush=True)
+
+    return StderrLogger()
 
 
 def _import_flavour(flavour: str):
@@ -97,7 +112,8 @@ class TrtSession:
         self.kv_in = [t.name for t in engine.inputs if t.name.startswith("past_key_values.")]
         self.kv_out = [t.name for t in engine.outputs if t.name.startswith("present.")]
         self.kv_dtype = getattr(torch, TENSORRT_DTYPES[engine.inputs[-1].dtype])
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._logger = stderr_logger(trt)  # TensorRT keeps a pointer to it: it must live as long as the engine
+        self._runtime = runtime = trt.Runtime(self._logger)
         self.engine = runtime.deserialize_cuda_engine((self.root / engine.file).read_bytes())
         if self.engine is None:
             raise ArtifactError(f"{self.root}: TensorRT could not deserialize {engine.file}")

@@ -110,6 +110,22 @@ def test_tensorrt_rejects_ort_lowering(checkpoints, tmp_path):
 
 
 @needs_trt
+def test_tensorrt_build_stdout_is_the_artifact_path(checkpoints, tmp_path):
+    """TensorRT's own log lines go to stderr through our logger (trt.Logger prints to stdout): a script reading the
+    build's stdout gets the artifact path and nothing else from TensorRT."""
+    import subprocess
+    from pathlib import Path
+
+    out = tmp_path / "engine-art"
+    done = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(checkpoints("qwen2_window")),
+                           "--backend", "tensorrt", "--max-seq-len", "32", "--max-batch", "1", "--no-progress",
+                           "--out", str(out)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[TRT]" not in done.stdout and done.stdout.strip().splitlines()[-1] == str(out.resolve()), done.stdout
+
+
+@needs_trt
 def test_engine_artifact_runs_its_graph_on_cpu_and_refuses_trt_here(engines, checkpoints, hf_model):
     """On a CPU-only machine the runtime runs a TensorRT artifact's trt-native graph with ONNX Runtime (same
     greedy tokens as HF) and asking for the engine gives a clear error instead of a crash."""

@@ -52,6 +52,12 @@ def _stand_in_tensorrt(monkeypatch, with_plugin_api: bool = True) -> dict:
         def __init__(self, severity=None):
             pass
 
+    class ILogger:  # what runtime_py.trt_session.stderr_logger subclasses
+        Severity = types.SimpleNamespace(WARNING=2)
+
+        def __init__(self):
+            pass
+
     class Builder:
         def __init__(self, logger):
             pass
@@ -67,7 +73,7 @@ def _stand_in_tensorrt(monkeypatch, with_plugin_api: bool = True) -> dict:
         record["at_deserialize"] = list(record["registered"])
         raise _Stop("Runtime")
 
-    trt.Logger, trt.Builder, trt.OnnxParser, trt.Runtime = Logger, Builder, onnx_parser, runtime
+    trt.Logger, trt.ILogger, trt.Builder, trt.OnnxParser, trt.Runtime = Logger, ILogger, Builder, onnx_parser, runtime
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
     plugin = None
     if with_plugin_api:
