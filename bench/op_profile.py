@@ -62,7 +62,7 @@ def profile_steps(artifact: Path, batch: int, context: int, warmup: int, steps: 
             continue
         seen.add((e["name"], e["ts"]))
         shapes = [s for out in e["args"].get("output_type_shape", []) for s in out.values()]
-        lm_head = any(s and s[-1] == vocab for s in shapes)
+        lm_head = any(vocab in s for s in shapes)  # [B, S, V], or [V, B] when a tied head multiplies W @ x^T
         category = ("LM head: " if lm_head else "") + e["args"]["op_name"]
         ops[category] += e["dur"]
         calls[category] += 1
