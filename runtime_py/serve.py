@@ -207,9 +207,9 @@ def create_app(engine: Engine, model_name: str):
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
-    from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
@@ -295,16 +295,17 @@ def create_app(engine: Engine, model_name: str):
         return APIError(500, update.error or "generation failed", type="server_error", code="internal_error")
 
     async def handle(request: Request, chat: bool):
+        where = "messages" if chat else "prompt"  # the param a bad prompt is blamed on
         try:
             body = await read_body(request)
             # tokenizing (and rendering a chat template) a body of up to the limit takes a while: off the loop
             prompt = await run_in_threadpool(_chat_prompt if chat else _completion_prompt, engine, body)
-            params = parse_sampling(body, len(prompt), engine.max_seq_len, "messages" if chat else "prompt")
+            params = parse_sampling(body, len(prompt), engine.max_seq_len, where)
             stream = _get(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
             options = _get(body, "stream_options", lambda v: isinstance(v, dict) and stream,
                            "an object, and only with stream: true", {})
             include_usage = _get(options, "include_usage", lambda v: isinstance(v, bool), "true or false", False)
-            handle, queue = submit(prompt, params, "messages" if chat else "prompt")
+            handle, queue = submit(prompt, params, where)
         except APIError as e:
             return error_response(e)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
