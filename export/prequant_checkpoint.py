@@ -98,10 +98,15 @@ class PreQuantCheckpoint(Checkpoint):
             return tuple(self.stored[f"{prefix}.weight"].shape)
         if s.method == "compressed-tensors":
             shape = self._read(f"{prefix}.weight_shape")
-            if shape.numel() != 2:
-                raise pq.PreQuantError(f"tensor '{prefix}.weight_shape' holds {shape.tolist()}; expected [out, in]")
+            if shape.dim() != 1 or shape.numel() != 2:
+                raise pq.PreQuantError(f"tensor '{prefix}.weight_shape' has shape {list(shape.shape)} and holds "
+                                       f"{shape.flatten().tolist()[:8]}; expected [out, in] (2 values)")
             return tuple(int(v) for v in shape.tolist())
-        rows, cols = self.stored[f"{prefix}.qweight"].shape
+        stored = self.stored[f"{prefix}.qweight"].shape
+        if len(stored) != 2:
+            raise pq.PreQuantError(f"tensor '{prefix}.qweight' ({s.method.upper()} qweight) has shape {list(stored)}; "
+                                   "expected 2 dimensions")
+        rows, cols = stored
         per = 32 // s.bits
         return (cols, rows * per) if s.method == "gptq" else (cols * per, rows)  # gptq [in/per, out]; awq [in, out/per]
 

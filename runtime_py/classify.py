@@ -19,7 +19,6 @@ refused), or generate text (generate.py).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from artifacts.bundle import ArtifactError, open_artifact
 from runtime_py.memory import check_fits
-from runtime_py.session import check_graph_io
+from runtime_py.session import check_graph_io, session_options
 from runtime_py.tokenizer import Tokenizer
 
 ORT_LOWERINGS = ("reference", "ort", "trt-native")
@@ -93,9 +92,7 @@ class Classifier:
         self.max_seq_len, self.max_batch = self.manifest.max_seq_len, self.manifest.max_batch
         self.vocab_size = self.manifest.vocab_size
         self.tokenizer = Tokenizer(self.root) if (self.root / "tokenizer.json").is_file() else None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        options.log_severity_level = 3
+        options = session_options(threads)
         if check_memory:
             check_fits(self.manifest, batch=self.max_batch, where=self.root)
         self.session = ort.InferenceSession(str(self.root / graph.file), options, providers=["CPUExecutionProvider"])

@@ -66,6 +66,19 @@ def pad_prompts(kv_mode: str, prompts: list[list[int]], pad_id: int) -> Padded:
     return Padded(ids, positions, mask, np.full(B, S - 1))
 
 
+def session_options(threads: int | None) -> "ort.SessionOptions":
+    """The options every runtime_py ONNX Runtime session opens an artifact with."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.log_severity_level = 3
+    # ORT fuses a trt-native graph's int4/int8 DequantizeLinear -> MatMul into MatMulNBits, by default with int8
+    # activations (level 4: logits off by ~1e-2). Those graphs are the exact TensorRT form; on ONNX Runtime they
+    # keep fp32 compute, as their unfused ops define. (The ort lowering's own MatMulNBits carry their level.)
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return options
+
+
 def check_graph_io(session, graph, root: Path) -> None:
     """The graph ONNX Runtime loaded has the inputs and outputs the manifest lists (names, ranks, fixed dims);
     ArtifactError otherwise (a manifest edited by hand, or one beside the wrong graph: its checksum covers the
@@ -128,10 +141,7 @@ class OrtSession:
             raise ArtifactError(f"{self.root}: KV dtype {kv_type} has no ONNX Runtime CPU kernels; "
                                 "build with --precision fp32 or fp16 for the CPU")
         self.kv_dtype = np.dtype(DTYPES[kv_type].numpy)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        options.log_severity_level = 3
+        options = session_options(threads)
         if profile is not None:
             options.enable_profiling = True
             options.profile_file_prefix = profile

@@ -191,6 +191,32 @@ def test_bad_quantized_checkpoints_are_refused(breakage, message, written, tmp_p
     assert "Traceback" not in err and not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("fmt,tensor,breakage,message", [
+    ("gptq", "model.layers.0.self_attn.q_proj.qweight", "flatten", "(GPTQ qweight) has shape ["),
+    ("compressed-tensors", "model.layers.0.self_attn.q_proj.weight_shape", "row", "has shape [1, 2] and holds"),
+    ("fp8", "model.layers.0.self_attn.q_proj.weight", "nan", "(FP8 weight) holds 1 non-finite value(s)"),
+])
+def test_malformed_quantized_tensors_are_refused(fmt, tensor, breakage, message, written, tmp_path, capsys):
+    """Tensors of the wrong rank (a 1-D qweight, a [1, 2] weight_shape) and a NaN FP8 code (0x7f) are exit 2 naming
+    the tensor, not a traceback, an unnamed unpacking error, or an artifact whose logits are NaN."""
+    bad = tmp_path / "bad"
+    shutil.copytree(written("qwen2_mqa_tied_linear", fmt, {})[0], bad)
+    tensors = load_file(bad / "model.safetensors")
+    t = tensors[tensor]
+    if breakage == "flatten":
+        tensors[tensor] = t.flatten().clone()
+    elif breakage == "row":
+        tensors[tensor] = t[None].clone()
+    else:
+        raw = t.view(torch.uint8).clone()
+        raw.view(-1)[0] = 0x7F  # e4m3fn NaN
+        tensors[tensor] = raw.view(torch.float8_e4m3fn)
+    save_file(tensors, bad / "model.safetensors")
+    code, err = _cli(["build", "--model", str(bad), "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and tensor in err and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "a").exists()
+
+
 def test_autogptq_quantize_config_json(written, tmp_path):
     """An AutoGPTQ checkpoint keeps its scheme in quantize_config.json (no quantization_config in config.json)."""
     src = tmp_path / "legacy"

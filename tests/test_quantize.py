@@ -535,3 +535,34 @@ def test_int4_kernel_bench_times_the_built_shapes(case, qbuild, checkpoints):
     k, n = layer_shapes(config)["gate_up"]
     y = matmul_nbits_session(k, n, 32, 1, 1).run(None, {"A": np.ones((3, k), np.float32)})[0]
     assert y.shape == (3, n) and np.isfinite(y).all()
+
+
+def test_trt_native_int4_runs_exactly_on_onnx_runtime(tmp_path):
+    """A trt-native int4 graph (DequantizeLinear -> MatMul) run by runtime_py on ONNX Runtime: ORT fuses each pair
+    into MatMulNBits, which defaults to int8 activations; runtime_py's sessions keep fp32 compute, so the scores
+    equal the unfused graph's (ORT with every optimization off) to fp32 rounding, not to ~1e-2."""
+    import onnxruntime as ort
+
+    from runtime_py.score import score
+
+    family, fields = CASES["qwen2_window"]
+    ckpt = save_hf_checkpoint(family, dict(fields, intermediate_size=128), tmp_path / "ckpt")  # K % 64 == 0
+    art = build(str(ckpt), quantize="int4", group_size=64, lowering="trt-native", logits="all", max_seq_len=32,
+                out=tmp_path / "art", progress=False)
+    ours = np.array(score(art, IDS)["logprobs"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(art / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in plain.get_inputs():
+        if i.name == "input_ids":
+            feeds[i.name] = np.array([IDS], np.int64)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(len(IDS), dtype=np.int64)[None]
+        else:  # past_key_values.*: [1, KV, max_seq_len, D], zeros
+            feeds[i.name] = np.zeros([1] + [d if isinstance(d, int) else 32 for d in i.shape[1:]], np.float32)
+    logits = plain.run(["logits"], feeds)[0][0].astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+    want = logp[np.arange(len(IDS) - 1), IDS[1:]]
+    assert np.abs(ours - want).max() < 1e-4, np.abs(ours - want).max()
