@@ -193,7 +193,7 @@ def staging_dir(dest: Path, overwrite: bool = False, owned=is_artifact, protect=
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        _remove_empty(created)
+        remove_empty_dirs(created)
         existing = next(d for d in (dest.parent, *dest.parent.parents) if os.path.lexists(d))
         if not existing.is_dir():
             raise ArtifactError(f"{what} {given}: {existing} is a file, not a directory") from None
@@ -203,11 +203,12 @@ def staging_dir(dest: Path, overwrite: bool = False, owned=is_artifact, protect=
         with _staged(dest, overwrite, check_existing) as tmp:
             yield tmp
     except BaseException:
-        _remove_empty(created)  # the parents this command made for --out, if nothing else was put in them
+        remove_empty_dirs(created)  # the parents this command made for --out, if nothing else was put in them
         raise
 
 
-def _remove_empty(dirs: list[Path]) -> None:
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove each of `dirs` (deepest first) that is still empty: the parents a failed command created."""
     for d in dirs:
         with contextlib.suppress(OSError):
             d.rmdir()  # only an empty directory: never what someone else wrote meanwhile

@@ -42,7 +42,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from artifacts.bundle import ArtifactError, open_artifact
+from artifacts.bundle import MAX_OUT_NAME, ArtifactError, open_artifact, remove_empty_dirs
 from artifacts.paths import (UnsafePathError, check_name, create_inside, inside, json_loads, mkdir_inside,
                              open_dir)
 
@@ -87,9 +87,12 @@ def _open_regular(path: Path, what: str):
     return f
 
 
-def pack(artifact: str | Path, out: str | Path) -> Path:
-    """Write the bundle for a buildable artifact to `out` (atomically); returns its absolute path."""
+def pack(artifact: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the bundle for a buildable artifact to `out` (atomically); returns its absolute path. An existing
+    `out` is replaced only with `overwrite` and only when it is a bundle of ours; never a symlink, never a path inside
+    the artifact."""
     root = Path(artifact)
+    dest = _bundle_out(out, root, overwrite)
     manifest = open_artifact(root)
     graph = manifest.decoder
     graph_file = graph.file
@@ -130,16 +133,57 @@ def pack(artifact: str | Path, out: str | Path) -> Path:
             "files": {n.removeprefix("artifact/"): e for n, e in entries.items() if n.startswith("artifact/")},
             "plugins": {n.removeprefix("plugins/"): e for n, e in entries.items() if n.startswith("plugins/")},
         }
-        return _write_tar(Path(out), info, opened, entries)
+        return _write_tar(dest, info, opened, entries)
     finally:
         for f in opened.values():
             f.close()
 
 
+def _bundle_out(out: str | Path, root: Path, overwrite: bool) -> Path:
+    """The resolved bundle path, after the rules `export build` applies to --out (artifacts/bundle.py)."""
+    if not str(out).strip():
+        raise ArtifactError("--out is empty; give the bundle file to write")
+    given = Path(out).expanduser()
+    if len(os.fsencode(given.name)) > MAX_OUT_NAME:
+        raise ArtifactError(f"--out {given}: its name has {len(os.fsencode(given.name))} bytes; at most {MAX_OUT_NAME}")
+    if given.is_symlink():
+        raise ArtifactError(f"--out {given} is a symlink; give the real path (links are not followed)")
+    dest, art = given.resolve(), root.resolve()
+    if dest == art or art in dest.parents:
+        raise ArtifactError(f"--out {dest} is inside the artifact being packed ({art}); write the bundle elsewhere")
+    if os.path.lexists(dest):
+        if not overwrite:
+            raise ArtifactError(f"{dest} already exists (pass --overwrite to replace a bundle of ours)")
+        if not is_bundle(dest):
+            raise ArtifactError(f"--out {dest} exists and is not a bundle this tool wrote; refusing to replace it, "
+                                "with or without --overwrite")
+    return dest
+
+
+def is_bundle(path: Path) -> bool:
+    """A regular file that is a tar whose first member is our bundle.json."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        with tarfile.open(path, "r:") as tar:
+            first = tar.next()
+            if first is None or first.name != BUNDLE_JSON or not first.isfile() or first.size > MAX_INDEX_BYTES:
+                return False
+            info = json_loads(tar.extractfile(first).read())
+        return isinstance(info, dict) and info.get("format") == BUNDLE_FORMAT
+    except (OSError, tarfile.TarError, ValueError):
+        return False
+
+
 def _write_tar(out: Path, info: dict, opened: dict, entries: dict) -> Path:
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    created = [d for d in (out.parent, *out.parent.parents) if not os.path.lexists(d)]  # deepest first
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    except OSError as e:
+        remove_empty_dirs(created)
+        raise ArtifactError(f"--out {out}: cannot write beside it ({e.strerror or e}: {e.filename or out.parent})") \
+            from None
     os.close(fd)
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -155,9 +199,11 @@ def _write_tar(out: Path, info: dict, opened: dict, entries: dict) -> Path:
                 tar.addfile(entry, reader)
                 if reader.h.hexdigest() != entries[name]["sha256"]:
                     raise ArtifactError(f"bundle member '{name}' changed while it was being packed; pack again")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the device's build user out
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        remove_empty_dirs(created)
         raise
     return out
 

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("bundle", help="pack an artifact for building its TensorRT engine on a device")
     e.add_argument("artifact")
     e.add_argument("--out", required=True, help="bundle file to write (.tar)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle of ours")
 
     g = sub.add_parser("engine", help="on the device: unpack a bundle, build and verify the engine")
     g.add_argument("bundle")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bundle":
             from export.edge_cmd import bundle
 
-            print(bundle(args.artifact, args.out))
+            print(bundle(args.artifact, args.out, overwrite=args.overwrite))
             return 0
         if args.command == "engine":
             from export.edge_cmd import engine

@@ -15,13 +15,27 @@ import shutil
 import sys
 from pathlib import Path
 
-from artifacts.bundle import read_manifest, staging_dir, write_manifest
+from artifacts.bundle import ArtifactError, read_manifest, staging_dir, write_manifest
 from artifacts.edge import BUNDLE_JSON, pack, unpack
 from export.engine import build_engine, check_engine_io, load_tensorrt
+from export.options import PRECISIONS
 
 
-def bundle(artifact: str, out: str) -> Path:
-    return pack(artifact, out)
+def bundle(artifact: str, out: str, overwrite: bool = False) -> Path:
+    return pack(artifact, out, overwrite=overwrite)
+
+
+def check_settings(bundle_path: Path, info: dict, manifest) -> None:
+    """The build settings bundle.json records must be the bundled manifest's (the engine is built from the
+    manifest's: an edited index must not leave a manifest that promises shapes the engine does not take)."""
+    theirs = {"lowering": manifest.decoder.lowering, "precision": manifest.precision, "kv_mode": manifest.kv_mode,
+              "max_seq_len": manifest.max_seq_len, "max_batch": manifest.max_batch}
+    wrong = [f"{k} {info.get(k)!r} (the manifest says {v!r})" for k, v in theirs.items() if info.get(k) != v]
+    if wrong:
+        raise ArtifactError(f"{bundle_path}: {BUNDLE_JSON} does not match the bundled manifest: {'; '.join(wrong)}; "
+                            "pack the artifact again")
+    if manifest.precision not in PRECISIONS:
+        raise ArtifactError(f"{bundle_path}: precision {manifest.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def engine(bundle_file: str, out: str | None = None, overwrite: bool = False) -> Path:
@@ -37,10 +51,11 @@ def engine(bundle_file: str, out: str | None = None, overwrite: bool = False) ->
         shutil.rmtree(tmp / "unpacked")
         manifest = read_manifest(tmp)
         graph = manifest.decoder
-        print(f"building the TensorRT engine for {manifest.model_type} ({info['lowering']}, "
-              f"{info['precision']}) ...", file=sys.stderr)
-        facts = build_engine(tmp / graph.file, tmp / "model.engine", info["kv_mode"], info["max_batch"],
-                             info["max_seq_len"], info["precision"])
+        check_settings(bundle_path, info, manifest)
+        print(f"building the TensorRT engine for {manifest.model_type} ({graph.lowering}, "
+              f"{manifest.precision}) ...", file=sys.stderr)
+        facts = build_engine(tmp / graph.file, tmp / "model.engine", manifest.kv_mode, manifest.max_batch,
+                             manifest.max_seq_len, manifest.precision)
         check_engine_io(graph.to_dict(), facts["io"])
         write_manifest(tmp, {**manifest.to_dict(), "backend": "tensorrt", "engine": facts})
         tmp.chmod(0o755)

@@ -104,7 +104,11 @@ def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: in
         for i in range(network.num_inputs):
             t = network.get_input(i)
             shapes = _input_shapes(t.name, tuple(t.shape), ranges, kv_mode)
-            profile.set_shape(t.name, *shapes)
+            try:
+                profile.set_shape(t.name, *shapes)
+            except (RuntimeError, TypeError, ValueError) as e:  # e.g. a dim past int32 from a hand-edited manifest
+                raise EngineError(f"{flavour} refused the shapes {shapes} for input '{t.name}' "
+                                  f"(max_batch {max_batch}, max_seq_len {max_seq_len}): {e}") from None
         config.add_optimization_profile(profile)
     if flavour == "tensorrt":  # TensorRT-RTX has no timing cache (its runtime cache lives at load time)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)

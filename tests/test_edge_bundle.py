@@ -366,3 +366,57 @@ def test_pack_refuses_names_outside_the_artifact(edit, message, guard, artifacts
         pack(root, tmp_path / "b.tar")
     assert not (tmp_path / "b.tar").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.tar")]  # no temp file left
+
+
+# ---- what `export bundle` writes over, and the settings `export engine` builds with ------------------------------
+
+def test_bundle_out_rules(artifacts, tmp_path, capsys):
+    """--out is never a file the command did not write (an existing file, a symlink's target, a file inside the
+    artifact being packed): exit 2, and the file is unchanged; --overwrite replaces only a bundle of ours; a failed
+    pack leaves no parent directories behind."""
+    from export.__main__ import main
+
+    art = artifacts("qwen2_window", "static", lowering="trt-native")
+    mine, victim = tmp_path / "mine.txt", tmp_path / "victim.txt"
+    mine.write_text("precious")
+    victim.write_text("precious")
+    (tmp_path / "link.tar").symlink_to(victim)
+    graph_before = (art / "model.onnx").read_bytes()
+    for out, words in ((mine, "already exists"), (tmp_path / "link.tar", "is a symlink"),
+                       (art / "model.onnx", "is inside the artifact being packed"), (art / "sub" / "b.tar", "inside")):
+        assert main(["bundle", str(art), "--out", str(out)]) == 2
+        assert words in capsys.readouterr().err
+    assert main(["bundle", str(art), "--out", str(mine), "--overwrite"]) == 2
+    assert "is not a bundle this tool wrote" in capsys.readouterr().err
+    assert mine.read_text() == victim.read_text() == "precious" and (art / "model.onnx").read_bytes() == graph_before
+    assert not (art / "sub").exists()
+    out = tmp_path / "new" / "b.tar"
+    assert main(["bundle", str(art), "--out", str(out)]) == 0 and tarfile.open(out).getnames()[0] == BUNDLE_JSON
+    assert main(["bundle", str(art), "--out", str(out)]) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(["bundle", str(art), "--out", str(out), "--overwrite"]) == 0
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
+
+
+@needs_trt
+@pytest.mark.parametrize("edit", [{"kv_mode": "concat"}, {"max_seq_len": 10 ** 12}, {"precision": "int3"},
+                                  {"max_batch": 1}])
+def test_engine_builds_from_the_manifest_settings(edit, bundle, tmp_path, capsys):
+    """bundle.json's build settings must be the bundled manifest's: an edited index is refused (exit 2) instead of
+    building an engine whose profiles contradict the manifest (or crashing TensorRT on a 10^12 dim)."""
+    from export.__main__ import main
+
+    bad = _write_tar(tmp_path / "edited.tar", _with_index(_entries(bundle), lambda index: index.update(edit)))
+    assert main(["engine", str(bad), "--out", str(tmp_path / "art")]) == 2
+    err = capsys.readouterr().err
+    key = next(iter(edit))
+    assert "does not match the bundled manifest" in err and key in err and "Traceback" not in err, err
+    assert not (tmp_path / "art").exists()
+
+
+@needs_trt
+def test_engine_shapes_past_tensorrt_limits_are_an_engine_error(artifacts, tmp_path):
+    from export.engine import EngineError, build_engine
+
+    art = artifacts("qwen2_window", "static", lowering="trt-native")
+    with pytest.raises(EngineError, match="refused the shapes"):
+        build_engine(art / "model.onnx", tmp_path / "x.engine", "static", 1, 10 ** 12)
