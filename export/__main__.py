@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                         "stay --precision); fp8 is TensorRT only. Default: none")
     b.add_argument("--group-size", type=int_in(2), default=None,
                    help=f"inputs per scale (default {DEFAULT_GROUP_SIZE['onnxruntime']} for ONNX Runtime, "
-                        f"{DEFAULT_GROUP_SIZE['tensorrt']} for TensorRT int4; TensorRT int8/fp8 are per channel)")
+                        f"{DEFAULT_GROUP_SIZE['tensorrt']} for TensorRT int4 and trt-native graphs; "
+                        "TensorRT int8/fp8 are per channel)")
     b.add_argument("--accuracy-level", type=int_in(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS)), default=None,
                    help=f"MatMulNBits/QMoE compute (ort lowering): 4 = int8 (default {DEFAULT_ACCURACY_LEVEL}, fast "
                         "with VNNI), 1 = fp32 (for checking against the reference)")

@@ -1,7 +1,7 @@
 """`build --quantize`: which weight-only scheme a build gets, checked against the backend and the model first.
 
 What it does: :func:`quant_config` turns the flags into a :class:`graphs.quantize.QuantConfig` (group size defaulting
-per backend: 32 for ONNX Runtime, 128 for TensorRT) and refuses, before any work, a scheme the target cannot run
+per backend: 32 for ONNX Runtime, 128 for TensorRT and for a trt-native graph on either) and refuses, before any work, a scheme the target cannot run
 (fp8 on ONNX Runtime, a group size MatMulNBits/QMoE or TensorRT's INT4 GEMM does not take) or a group size that
 does not divide the input dimension of a linear that would be quantized (named in the error).
 
@@ -38,7 +38,9 @@ def quant_config(scheme: str | None, backend: str, lowering: str, group_size: in
     if per_channel and group_size is not None:
         raise ValueError(f"--group-size: TensorRT takes {scheme} weights with one scale per output channel; "
                          "the group size applies to int4 only")
-    group = DEFAULT_GROUP_SIZE[backend] if group_size is None else group_size
+    # The default follows the graph's form: a trt-native graph is TensorRT's, whichever backend builds it
+    form = "tensorrt" if lowering == "trt-native" else backend
+    group = DEFAULT_GROUP_SIZE[form] if group_size is None else group_size
     if lowering == "ort" and group not in ORT_GROUP_SIZES:
         raise ValueError(f"--group-size {group}: MatMulNBits/QMoE take {', '.join(map(str, ORT_GROUP_SIZES))}")
     if lowering == "trt-native" and scheme == "int4" and group not in TRT_INT4_GROUP_SIZES:

@@ -566,3 +566,13 @@ def test_trt_native_int4_runs_exactly_on_onnx_runtime(tmp_path):
         logits.max(-1, keepdims=True)
     want = logp[np.arange(len(IDS) - 1), IDS[1:]]
     assert np.abs(ours - want).max() < 1e-4, np.abs(ours - want).max()
+
+
+def test_trt_native_default_group_is_tensorrts():
+    """A trt-native graph is TensorRT's form whichever backend builds it: without --group-size its int4 blocks are
+    128 (TensorRT's default), not ONNX Runtime's 32, which TensorRT's INT4 weights refuse."""
+    from export.quantize import quant_config
+
+    assert quant_config("int4", "onnxruntime", "trt-native").group_size == 128
+    assert quant_config("int4", "onnxruntime", "ort").group_size == 32
+    assert quant_config("int4", "tensorrt", "trt-native").group_size == 128
