@@ -36,11 +36,10 @@ import torch
 
 from artifacts.bundle import staging_dir, write_manifest
 from export.options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_KV_MODE, DEFAULT_LOGITS, DEFAULT_MAX_BATCH,
-                            DEFAULT_PRECISION, KV_MODES, LOGITS, LOWERINGS, MAX_BATCH, PRECISIONS, TASKS,
+                            DEFAULT_PRECISION, KV_MODES, LOGITS, LOWERINGS, MAX_BATCH, MAX_SEQ_LEN, PRECISIONS, TASKS,
                             TRT_LOWERINGS, default_lowering)
 from export.checkpoint import Checkpoint, CheckpointError, allowed_roots, checkpoint_file, resolve_model
 from artifacts.manifest import histogram
-from artifacts.paths import json_loads
 from export.trace import DTYPES, NP_DTYPES, io_description, trace_graph
 from export.spec import load_spec
 from export.weights import attach_weights, check_checkpoint, warn_unexpected, weight_bytes, weight_plan
@@ -145,10 +144,15 @@ def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: i
     warn_unexpected(check_checkpoint(spec, ckpt, weights))
     if max_seq_len is None:
         max_seq_len = spec.max_position_embeddings
+        if max_seq_len > MAX_SEQ_LEN:
+            raise ValueError(f"the model's max_position_embeddings {max_seq_len} is above the longest context this "
+                             f"tool builds ({MAX_SEQ_LEN}: RoPE tables and KV buffers are sized by it); pass "
+                             "--max-seq-len N")
     elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or \
-            not 2 <= max_seq_len <= spec.max_position_embeddings:
-        raise ValueError(f"--max-seq-len {max_seq_len}: must be in [2, {spec.max_position_embeddings}] "
-                         "(the model's max_position_embeddings)")
+            not 2 <= max_seq_len <= min(spec.max_position_embeddings, MAX_SEQ_LEN):
+        top = min(spec.max_position_embeddings, MAX_SEQ_LEN)
+        raise ValueError(f"--max-seq-len {max_seq_len}: must be in [2, {top}] (the model's max_position_embeddings, "
+                         f"at most {MAX_SEQ_LEN})")
     tokenizer_files = _tokenizer_files(model_dir)
     if precision == "fp16" and backend == "onnxruntime":
         from runtime_py.memory import cpu_expansion_warning
@@ -360,12 +364,17 @@ def _tokenizer_files(model_dir: Path) -> dict[str, Path]:
             Tokenizer.from_file(str(found["tokenizer.json"]))
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for every parse error
             raise CheckpointError(f"{found['tokenizer.json']}: not a valid tokenizer.json ({e})") from None
+    from runtime_py.tokenizer import generation_token_ids, read_json_object
+
     for name in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
         if name in found:
-            try:
-                json_loads(found[name].read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{found[name]}: not valid JSON ({e})") from None
+            try:  # what the runtime will read from the artifact, refused here instead of at generate time
+                config = read_json_object(found[name])
+                if name == "generation_config.json":
+                    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+                        generation_token_ids(config, key, str(found[name]))
+            except ValueError as e:  # the message names the file
+                raise CheckpointError(str(e)) from None
     from runtime_py.chat import check_chat_templates
 
     check_chat_templates(model_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,10 @@ class Checkpoint:
     def _listed_files(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
+        if single.exists() and index.exists():  # transformers loads the single file: so do we, and say so
+            print(f"warning: {self.dir} holds both {single.name} and {index.name}; using {single.name}, as "
+                  "transformers does (remove whichever is stale)", file=sys.stderr)
+            return [single]
         if index.exists():
             checkpoint_file(self.dir, index.name)
             try:

@@ -27,6 +27,7 @@ LOGITS = ("last", "all")  # which positions the LM head runs on: each call's las
 DEFAULT_LOGITS = "last"
 DEFAULT_MAX_BATCH = 8  # static KV slots, and Triton's max_batch_size
 MAX_BATCH = 1024  # static KV slots a graph is built for; beyond this the buffers alone exceed any machine
+MAX_SEQ_LEN = 1 << 20  # context a graph is built for (Qwen2.5-*-1M: 1010000); RoPE tables and KV buffers scale with it
 MAX_INSTANCES = 64  # Triton instance_group count: each instance loads its own session
 MAX_VERIFY_STEPS = 4096
 DEFAULT_VERIFY_STEPS = 8

@@ -206,6 +206,12 @@ class _Fields:
             )
 
 
+# Far above any model of these families (Qwen2.5-72B: 80 layers; Qwen3-235B: 128 experts), far below what would make
+# the weight plan itself (a list of every expected tensor) exhaust memory before the checkpoint is compared with it.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 1024
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "null"
@@ -340,6 +346,9 @@ def _rope(f: _Fields, max_position_embeddings: int) -> RopeSpec:
         if factor is None:
             raise UnsupportedConfigError("config.json: linear rope scaling needs 'factor'")
         return dataclasses.replace(spec, factor=factor)
+    if "factor" not in params.config:  # transformers refuses this (a null factor it derives, as below)
+        raise UnsupportedConfigError("config.json: yarn rope scaling needs 'factor' (transformers refuses a yarn "
+                                     "rope_parameters / rope_scaling without one)")
     # transformers gives a top-level `original_max_position_embeddings` priority over the one in the rope dict.
     orig = (_int(f, "original_max_position_embeddings", None, min=1, nullable=True)
             or _int(params, "original_max_position_embeddings", None, min=1, nullable=True)
@@ -445,7 +454,7 @@ def _qwen2(f: _Fields) -> ModelSpec:
     if dual_chunk is not None and dual_chunk.config:
         raise UnsupportedConfigError("config.json: dual_chunk_attention_config is not supported")
     c = _common(f)
-    n = _int(f, "num_hidden_layers", min=1)
+    n = _int(f, "num_hidden_layers", min=1, max=MAX_LAYERS)
     # Defaults are transformers' Qwen2Config ones (sliding_window 4096, max_window_layers 28): a config that turns
     # the window on without naming its size or first layer gets what transformers runs. An unused window may be 0.
     use_window = _bool(f, "use_sliding_window", False)
@@ -468,7 +477,7 @@ def _qwen2(f: _Fields) -> ModelSpec:
 def _gemma2(f: _Fields) -> ModelSpec:
     # Gemma2Config defaults head_dim to 256 (not hidden // heads) and ties the embeddings unless told otherwise.
     c = _common(f, default_head_dim=256, default_tie=True)
-    n = _int(f, "num_hidden_layers", min=1)
+    n = _int(f, "num_hidden_layers", min=1, max=MAX_LAYERS)
     default_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
     # transformers' Gemma2 reads only `hidden_activation` (default gelu_pytorch_tanh) and only `sliding_window`
     # (default 4096); the older `hidden_act` / `sliding_window_size` that some configs also carry are accepted
@@ -496,14 +505,14 @@ def _gemma2(f: _Fields) -> ModelSpec:
 
 def _qwen3_moe(f: _Fields) -> ModelSpec:
     c = _common(f)
-    n = _int(f, "num_hidden_layers", min=1)
+    n = _int(f, "num_hidden_layers", min=1, max=MAX_LAYERS)
     # transformers v5 applies the window to every layer when use_sliding_window is set (max_window_layers unused).
     _int(f, "max_window_layers", None, min=0, nullable=True)
     use_window = _bool(f, "use_sliding_window", False)
     window = _int(f, "sliding_window", 4096, min=1 if use_window else 0, nullable=True)
     window = window if use_window else None
-    experts_v4 = _int(f, "num_experts", None, min=0, nullable=True)
-    experts_v5 = _int(f, "num_local_experts", None, min=0, nullable=True)  # v5 renamed the field
+    experts_v4 = _int(f, "num_experts", None, min=0, max=MAX_EXPERTS, nullable=True)
+    experts_v5 = _int(f, "num_local_experts", None, min=0, max=MAX_EXPERTS, nullable=True)  # v5 renamed the field
     if experts_v4 is not None and experts_v5 is not None and experts_v4 != experts_v5:
         raise UnsupportedConfigError(
             f"config.json: num_experts ({experts_v4}) and num_local_experts ({experts_v5}) disagree")

@@ -59,8 +59,14 @@ def run_hf(model_dir, prompt_ids: list[int], steps: int, hf_model=None) -> Trace
     if hf_model is None:
         from transformers import AutoModelForCausalLM
 
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch.float32, attn_implementation="eager", local_files_only=True).eval()
+        from export.checkpoint import CheckpointError
+
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=torch.float32, attn_implementation="eager", local_files_only=True).eval()
+        except Exception as e:  # noqa: BLE001 - whatever transformers raises, the reference is unavailable
+            raise CheckpointError(f"{model_dir}: transformers could not load it as the reference ({type(e).__name__}: "
+                                  f"{str(e)[:300]})") from None
     trace = Trace()
     ids = torch.tensor([prompt_ids])
     past = None

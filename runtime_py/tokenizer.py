@@ -17,6 +17,7 @@ uses). Chat templates live in ``chat.py``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -42,13 +43,26 @@ def text_bytes_limit(context: int) -> int:
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json_loads(path.read_text(encoding="utf-8"))
+        value = json_loads(path.read_text(encoding="utf-8"))
     except ValueError as e:  # bad JSON, bad UTF-8, nested too deeply
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def generation_token_ids(gen: dict, key: str, where: str = "generation_config.json") -> list[int]:
+    """generation_config.json's `key` (eos_token_id, pad_token_id): an id, a list of ids, or null."""
+    value = gen.get(key)
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{where}: '{key}' must be a token id, a list of ids or null, got "
+                         f"{json.dumps(value)[:80]}")
+    return values
 
 
 def _token_str(value, where: str) -> str | None:
@@ -64,8 +78,8 @@ def load_tokenizer_config(model_dir: str | Path) -> dict:
     """tokenizer_config.json as a dict ({} when absent), with legacy special_tokens_map.json entries filling any
     named special token the config does not set."""
     d = Path(model_dir)
-    config = _read_json(d / "tokenizer_config.json")
-    legacy = _read_json(d / "special_tokens_map.json")
+    config = read_json_object(d / "tokenizer_config.json")
+    legacy = read_json_object(d / "special_tokens_map.json")
     for name in SPECIAL_TOKEN_NAMES:
         if config.get(name) is None and legacy.get(name) is not None:
             config[name] = legacy[name]
@@ -115,15 +129,15 @@ class Tokenizer:
         self.byte_ids = frozenset(i for t, i in tok.get_vocab().items() if _BYTE_TOKEN.fullmatch(t)) \
             if getattr(tok.model, "byte_fallback", False) else frozenset()
 
-        gen = _read_json(d / "generation_config.json")
-        eos = gen.get("eos_token_id")
-        gen_eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        gen = read_json_object(d / "generation_config.json")
+        where = d / "generation_config.json"
+        gen_eos, gen_pad = (generation_token_ids(gen, k, str(where)) for k in ("eos_token_id", "pad_token_id"))
         cfg_eos = [self.token_id(self.special_tokens["eos_token"])] if "eos_token" in self.special_tokens else []
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in gen_eos + cfg_eos))
         if "pad_token" in self.special_tokens:
             self.pad_id: int | None = self.token_id(self.special_tokens["pad_token"])
-        elif gen.get("pad_token_id") is not None:
-            self.pad_id = int(gen["pad_token_id"])
+        elif gen_pad:
+            self.pad_id = gen_pad[0]
         else:  # what HF generate does without a pad token: pad with EOS
             self.pad_id = self.eos_ids[0] if self.eos_ids else None
 

@@ -594,7 +594,7 @@ def _build_subprocess(model: Path, out: Path, *extra: str) -> subprocess.Complet
 
 @pytest.mark.parametrize("field, value, shown", [
     ("tie_word_embeddings", "false", "must be true or false, got 'false' (str)"),
-    ("num_hidden_layers", "2", "must be an integer >= 1, got '2' (str)"),
+    ("num_hidden_layers", "2", "must be an integer in [1, 1024], got '2' (str)"),
 ])
 def test_build_subprocess_refuses_a_wrong_type(field, value, shown, copy_checkpoint, tmp_path):
     """The real `python -m export build`: exit 2, one `error:` line naming field and value, no traceback, nothing
@@ -666,3 +666,56 @@ def test_fp16_overflow_is_refused_naming_tensor_precision_and_magnitude(copy_che
     err = capsys.readouterr().err
     assert f"error: {msg}" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_yarn_rope_without_factor(copy_checkpoint, capsys):
+    """transformers refuses a yarn dict with no 'factor' key (a null one it derives): so do we, instead of deriving
+    max_position_embeddings / original (0.0625 here) on our side only."""
+    path = edit_config(copy_checkpoint("qwen2_yarn"), lambda c: c["rope_parameters"].pop("factor"))
+    _refused(path, "yarn rope scaling needs 'factor'", capsys)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("max_position_embeddings", 10 ** 9, "above the longest context this tool builds"),
+    ("num_hidden_layers", 3 * 10 ** 7, "'num_hidden_layers' must be an integer in [1, 1024]"),
+])
+def test_sizes_that_would_exhaust_memory_are_refused_first(field, value, words, copy_checkpoint, tmp_path, capsys):
+    """A 0.5 MiB checkpoint whose config claims 10^9 positions (RoPE tables of 32 GB) or 3e7 layers (a weight plan
+    of 1e8 entries) is exit 2 at once, before anything that size is allocated."""
+    def edit(c):
+        c[field] = value
+        c.pop("layer_types", None)
+
+    path = edit_config(copy_checkpoint("qwen2_window"), edit)
+    capsys.readouterr()
+    assert main(["build", "--model", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("tokenizer_config.json", "null", "must be a JSON object, got NoneType"),
+    ("special_tokens_map.json", "[]", "must be a JSON object, got list"),
+    ("generation_config.json", '{"eos_token_id": "x"}', "'eos_token_id' must be a token id, a list of ids or null"),
+])
+def test_tokenizer_side_files_must_be_what_the_runtime_reads(name, content, words, copy_checkpoint, tmp_path, capsys):
+    path = copy_checkpoint("qwen2_window")
+    (path / name).write_text(content)
+    capsys.readouterr()
+    assert main(["build", "--model", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and name in err and "Traceback" not in err, err
+
+
+def test_index_and_single_file_follow_transformers(copy_checkpoint, capsys):
+    """Both model.safetensors and a shard index: transformers loads the single file, so we do too (with a
+    warning), not the index's shards: here the shard holds other weights (all 0.5), and verify must still agree."""
+    path = copy_checkpoint("qwen2_window")
+    shard = {k: torch.full_like(v, 0.5) for k, v in load_file(str(path / "model.safetensors")).items()}
+    save_file(shard, str(path / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in shard}}))
+    rc, err = run_cli(capsys, "--model", str(path), "--steps", "2")
+    assert rc == 0, err
+    assert "holds both model.safetensors and model.safetensors.index.json; using model.safetensors" in err

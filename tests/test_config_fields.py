@@ -416,7 +416,7 @@ def _bad(case: str, field: str, value, *expect: str, edit=None):
 BAD = [
     # --- qwen2: sizes and heads
     _bad("qwen2_window", "num_hidden_layers", "2",
-         "config.json: field 'num_hidden_layers' must be an integer >= 1, got '2' (str)"),
+         "config.json: field 'num_hidden_layers' must be an integer in [1, 1024], got '2' (str)"),
     _bad("qwen2_window", "num_hidden_layers", 2.0),
     _bad("qwen2_window", "num_hidden_layers", True),
     _bad("qwen2_window", "num_hidden_layers", 0),
