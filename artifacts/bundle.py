@@ -96,7 +96,37 @@ def _swap(new: Path, old: Path) -> None:
 
 
 # -- locking and stale staging directories -----------------------------------------------------------------------
-MAX_OUT_NAME = 200  # bytes of an output's name: ".NAME.partial-PID-XXXXXXXX" must stay under the 255 of most filesystems
+MAX_OUT_NAME = 200  # bytes of an output's name: ".NAME.partial-PID-XXXXXXXX" stays under most filesystems' 255
+
+
+def check_out_name(dest, what: str) -> Path:
+    """`dest` as a Path (``~`` expanded), refused when empty or when its name leaves no room for a staging sibling."""
+    if not str(dest).strip():
+        raise ArtifactError(f"{what} is empty; give a path")
+    given = Path(dest).expanduser()
+    size = len(os.fsencode(given.name))
+    if size > MAX_OUT_NAME:
+        raise ArtifactError(f"{what} {given}: its last component has {size} bytes; at most {MAX_OUT_NAME} (the "
+                            "staging file or directory and lock file beside it add a suffix)")
+    return given
+
+
+def make_parents(path: Path) -> list[Path]:
+    """mkdir -p `path`'s parent; returns the directories it created, deepest first (for remove_empty_dirs)."""
+    created = [d for d in (path.parent, *path.parent.parents) if not os.path.lexists(d)]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        remove_empty_dirs(created)
+        raise
+    return created
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove each of `dirs` (deepest first) that is still empty: the parents a failed command created."""
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only an empty directory: never what someone else wrote meanwhile
 
 
 def _lock_path(dest: Path) -> Path:
@@ -162,12 +192,7 @@ def staging_dir(dest: Path, overwrite: bool = False, owned=is_artifact, protect=
     `dest` may be replaced (with `overwrite`) only when ``owned(dest)`` says it is one of ours; `protect` lists
     paths `dest` must not equal, lie inside or contain (e.g. the checkpoint being read). Parent directories it
     creates for `dest` are removed again on failure (when still empty)."""
-    if not str(dest).strip():
-        raise ArtifactError(f"{what} is empty; give a directory path")
-    given = Path(dest).expanduser()
-    if len(os.fsencode(given.name)) > MAX_OUT_NAME:
-        raise ArtifactError(f"{what} {given}: its last component has {len(os.fsencode(given.name))} bytes; at most "
-                            f"{MAX_OUT_NAME} (the staging directory and lock file beside it add a suffix)")
+    given = check_out_name(dest, what)
     if given.is_symlink():
         raise ArtifactError(f"{what} {given} is a symlink; give the real directory (links are not followed)")
     dest = given.resolve()
@@ -189,11 +214,9 @@ def staging_dir(dest: Path, overwrite: bool = False, owned=is_artifact, protect=
                                 "or remove it yourself")
 
     check_existing()
-    created = [d for d in (dest.parent, *dest.parent.parents) if not os.path.lexists(d)]  # deepest first
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        created = make_parents(dest)
     except OSError as e:
-        remove_empty_dirs(created)
         existing = next(d for d in (dest.parent, *dest.parent.parents) if os.path.lexists(d))
         if not existing.is_dir():
             raise ArtifactError(f"{what} {given}: {existing} is a file, not a directory") from None
@@ -205,13 +228,6 @@ def staging_dir(dest: Path, overwrite: bool = False, owned=is_artifact, protect=
     except BaseException:
         remove_empty_dirs(created)  # the parents this command made for --out, if nothing else was put in them
         raise
-
-
-def remove_empty_dirs(dirs: list[Path]) -> None:
-    """Remove each of `dirs` (deepest first) that is still empty: the parents a failed command created."""
-    for d in dirs:
-        with contextlib.suppress(OSError):
-            d.rmdir()  # only an empty directory: never what someone else wrote meanwhile
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from artifacts.bundle import MAX_OUT_NAME, ArtifactError, open_artifact, remove_empty_dirs
+from artifacts.bundle import ArtifactError, check_out_name, make_parents, open_artifact, remove_empty_dirs
 from artifacts.paths import (UnsafePathError, check_name, create_inside, inside, json_loads, mkdir_inside,
                              open_dir)
 
@@ -141,11 +141,7 @@ def pack(artifact: str | Path, out: str | Path, overwrite: bool = False) -> Path
 
 def _bundle_out(out: str | Path, root: Path, overwrite: bool) -> Path:
     """The resolved bundle path, after the rules `export build` applies to --out (artifacts/bundle.py)."""
-    if not str(out).strip():
-        raise ArtifactError("--out is empty; give the bundle file to write")
-    given = Path(out).expanduser()
-    if len(os.fsencode(given.name)) > MAX_OUT_NAME:
-        raise ArtifactError(f"--out {given}: its name has {len(os.fsencode(given.name))} bytes; at most {MAX_OUT_NAME}")
+    given = check_out_name(out, "--out")
     if given.is_symlink():
         raise ArtifactError(f"--out {given} is a symlink; give the real path (links are not followed)")
     dest, art = given.resolve(), root.resolve()
@@ -176,9 +172,9 @@ def is_bundle(path: Path) -> bool:
 
 
 def _write_tar(out: Path, info: dict, opened: dict, entries: dict) -> Path:
-    created = [d for d in (out.parent, *out.parent.parents) if not os.path.lexists(d)]  # deepest first
+    created = []
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        created = make_parents(out)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     except OSError as e:
         remove_empty_dirs(created)

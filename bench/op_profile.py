@@ -6,9 +6,10 @@ on (``--threads`` intra-op threads), prefills B random prompts of ``--context`` 
 ``--warmup`` decode steps, then ``--steps`` profiled decode steps (positions ``context + warmup`` onwards, every
 row at the same position), and adds up the profiler's kernel times per operator type over those steps. Nodes whose
 output is vocabulary-sized (the LM head and what reshapes its logits) are counted apart, as ``LM head: <op>``.
-Prints one markdown table: each operator type with its kernel calls per step (``x N``), ms per step and share of the step per operator type and batch, and the ratio of each
-batch's time to the first batch's. Why a batch scales as it does (``bench.serve_bench``) is read off it:
-a memory-bound operator costs about the same at B=8 as at B=1, a compute-bound one about 8x.
+Prints one markdown table: each operator type with its kernel calls per step (``x N``), its ms per step and share
+of the step at each batch, and the ratio of each batch's time to the first batch's. Why a batch scales as it does
+(``bench.serve_bench``) is read off it: a memory-bound operator costs about the same at B=8 as at B=1, a
+compute-bound one about 8x.
 
 What it does not do: TensorRT engines, prefill profiles, sampling or anything outside the ORT call
 (``bench.serve_bench`` measures the whole server); the profiler adds a few microseconds per node, so the "step ms
@@ -98,7 +99,7 @@ def table(results: dict[int, dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from artifacts.bundle import ArtifactError
+    from artifacts.bundle import ArtifactError, open_artifact
 
     p = argparse.ArgumentParser(prog="python -m bench.op_profile", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", type=Path)
@@ -116,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         if any(v < low for v in values):
             p.error(f"{name} must be >= {low}")
     try:
-        from artifacts.bundle import open_artifact
-
         manifest = open_artifact(args.artifact)
     except (ArtifactError, OSError, ValueError) as e:
         p.error(str(e))

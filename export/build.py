@@ -142,15 +142,14 @@ def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: i
     ckpt = Checkpoint(model_dir) if prequant is None else PreQuantCheckpoint(model_dir, prequant)
     weights = weight_plan(spec)
     warn_unexpected(check_checkpoint(spec, ckpt, weights))
+    top = min(spec.max_position_embeddings, MAX_SEQ_LEN)
     if max_seq_len is None:
         max_seq_len = spec.max_position_embeddings
         if max_seq_len > MAX_SEQ_LEN:
             raise ValueError(f"the model's max_position_embeddings {max_seq_len} is above the longest context this "
                              f"tool builds ({MAX_SEQ_LEN}: RoPE tables and KV buffers are sized by it); pass "
                              "--max-seq-len N")
-    elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or \
-            not 2 <= max_seq_len <= min(spec.max_position_embeddings, MAX_SEQ_LEN):
-        top = min(spec.max_position_embeddings, MAX_SEQ_LEN)
+    elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= top:
         raise ValueError(f"--max-seq-len {max_seq_len}: must be in [2, {top}] (the model's max_position_embeddings, "
                          f"at most {MAX_SEQ_LEN})")
     tokenizer_files = _tokenizer_files(model_dir)

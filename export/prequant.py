@@ -638,8 +638,8 @@ class _Tensors:
             raise self.err(suffix, f"has dtype {stored}; expected {want}")
         if ndim is not None and a.ndim != ndim:
             raise self.err(suffix, f"has shape {list(a.shape)}; expected {ndim} dimensions")
-        if kind in ("float", "fp8"):  # e4m3fn has NaN codes (0x7f, 0xff), no inf
-            finite = np.isfinite(a.astype(np.float32) if kind == "fp8" else a)
+        if kind in ("float", "fp8"):  # e4m3fn has no inf and two NaN codes, 0x7f and 0xff: read off the bytes
+            finite = (a.view(np.uint8) & 0x7F) != 0x7F if kind == "fp8" else np.isfinite(a)
             if not finite.all():
                 raise self.err(suffix, f"holds {int((~finite).sum())} non-finite value(s)")
         return a

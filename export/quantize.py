@@ -1,9 +1,10 @@
 """`build --quantize`: which weight-only scheme a build gets, checked against the backend and the model first.
 
 What it does: :func:`quant_config` turns the flags into a :class:`graphs.quantize.QuantConfig` (group size defaulting
-per backend: 32 for ONNX Runtime, 128 for TensorRT and for a trt-native graph on either) and refuses, before any work, a scheme the target cannot run
-(fp8 on ONNX Runtime, a group size MatMulNBits/QMoE or TensorRT's INT4 GEMM does not take) or a group size that
-does not divide the input dimension of a linear that would be quantized (named in the error).
+per backend: 32 for ONNX Runtime, 128 for TensorRT and for a trt-native graph on either) and refuses, before any
+work, a scheme the target cannot run (fp8 on ONNX Runtime, a group size MatMulNBits/QMoE or TensorRT's INT4 GEMM
+does not take) or a group size that does not divide the input dimension of a linear that would be quantized (named
+in the error).
 
 What it does not do: quantize anything (graphs/quantize.py does, while the weights stream).
 """

@@ -129,8 +129,8 @@ class Tokenizer:
         self.byte_ids = frozenset(i for t, i in tok.get_vocab().items() if _BYTE_TOKEN.fullmatch(t)) \
             if getattr(tok.model, "byte_fallback", False) else frozenset()
 
-        gen = read_json_object(d / "generation_config.json")
         where = d / "generation_config.json"
+        gen = read_json_object(where)
         gen_eos, gen_pad = (generation_token_ids(gen, k, str(where)) for k in ("eos_token_id", "pad_token_id"))
         cfg_eos = [self.token_id(self.special_tokens["eos_token"])] if "eos_token" in self.special_tokens else []
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in gen_eos + cfg_eos))
