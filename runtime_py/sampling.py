@@ -59,6 +59,9 @@ class SamplingParams:
         means greedy by temperature 0, like OpenAI's, passes None). `rest`: the other fields as they are
         (max_new_tokens, stop, seed, ...)."""
         sampled = temperature is not None or bool(top_k) or top_p != 1.0
+        if _is_real(temperature) and temperature <= 0:  # a front end's value, named as its user knows it
+            raise ValueError(f"temperature must be > 0 to sample, got {temperature}; decoding is greedy when no "
+                             "temperature, top-k or top-p is given")
         if greedy and sampled:
             raise ValueError("--greedy cannot be combined with --temperature/--top-k/--top-p")
         return cls(greedy=not sampled, temperature=1.0 if temperature is None else temperature, top_k=top_k,

@@ -203,6 +203,15 @@ def test_bad_params_raise(kwargs, match):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("temperature", [0.0, -0.5])
+def test_from_options_refuses_a_temperature_without_api_names(temperature):
+    # what a CLI or request user gets: no "greedy=True" (a Python argument they never see)
+    with pytest.raises(ValueError, match=r"temperature must be > 0 to sample, got .*greedy when no temperature") as e:
+        SamplingParams.from_options(temperature, 0, 1.0)
+    assert "greedy=" not in str(e.value)
+    assert SamplingParams.from_options(None, 0, 1.0).greedy
+
+
 def test_good_params():
     assert SamplingParams(greedy=True, temperature=0.0).temperature == 0.0  # ignored when greedy
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
