@@ -31,6 +31,12 @@ from pathlib import Path
 from artifacts.manifest import FORMAT, FORMAT_VERSION, MANIFEST, ArtifactError, Manifest
 from artifacts.paths import UnsafePathError, check_name, inside, json_loads
 
+# What a build copies from the checkpoint beside the graph, and what the runtime reads from an artifact (with
+# runtime_py.chat's additional_chat_templates/, which a build does not copy).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
@@ -328,10 +334,23 @@ def read_manifest(root: Path) -> Manifest:
     return Manifest.from_dict(manifest, str(path))
 
 
+def check_unlisted(root: Path, manifest: Manifest) -> None:
+    """ArtifactError when the directory holds a file the runtime would read (a tokenizer file or chat template)
+    that the manifest does not list: nothing seals it, so it could change what a checked artifact does."""
+    names = [n for n in TOKENIZER_FILES if n not in manifest.files and os.path.lexists(root / n)]
+    names += [CHAT_TEMPLATE_DIR + "/"] if os.path.lexists(root / CHAT_TEMPLATE_DIR) else []
+    if names:
+        raise ArtifactError(f"{root}: {', '.join(names)} {'is' if len(names) == 1 else 'are'} not listed in the "
+                            "manifest, so no checksum covers it, and the runtime would read it; remove it or "
+                            "rebuild the artifact from a checkpoint that has it")
+
+
 def open_artifact(root: Path, verify: bool = True) -> Manifest:
-    """Read the manifest (paths checked) and by default check that every listed file has its recorded sha256."""
+    """Read the manifest (paths checked), refuse unlisted files the runtime would read (check_unlisted), and by
+    default check that every listed file has its recorded sha256."""
     root = Path(root)
     manifest = read_manifest(root)
+    check_unlisted(root, manifest)
     if verify:
         for rel, info in manifest.files.items():
             path = root / rel

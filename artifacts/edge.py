@@ -42,7 +42,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from artifacts.bundle import ArtifactError, check_out_name, make_parents, open_artifact, remove_empty_dirs
+from artifacts.bundle import (TOKENIZER_FILES, ArtifactError, check_out_name, make_parents, open_artifact,
+                              remove_empty_dirs)
 from artifacts.paths import (UnsafePathError, check_name, create_inside, inside, json_loads, mkdir_inside,
                              open_dir)
 
@@ -52,8 +53,7 @@ BUNDLE_JSON = "bundle.json"
 BUILDABLE_LOWERINGS = ("trt-native", "trt-plugin", "reference")
 MAX_INDEX_BYTES = 1 << 20  # bundle.json is a few KiB; anything over this is not ours
 MAX_BUNDLE_BYTES = 64 << 30  # total unpacked size; far above any model an appliance builds, far below a full disk
-_ARTIFACT_FILES = ("manifest.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
+_ARTIFACT_FILES = ("manifest.json", *TOKENIZER_FILES)
 _PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
 _CHUNK = 1 << 22
 # On the device the artifact's files end up beside plugins/ and bundle.json (export/edge_cmd.py), so these are

@@ -30,6 +30,13 @@ from artifacts.triton_serve import serve
 from artifacts.triton_stub_env import default_stub_env, stub_env
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 1..65535 (tritonserver takes any int and binds it modulo 65536)."""
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in [1, 65535], got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m artifacts.triton")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("repo")
     s = sub.add_parser("serve", help="run the tritonserver bundled with nvidia-pytriton on a repository")
     s.add_argument("repo")
-    s.add_argument("--grpc-port", type=int, default=8001)
-    s.add_argument("--http-port", type=int, default=8000)
-    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--grpc-port", type=_port, default=8001)
+    s.add_argument("--http-port", type=_port, default=8000)
+    s.add_argument("--metrics-port", type=_port, default=8002)
     s.add_argument("--model", action="append", default=[], help="model to load (default: the python models)")
     s.add_argument("--python-env", default=None,
                    help="Python environment for the backend stub (default: this one if it has numpy<2, else the "

@@ -20,7 +20,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from artifacts.triton_check import parse_config
+from artifacts.triton_check import RepositoryError, parse_config
 from artifacts.triton_stub_env import stub_env
 
 SERVER_EXIT_TIMEOUT_S = 10  # tritonserver --exit-timeout-secs: how long it waits for in-flight work on a stop
@@ -71,7 +71,14 @@ def bundled_server(repo: str | Path, workdir: str | Path, grpc_port: int, http_p
     PATH, which is where the stub's embedded Python finds its packages (default: :func:`stub_env`)."""
     repo, workdir = Path(repo).resolve(), Path(workdir)
     paths = pytriton_paths()
+    if python_env is not None and not (Path(python_env) / "bin").is_dir():
+        raise RepositoryError(f"--python-env {python_env}: not a Python environment (no bin/ directory)")
     python_env = Path(python_env) if python_env is not None else stub_env()
+    if models is not None:
+        known = sorted(d.name for d in repo.iterdir() if (d / "config.pbtxt").is_file())
+        unknown = [m for m in models if m not in known]
+        if unknown:
+            raise RepositoryError(f"{repo}: no model named {', '.join(map(repr, unknown))}; it has {known}")
     backend = workdir / "backends" / "python"
     backend.mkdir(parents=True, exist_ok=True)
     for f in paths["python_backend"].iterdir():

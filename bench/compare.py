@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.options import float_in, int_in
+
 PEERS = ("ours", "hf-eager", "ort-genai")  # without --quantize
 HF_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ACT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -378,8 +380,6 @@ def run_benchmark(args) -> dict:
     from bench.models import bytes_read_per_token, resolve_bench_model
     from export.spec import load_spec
 
-    out = Path(args.out).expanduser() if args.out else default_out()
-    (out / "logs").mkdir(parents=True, exist_ok=True)
     threads = args.threads or os.cpu_count() or 1
     env = child_env(threads)
     q = quant_settings(args)
@@ -388,7 +388,9 @@ def run_benchmark(args) -> dict:
 
     print(f"checkpoint: resolving {args.model} ...", flush=True)
     ckpt = resolve_bench_model(args.model).resolve()
-    spec = load_spec(ckpt)
+    spec = load_spec(ckpt)  # a model that is not there or not ours fails here, before --out exists
+    out = Path(args.out).expanduser() if args.out else default_out()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     ckpt_bytes = checkpoint_bytes(ckpt)
     act = ACT_BYTES[args.precision]
     float_read = bytes_read_per_token(spec, act)
@@ -721,16 +723,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="qwen2-0.5b-random",
                    help="checkpoint dir, preset, HF repo id (cached), tiny-*, qwen2-0.5b-random (default) or "
                         "gemma-2-9b-random")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--runs", type=int, default=3, help="rounds; each round runs every peer once, alternating")
+    p.add_argument("--prompt-len", type=int_in(1), default=128)
+    p.add_argument("--new-tokens", type=int_in(2), default=64)
+    p.add_argument("--runs", type=int_in(1), default=3, help="rounds; each round runs every peer once, alternating")
     p.add_argument("--out", default=None, help="results dir (default: ~/.cache/llm-export/bench/<timestamp>)")
-    p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: all cores)")
+    p.add_argument("--threads", type=int_in(1), default=None, help="threads for every runtime (default: all cores)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--quantize", choices=sorted(QUANT_BITS), default=None,
                    help="weight-only quantization for ours (build --quantize) and ort-genai (-p), with fp32 rows "
                         "of both beside them")
-    p.add_argument("--group-size", type=int, default=32,
+    p.add_argument("--group-size", type=int_in(2), default=32,
                    help="with --quantize: inputs per scale, for both (ours --group-size, ort-genai block_size and "
                         "qmoe_block_size; default 32)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[1, 2, 3, 4],
@@ -738,14 +740,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="with --quantize: also quantize our LM head (ort-genai's builder always quantizes its own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt ids")
-    p.add_argument("--bandwidth-gib", type=float, default=1.0, help="array size of the bandwidth measurement")
-    p.add_argument("--quiet-wait", type=float, default=0, metavar="S",
+    p.add_argument("--bandwidth-gib", type=float_in(0, above=True), default=1.0,
+                   help="array size of the bandwidth measurement")
+    p.add_argument("--quiet-wait", type=float_in(0), default=0, metavar="S",
                    help="before each run and build, wait up to S seconds until other processes use < 10%% of the CPU")
     p.add_argument("--skip-hf", action="store_true", help="leave out HF transformers")
     p.add_argument("--keep-artifacts", action="store_true", help="keep the built models under OUT/models")
     args = p.parse_args(argv)
-    if args.prompt_len < 1 or args.new_tokens < 2 or args.runs < 1:
-        p.error("--prompt-len >= 1, --new-tokens >= 2 and --runs >= 1 are required")
     if args.quantize and args.precision != "fp32":
         p.error("--quantize is benchmarked with fp32 activations (onnxruntime-genai's CPU int4/int8 models are "
                 "fp32 otherwise); leave out --precision")
@@ -757,7 +758,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --out {args.out}: {problem}", file=sys.stderr)
             return 2
 
-    res = run_benchmark(args)
+    from export.checkpoint import CheckpointError
+    from export.spec import UnsupportedConfigError
+
+    try:
+        res = run_benchmark(args)
+    except (CheckpointError, UnsupportedConfigError) as e:  # --model: not found, not a checkpoint, not ours
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(res["out"])
     print("\n" + res["text"])
     (out / "results.json").write_text(json.dumps(res, indent=2))

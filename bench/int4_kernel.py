@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.int4_kernel", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2-0.5b-random", choices=sorted(BENCH_MODELS))
     p.add_argument("--blocks", type=int, nargs="+", default=[32, 128])
-    p.add_argument("--accuracy-levels", type=int, nargs="+", default=[4, 1])
+    p.add_argument("--accuracy-levels", type=int, nargs="+", default=[4, 1], choices=range(5), metavar="{0..4}",
+                   help="MatMulNBits accuracy_level (0 and 1 fp32, 2 fp16, 3 bf16, 4 int8 compute)")
     p.add_argument("--batch", type=int, nargs="+", default=[8])
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [m for m in dict.fromkeys(args.batch) if m != 1]  # M=1 is always the first column
     ms = [1, *batches]
     print(f"MatMulNBits, {args.model}: {layers} layers x {shapes}, {args.threads} threads, {args.iters} runs")
-    print("| block, accuracy level | " + " | ".join(f"M={m} ms" for m in ms) + " | "
-          + " | ".join(f"M={m} / M=1" for m in batches) + " |")
+    print("| " + " | ".join(["block, accuracy level", *(f"M={m} ms" for m in ms),
+                              *(f"M={m} / M=1" for m in batches)]) + " |")
     print("| --- " * (1 + len(ms) + len(batches)) + "|")
     for block in args.blocks:
         for accuracy in args.accuracy_levels:
@@ -95,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                         session.run(None, {"A": a})
                     total += (time.perf_counter() - start) / args.iters
                 times.append(total * layers * 1e3)
-            print(f"| {block}, {accuracy} | " + " | ".join(f"{t:.1f}" for t in times) + " | "
-                  + " | ".join(f"{t / times[0]:.2f}" for t in times[1:]) + " |", flush=True)
+            print("| " + " | ".join([f"{block}, {accuracy}", *(f"{t:.1f}" for t in times),
+                                     *(f"{t / times[0]:.2f}" for t in times[1:])]) + " |", flush=True)
     return 0
 
 

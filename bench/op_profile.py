@@ -63,7 +63,9 @@ def profile_steps(artifact: Path, batch: int, context: int, warmup: int, steps: 
             continue
         seen.add((e["name"], e["ts"]))
         shapes = [s for out in e["args"].get("output_type_shape", []) for s in out.values()]
-        lm_head = any(vocab in s for s in shapes)  # [B, S, V], or [V, B] when a tied head multiplies W @ x^T
+        # logits [B, S, V] / [B*S, V], or [V, B] when a tied head multiplies W @ x^T (not a KV buffer that
+        # happens to be max_seq_len == vocab long: [B, KV, L, D])
+        lm_head = any(len(s) in (2, 3) and (s[-1] == vocab or (len(s) == 2 and s[0] == vocab)) for s in shapes)
         category = ("LM head: " if lm_head else "") + e["args"]["op_name"]
         ops[category] += e["dur"]
         calls[category] += 1
@@ -100,22 +102,18 @@ def table(results: dict[int, dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from artifacts.bundle import ArtifactError, open_artifact
+    from export.options import int_in
 
     p = argparse.ArgumentParser(prog="python -m bench.op_profile", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", type=Path)
-    p.add_argument("--batch", type=int, nargs="+", default=None,
+    p.add_argument("--batch", type=int_in(1), nargs="+", default=None,
                    help="batch sizes (default: 1 and 8, or the artifact's max batch when that is smaller)")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--context", type=int_in(1), default=None,
                    help="prompt tokens before the profiled steps (default: half the artifact's max_seq_len)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--warmup", type=int_in(0), default=3)
+    p.add_argument("--steps", type=int_in(1), default=10)
+    p.add_argument("--threads", type=int_in(1), default=os.cpu_count() or 1)
     args = p.parse_args(argv)
-    for name, values, low in (("--batch", args.batch or [1], 1), ("--warmup", [args.warmup], 0),
-                              ("--steps", [args.steps], 1), ("--threads", [args.threads], 1),
-                              ("--context", [args.context or 1], 1)):
-        if any(v < low for v in values):
-            p.error(f"{name} must be >= {low}")
     try:
         manifest = open_artifact(args.artifact)
     except (ArtifactError, OSError, ValueError) as e:
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args.batch = args.batch or [1, min(8, manifest.max_batch)]
     if max(args.batch) > manifest.max_batch:
         p.error(f"--batch {max(args.batch)} > the artifact's max batch {manifest.max_batch}")
-    context = args.context or manifest.max_seq_len // 2
+    context = manifest.max_seq_len // 2 if args.context is None else args.context
     if context + args.warmup + args.steps > manifest.max_seq_len:
         p.error(f"--context {context} + --warmup {args.warmup} + --steps {args.steps} > the artifact's max_seq_len "
                 f"{manifest.max_seq_len}")

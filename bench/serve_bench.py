@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.options import int_in
+
 VARIANTS = {"fp32": [], "int4": ["--quantize", "int4"], "int4-head": ["--quantize", "int4", "--quantize-lm-head"]}
 
 
@@ -349,7 +351,11 @@ def run(args) -> dict:
            "variants": {}}
     runs = [(variant, art, frontend) for variant, art in artifacts.items() for frontend in args.frontends]
     for variant, art, frontend in runs:
-        vocab = json.loads((art / "manifest.json").read_text())["spec"]["vocab_size"]
+        manifest = json.loads((art / "manifest.json").read_text())
+        vocab = manifest["spec"]["vocab_size"]
+        if max(streams) > manifest["max_batch"]:  # said here, not as a server that did not start
+            raise ValueError(f"--streams {max(streams)} > {art}'s max batch {manifest['max_batch']} (its KV slots); "
+                             "rebuild it with a larger --max-batch")
         name = variant if frontend == "http" else f"{variant}-triton"
         if frontend == "http":
             server = Server(art, max(streams), args.threads, args.prefill_chunk, out / "logs" / f"server-{name}.log")
@@ -397,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds per point, medians reported (default 3: one 64-token single stream is a 2-second "
                         "window, and the ratios divide by it)")
-    p.add_argument("--threads", type=int, default=None, help="the server's ONNX Runtime threads (default: all)")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="the server's --prefill-chunk")
+    p.add_argument("--threads", type=int_in(1), default=None, help="the server's ONNX Runtime threads (default: all)")
+    p.add_argument("--prefill-chunk", type=int_in(1), default=None, help="the server's --prefill-chunk")
     p.add_argument("--out", default=None, help="results directory (default ~/.cache/llm-export/serve-bench/<time>)")
     args = p.parse_args(argv)
     if min(args.streams) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.rounds < 1:

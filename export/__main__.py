@@ -14,10 +14,15 @@ from export.options import (ACCURACY_LEVELS, BACKENDS, DEFAULT_ACCURACY_LEVEL, D
 
 
 def _ids(text: str) -> list[int]:
+    from runtime_py.tokenizer import parse_ids
+
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        ids = parse_ids(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not ids:
+        raise argparse.ArgumentTypeError(f"needs at least one token id, got {text!r}")
+    return ids
 
 
 class Terminated(BaseException):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from artifacts.bundle import staging_dir, write_manifest
+from artifacts.bundle import TOKENIZER_FILES, staging_dir, write_manifest
 from export.options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_KV_MODE, DEFAULT_LOGITS, DEFAULT_MAX_BATCH,
                             DEFAULT_PRECISION, KV_MODES, LOGITS, LOWERINGS, MAX_BATCH, MAX_SEQ_LEN, PRECISIONS, TASKS,
                             TRT_LOWERINGS, default_lowering)
@@ -44,8 +44,6 @@ from export.trace import DTYPES, NP_DTYPES, io_description, trace_graph
 from export.spec import load_spec
 from export.weights import attach_weights, check_checkpoint, warn_unexpected, weight_bytes, weight_plan
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 GRAPH = "model.onnx"
 ENGINE = "model.engine"
 

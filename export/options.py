@@ -10,6 +10,7 @@ the CLI must parse flags without importing torch.
 from __future__ import annotations
 
 import argparse
+import math
 
 from artifacts.manifest import TASKS  # noqa: F401 - the heads, defined once where the manifest validates them
 
@@ -54,6 +55,21 @@ def int_in(low: int, high: int | None = None):
         return value
 
     return parse
+
+def float_in(low: float, *, above: bool = False):
+    """argparse type: a finite number >= low (> low with `above`), the bound named in the error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>' if above else '>='} {low:g}, got {text!r}")
+        return value
+
+    return parse
+
 
 # Weight-only quantization (`build --quantize`): export/quantize.py checks these against the model and backend.
 QUANT_SCHEMES = ("int4", "int8", "fp8")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class ModelSpec:
     task: str = "causal-lm"
     id2label: tuple[str, ...] = ()  # seq-cls / token-cls: label names by id (num_labels = its length)
     head_bias: bool = False  # token-cls (token_classification_bias, default true) and qa heads carry a bias
+    problem_type: str | None = None  # seq-cls: what the score is (classify.label_scores), as config.json says
 
     @property
     def num_labels(self) -> int:
@@ -210,6 +212,8 @@ class _Fields:
 # the weight plan itself (a list of every expected tensor) exhaust memory before the checkpoint is compared with it.
 MAX_LAYERS = 1024
 MAX_EXPERTS = 1024
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+MAX_LABELS = 1 << 20  # a head of more labels than any vocabulary: num_labels alone must not size a tuple past that
 
 
 def _show(value: Any) -> str:
@@ -587,14 +591,17 @@ def _labels(f: _Fields) -> tuple[str, ...]:
     """id2label as a tuple by id: keys "0".."n-1" (JSON object keys are strings), string values; label2id, when
     present, must be its inverse; num_labels, when present, its length. transformers' default is two labels."""
     raw = f.get("id2label")
-    if raw is None:
-        labels = ("LABEL_0", "LABEL_1")
+    num = f.get("num_labels")
+    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_LABELS):
+        raise _bad(f, "num_labels", f"an integer in [1, {MAX_LABELS}]", num)
+    if raw is None:  # transformers names them LABEL_i, num_labels of them (2 by default)
+        labels = tuple(f"LABEL_{i}" for i in range(2 if num is None else num))
     else:
         if not isinstance(raw, dict) or not raw:
             raise _bad(f, "id2label", "a non-empty object {\"0\": label, ...}", raw)
         by_id = {}
         for key, value in raw.items():
-            if not isinstance(key, str) or not key.isdigit() or not isinstance(value, str):
+            if not isinstance(key, str) or not re.fullmatch(r"[0-9]+", key, re.ASCII) or not isinstance(value, str):
                 raise _bad(f, "id2label", "an object of \"id\": \"label\" strings", raw)
             by_id[int(key)] = value
         if sorted(by_id) != list(range(len(by_id))):
@@ -604,7 +611,6 @@ def _labels(f: _Fields) -> tuple[str, ...]:
     if label2id is not None and label2id != {name: i for i, name in enumerate(labels)}:
         raise UnsupportedConfigError(f"config.json: label2id {_show(label2id)} is not the inverse of id2label "
                                      f"{list(labels)}")
-    num = f.get("num_labels")
     if num is not None and num != len(labels):
         raise UnsupportedConfigError(f"config.json: num_labels {_show(num)} but id2label has {len(labels)} labels")
     return labels
@@ -623,7 +629,11 @@ def spec_from_config(config: dict[str, Any], task: str | None = None) -> ModelSp
     head = _task(f, model_type, task)
     token_bias = _bool(f, "token_classification_bias", True)
     if head in ("seq-cls", "token-cls"):
-        spec = dataclasses.replace(spec, task=head, id2label=_labels(f), head_bias=head == "token-cls" and token_bias)
+        problem = f.get("problem_type")
+        if problem is not None and problem not in PROBLEM_TYPES:
+            raise _bad(f, "problem_type", f"one of {list(PROBLEM_TYPES)} or null", problem)
+        spec = dataclasses.replace(spec, task=head, id2label=_labels(f), head_bias=head == "token-cls" and token_bias,
+                                   problem_type=problem if head == "seq-cls" else None)
     elif head == "qa":
         spec = dataclasses.replace(spec, task=head, head_bias=True)
     f.check_unread()

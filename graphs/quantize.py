@@ -54,6 +54,7 @@ from plugins import attention as attn_plugin
 MS = "com.microsoft"
 FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN
 LM_HEAD = "decoder.lm_head.weight"  # also the tied embedding's name in the exported graph
+TASK_HEAD = "decoder.head.weight"  # seq-cls / token-cls / qa: [labels, H], a few KB, kept in the precision
 
 
 class QuantizeError(RuntimeError):
@@ -374,7 +375,7 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig | None, lowering: str, np_d
             if found is None:
                 continue
             w, transposed = found
-            if _is_router(w.name):
+            if _is_router(w.name) or (w.name == TASK_HEAD and cfg is not None):  # RTN leaves a task head float
                 continue
             head = w.name == LM_HEAD
             if head and cfg is not None and not cfg.lm_head:
@@ -717,7 +718,7 @@ def _float_linears(graph: ir.Graph, cfg: QuantConfig) -> list[str]:
     for node in graph:
         if node.op_type == "MatMul" and node.domain == "":
             found = _weight_of(node.inputs[1])
-            if found is not None and not _is_router(found[0].name) and \
+            if found is not None and not _is_router(found[0].name) and found[0].name != TASK_HEAD and \
                     not (found[0].name == LM_HEAD and not cfg.lm_head):
                 left.append(found[0].name)
         elif node.op_type in ("Einsum", "MoE"):

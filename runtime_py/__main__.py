@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 
 from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS
-from runtime_py.tokenizer import check_text
+from runtime_py.tokenizer import check_text, parse_ids
 
 
 def _ids(text: str) -> list[int]:
-    """Comma-separated decimal ids (ASCII digits, an optional minus: not int()'s "1_0" or other scripts' digits)."""
-    ids = [t.strip() for t in text.split(",") if t.strip()]
-    if not all(re.fullmatch(r"-?[0-9]+", t, re.ASCII) for t in ids):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text[:80]!r}")
-    return [int(t) for t in ids]
+    try:
+        return parse_ids(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _utf8(what: str, text: str | None) -> None:
@@ -235,6 +233,9 @@ def _classify(args) -> int:
                          "--question with --context (QA)")
     if len(questions) != len(contexts):
         raise ValueError(f"{len(questions)} --question but {len(contexts)} --context: pass one context per question")
+    for flag, values in (("--question", questions), ("--context", contexts)):
+        if any(not v.strip() for v in values):  # as the Triton model refuses an empty row
+            raise ValueError(f"{flag} is empty")
     clf = Classifier(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check)
     if clf.task == "qa":
         if texts:
@@ -268,7 +269,8 @@ def _bench(args) -> int:
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"ttft {r['ttft_s'] * 1000:.1f} ms   decode {r['decode_tok_s']:.1f} tok/s   "
+        decode = "n/a (one new token)" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f} tok/s"
+        print(f"ttft {r['ttft_s'] * 1000:.1f} ms   decode {decode}   "
               f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
     return 0
 
@@ -278,21 +280,32 @@ def _chat(args) -> int:
 
     params = _params(args)
     gen = Generator(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check)
+    gen.check_chat()  # no tokenizer or no template: said before the first message, not after it
+    gen.check_stops(params)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    failed = False  # a message that could not be sent ends the chat with exit 2, after the rest went on
     while True:
         try:
             line = input("you> ").strip()
+            _utf8("the message read from stdin", line)
         except EOFError:
-            return 0
-        except UnicodeDecodeError as e:
-            raise ValueError(f"the message read from stdin is not valid UTF-8 ({e})") from None
-        _utf8("the message read from stdin", line)
+            return 2 if failed else 0
+        except (UnicodeDecodeError, ValueError) as e:  # ValueError: check_text's, which names the byte
+            why = f"the message read from stdin is not valid UTF-8 ({e})" if isinstance(e, UnicodeDecodeError) else e
+            print(f"error: {why}; not sent", file=sys.stderr)
+            failed = True
+            continue
         if not line:
-            return 0
+            return 2 if failed else 0
         messages.append({"role": "user", "content": line})
-        prompt = gen.encode_chat(messages)
-        gen.check_context([prompt], params)
+        try:
+            prompt = _fit_chat(gen, messages, params)
+        except ValueError as e:  # the template refused it, or this message alone does not fit the context
+            messages.pop()
+            print(f"error: {e}; not sent", file=sys.stderr)
+            failed = True
+            continue
         print("assistant> ", end="", flush=True)
         reply = ""
         for delta in gen.stream(prompt, params):
@@ -301,6 +314,23 @@ def _chat(args) -> int:
         print()
         messages.append({"role": "assistant", "content": reply})
 
+
+def _fit_chat(gen, messages: list[dict], params) -> list[int]:
+    """The prompt of the conversation, the oldest exchanges (after a system message) dropped from `messages` until
+    it fits the context with max_new_tokens to spare; ContextLengthError when the last message alone does not."""
+    from runtime_py.generate import ContextLengthError
+
+    first = 1 if messages[0]["role"] == "system" else 0
+    while True:
+        prompt = gen.encode_chat(messages)
+        try:
+            gen.check_context([prompt], params)
+            return prompt
+        except ContextLengthError:
+            if len(messages) - first <= 1:
+                raise
+            del messages[first:first + 2]  # the oldest user message and its reply
+            print("(the conversation outgrew the context: the oldest exchange was dropped)", file=sys.stderr)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,7 +28,9 @@ def bench(artifact, prompt_len: int, new_tokens: int, batch: int = 1, threads: i
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, gen.session.vocab_size, prompt_len).tolist() for _ in range(batch)]
     params = SamplingParams(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
-    gen.generate(prompts, SamplingParams(greedy=True, max_new_tokens=2, ignore_eos=True))  # warm-up
+    gen.check_context(prompts, params)  # refused in the user's own numbers, before the warm-up
+    gen.generate(prompts, SamplingParams(greedy=True, max_new_tokens=min(2, new_tokens), ignore_eos=True))
     result = gen.generate(prompts, params)
-    return {"ttft_s": result.ttft_s, "decode_tok_s": result.decode_tok_s, "peak_rss_bytes": peak_rss_bytes(),
+    decode = result.decode_tok_s if new_tokens > 1 else None  # one token: no decode step was timed
+    return {"ttft_s": result.ttft_s, "decode_tok_s": decode, "peak_rss_bytes": peak_rss_bytes(),
             "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch}

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from artifacts.bundle import CHAT_TEMPLATE_DIR
 from runtime_py.template_sandbox import ChatTemplateError, TemplateRejectedError, compile_template, render_bounded
 from runtime_py.tokenizer import load_tokenizer_config, special_tokens_of
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-CHAT_TEMPLATE_DIR = "additional_chat_templates"
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 

@@ -6,7 +6,8 @@ batch with the model's ``pad_token_id`` (what the graph's sequence pooling looks
 not ``pad_token_id``, as transformers does; a batch of more than one input without a pad token is refused, as
 transformers refuses it) and runs the sealed graph (graphs/task.py) once per ``max_batch`` inputs. Results:
 
-* seq-cls: ``logits`` [labels] per input, the argmax label (config ``id2label``) and its softmax probability;
+* seq-cls: ``logits`` [labels] per input, the argmax label (config ``id2label``) and its score (:func:`label_scores`:
+  softmax, sigmoid for multi-label or one label, the raw value for regression, as config ``problem_type`` says);
 * token-cls: ``logits`` [tokens][labels] per input (its own tokens only, never the padding) and a label per token;
 * qa: ``start_logits`` / ``end_logits`` per token of each input and the best span by the rule transformers' QA
   pipeline uses (:func:`best_span`: softmax over the allowed tokens, the best start x end product with
@@ -40,7 +41,7 @@ class Result:
     tokens: list[list[int]]
     logits: list = field(default_factory=list)  # seq-cls: [labels] per input; token-cls: [tokens][labels]
     labels: list = field(default_factory=list)  # seq-cls: a label per input; token-cls: a label per token
-    scores: list = field(default_factory=list)  # seq-cls: the label's softmax probability
+    scores: list = field(default_factory=list)  # seq-cls: the label's score (label_scores)
     start_logits: list = field(default_factory=list)  # qa: per token
     end_logits: list = field(default_factory=list)
     answers: list = field(default_factory=list)  # qa: {"start", "end" (token indices, inclusive), "score", "text"}
@@ -49,6 +50,17 @@ class Result:
         if self.task == "qa":
             return {"start_logits": self.start_logits, "end_logits": self.end_logits, "answers": self.answers}
         return {"logits": self.logits, "labels": self.labels}
+
+
+def label_scores(logits: np.ndarray, problem_type: str | None) -> np.ndarray:
+    """A seq-cls row's scores as transformers' text-classification pipeline gives them: the raw value for
+    regression, a sigmoid per label for multi-label (or a single label), else the softmax."""
+    x = logits.astype(np.float64)
+    if problem_type == "regression":
+        return x
+    if problem_type == "multi_label_classification" or x.shape[-1] == 1:
+        return 1.0 / (1.0 + np.exp(-x))
+    return softmax(x)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -88,6 +100,7 @@ class Classifier:
                                 f"classify runs the {', '.join(ORT_LOWERINGS)} lowerings on ONNX Runtime")
         spec = self.manifest.spec
         self.id2label = list(spec.get("id2label") or [])
+        self.problem_type = spec.get("problem_type")
         self.pad_id = spec.get("pad_token_id")
         self.max_seq_len, self.max_batch = self.manifest.max_seq_len, self.manifest.max_batch
         self.vocab_size = self.manifest.vocab_size
@@ -160,10 +173,10 @@ class Classifier:
         for row in rows:
             result.logits.append(row.tolist())
             if self.task == "seq-cls":
-                probs = softmax(row.astype(np.float64))
+                scores = label_scores(row, self.problem_type)
                 best = int(np.argmax(row))
                 result.labels.append(self._label(best))
-                result.scores.append(float(probs[best]))
+                result.scores.append(float(scores[best]))
             else:
                 result.labels.append([self._label(int(i)) for i in np.argmax(row, axis=-1)])
         return result

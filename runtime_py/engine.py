@@ -54,7 +54,7 @@ from typing import Callable
 import numpy as np
 
 from artifacts.bundle import read_manifest
-from runtime_py.sampling import SamplingParams, make_rng, sample
+from runtime_py.sampling import SamplingParams, find_stop, make_rng, sample
 
 DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_MAX_QUEUE = 64
@@ -229,6 +229,7 @@ class Engine:
         """Raise ValueError (PromptTooLongError for the context) when the request cannot run."""
         if not prompt:
             raise ValueError("the prompt is empty")
+        self.generator.check_stops(params)
         bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, (int, np.integer))
                or not 0 <= t < self.session.vocab_size]
         if bad:
@@ -422,12 +423,11 @@ class Engine:
         if row.decoder is not None:
             before = len(row.text)
             row.text += row.decoder.push(tok)
-            for stop in params.stop:  # the first stop string (in the order given) found wins, as in Generator
-                at = row.text.find(stop, max(0, before - len(stop) + 1))
-                if at >= 0:
-                    row.text = row.text[:at]
-                    self._finish(row, "stop", None, [tok])
-                    return
+            at = find_stop(row.text, params.stop, before)  # the earliest in the text, as in Generator
+            if at >= 0:
+                row.text = row.text[:at]
+                self._finish(row, "stop", None, [tok])
+                return
         if len(row.tokens) >= params.max_new_tokens:
             if row.decoder is not None:
                 row.text += row.decoder.flush()

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from runtime_py.sampling import SamplingParams, logprobs_of, make_rng, sample
+from runtime_py.sampling import SamplingParams, find_stop, logprobs_of, make_rng, sample
 from runtime_py.session import OrtSession
 
 
@@ -123,9 +123,21 @@ class Generator:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def _need_tokenizer(self):
+    def _need_tokenizer(self, what: str = "text; pass token ids instead"):
         if self.tokenizer is None:
-            raise ValueError(f"{self.root}: the artifact has no tokenizer.json; pass token ids instead of text")
+            raise ValueError(f"{self.root}: the artifact has no tokenizer.json, which {what}")
+
+    def check_chat(self) -> None:
+        """ValueError unless messages can be encoded: a tokenizer and a chat template."""
+        from runtime_py.chat import load_chat_template
+
+        self._need_tokenizer("chat messages are encoded with")
+        load_chat_template(self.root)
+
+    def check_stops(self, params: SamplingParams) -> None:
+        """Stop strings are matched on the decoded text: refused, not ignored, without a tokenizer."""
+        if params.stop:
+            self._need_tokenizer("stop strings are matched against")
 
     def check_context(self, prompts: list[list[int]], params: SamplingParams) -> None:
         limit = self.session.max_seq_len
@@ -177,6 +189,7 @@ class Generator:
         """Yield (rows, seconds since start) after the prefill and after every decode step."""
         params.validate()
         self.check_context(prompts, params)
+        self.check_stops(params)
         rng = make_rng(params.seed)
         rows = [Row(list(p)) for p in prompts]
         seen = [list(p) for p in prompts]
@@ -226,13 +239,12 @@ class Generator:
     def _append_text(self, row: Row, decoder, params: SamplingParams) -> None:
         if decoder is None:
             return
+        before = len(row.text)
         row.text += decoder.push(row.tokens[-1])
-        for stop in params.stop:
-            at = row.text.find(stop)
-            if at >= 0:
-                row.text = row.text[:at]
-                row.finish_reason = "stop"
-                return
+        at = find_stop(row.text, params.stop, before)
+        if at >= 0:
+            row.text = row.text[:at]
+            row.finish_reason = "stop"
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Result:
         ttft, elapsed = None, 0.0
@@ -244,6 +256,7 @@ class Generator:
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
         """Text deltas of one prompt as they are produced; "".join(...) equals generate(...).texts[0]."""
+        self._need_tokenizer("streamed text is decoded with (without streaming, generate returns the token ids)")
         sent = 0
         # Hold back the last few characters while they could still be the start of a stop string, which
         # would be cut from the final text.

@@ -103,6 +103,14 @@ class SamplingParams:
             raise ValueError(f"logprobs must be a bool, got {self.logprobs!r}")
 
 
+def find_stop(text: str, stops: Sequence[str], new_from: int) -> int:
+    """Where `text` is to be cut for a stop string that the characters from `new_from` on completed (-1: none):
+    the earliest such occurrence whichever string it is, so the text kept holds none of them (OpenAI's rule). The
+    text before `new_from` was checked on earlier tokens."""
+    hits = [at for stop in stops if (at := text.find(stop, max(0, new_from - len(stop) + 1))) >= 0]
+    return min(hits, default=-1)
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 

@@ -74,6 +74,15 @@ def _token_str(value, where: str) -> str | None:
     raise ValueError(f"{where}: expected a string or a dict with a 'content' string, got {value!r}")
 
 
+def parse_ids(text: str) -> list[int]:
+    """Comma-separated decimal token ids, as the CLIs take them: ASCII digits with an optional minus (not int()'s
+    "1_0" or other scripts' digits); empty items are skipped. ValueError otherwise."""
+    ids = [t.strip() for t in text.split(",") if t.strip()]
+    if not all(re.fullmatch(r"-?[0-9]+", t, re.ASCII) for t in ids):
+        raise ValueError(f"expected comma-separated integers, got {text[:80]!r}")
+    return [int(t) for t in ids]
+
+
 def load_tokenizer_config(model_dir: str | Path) -> dict:
     """tokenizer_config.json as a dict ({} when absent), with legacy special_tokens_map.json entries filling any
     named special token the config does not set."""

@@ -27,7 +27,7 @@ executions.
 Outputs (:data:`OUTPUTS`; ``num_labels`` = the artifact's label count, ``id2label``):
 
 * seq-cls: ``logits`` (FP32 [num_labels], pooled at the row's last token), ``label`` (STRING [1], the argmax
-  label), ``score`` (FP32 [1], its softmax probability);
+  label), ``score`` (FP32 [1], its score: classify.label_scores);
 * token-cls: ``logits`` (FP32 [-1, num_labels]), ``labels`` (STRING [-1], one label per token) and ``num_tokens``
   (INT64 [1]); a request of several rows is padded to its longest row (logits 0, labels ""), ``num_tokens`` says
   how many entries of each row are its tokens;

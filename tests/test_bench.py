@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import VOCAB
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -231,7 +233,8 @@ def test_op_profile_counts_every_layer(checkpoints, tmp_path, capsys, kv_mode):
     from export.build import build
 
     layers = 3  # qwen2_window
-    art = build(str(checkpoints("qwen2_window")), kv_mode=kv_mode, quantize="int4", max_seq_len=32, max_batch=2,
+    # max_seq_len == the vocabulary (256): a static KV buffer [B, KV, 256, D] is not an LM head
+    art = build(str(checkpoints("qwen2_window")), kv_mode=kv_mode, quantize="int4", max_seq_len=VOCAB, max_batch=2,
                 out=tmp_path / "art", progress=False)
     assert main([str(art), "--batch", "1", "2", "--context", "8", "--warmup", "1", "--steps", "3",
                  "--threads", "1"]) == 0
@@ -250,11 +253,47 @@ def test_op_profile_counts_every_layer(checkpoints, tmp_path, capsys, kv_mode):
         # each printed row is rounded to 0.01 ms: the sum of n rows may be off by n x 0.005
         assert abs(total - float(rows["all kernels"][2 * col])) <= 0.005 * len(ms) + 0.01 * total + 0.005
         assert float(rows["all kernels"][2 * col]) <= float(rows["step ms (profiled)"][2 * col])
-    for bad, message in ((["--batch", "3"], "max batch 2"), (["--context", "30"], "max_seq_len 32"),
-                         (["--steps", "0"], "--steps must be >= 1")):
+    for bad, message in ((["--batch", "3"], "max batch 2"), (["--context", "250"], "max_seq_len 256"),
+                         (["--steps", "0"], "--steps: expected an integer >= 1"),
+                         (["--context", "0"], "--context: expected an integer >= 1")):
         with pytest.raises(SystemExit) as e:
             main([str(art), *bad])
         assert e.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "missing")])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("bench.compare", ["--threads", "0"], "--threads: expected an integer >= 1"),
+    ("bench.compare", ["--bandwidth-gib", "nan"], "--bandwidth-gib: expected a finite number > 0"),
+    ("bench.compare", ["--quantize", "int4", "--group-size", "0"], "--group-size: expected an integer >= 2"),
+    ("bench.compare", ["--new-tokens", "1"], "--new-tokens: expected an integer >= 2"),
+    ("bench.serve_bench", ["--threads", "0"], "--threads: expected an integer >= 1"),
+    ("bench.serve_bench", ["--prefill-chunk", "0"], "--prefill-chunk: expected an integer >= 1"),
+    ("bench.int4_kernel", ["--accuracy-levels", "7"], "--accuracy-levels: invalid choice: 7"),
+    ("artifacts.triton", ["serve", "repo", "--http-port", "70000"], "expected a TCP port in [1, 65535]"),
+])
+def test_bench_and_serve_arguments_are_checked_before_any_work(module, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_with_a_missing_model_is_exit_2_and_writes_nothing(tmp_path, capsys):
+    from bench.compare import main
+
+    assert main(["--model", str(tmp_path / "nope"), "--skip-hf", "--out", str(tmp_path / "out")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_int4_kernel_table_without_batches_is_well_formed(capsys):
+    from bench.int4_kernel import main
+
+    assert main(["--blocks", "32", "--accuracy-levels", "4", "--batch", "1", "--iters", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in rows}) == 1 and len(rows) == 3, rows

@@ -637,3 +637,24 @@ def test_cli_still_takes_utf8_and_refuses_bad_stdin(artifact):
     done = _cli("chat", str(artifact), "--max-new-tokens", "2", stdin=b"hi\n\xff\xfe\n")
     err = done.stderr.decode(errors="replace")
     assert done.returncode == 2 and "not valid UTF-8" in err and "Traceback" not in err, err
+
+
+def test_chat_outgrowing_the_context_drops_the_oldest_exchange(artifact):
+    # 128-token context: a few exchanges of ~50 tokens outgrow it; the chat goes on with the oldest dropped
+    turns = [f"tell me story number {i} about the sea and the sky and the wind" for i in range(5)]
+    done = _cli("chat", str(artifact), "--max-new-tokens", "20", "--ignore-eos", "--seed", "0",
+                stdin=("\n".join(turns) + "\n").encode())
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert done.stdout.decode().count("assistant> ") == len(turns)
+    assert "the oldest exchange was dropped" in err and "Traceback" not in err, err
+
+
+def test_chat_message_that_cannot_be_sent_is_reported_and_the_chat_goes_on(artifact):
+    too_long = " ".join(["word"] * 400)
+    done = _cli("chat", str(artifact), "--max-new-tokens", "4", "--ignore-eos",
+                stdin=f"hi\n{too_long}\nhello again\n".encode())
+    err = done.stderr.decode()
+    assert done.returncode == 2, err  # a message was not sent: scripts see it
+    assert done.stdout.decode().count("assistant> ") == 2, (done.stdout, err)
+    assert "> the artifact's context length 128; not sent" in err and "Traceback" not in err, err

@@ -145,6 +145,30 @@ def test_stop_strings_and_holdback(artifacts):
         assert not any(stops[i][0] in u.text for u in deltas[i])
 
 
+def test_two_stops_completed_by_one_token_cut_at_the_earlier(artifacts):
+    # OpenAI's rule: the returned text holds no stop string, whatever order the stops were given in
+    path = artifacts("qwen2_window")
+    gen = Generator(path, threads=2)
+    prompt = _prompts(1)[0]
+    free = gen.generate([prompt], SamplingParams(max_new_tokens=30, ignore_eos=True)).rows[0]
+    texts = [gen.tokenizer.decode(free.tokens[:k]) for k in range(len(free.tokens) + 1)]
+    for k in range(1, len(free.tokens)):
+        before, piece = texts[k], texts[k + 1][len(texts[k]):]
+        early = before[-1:] + piece[:1]  # starts before token k's text, completed by it
+        if piece and early not in before and piece not in before and texts[k + 1].find(early) == len(before) - 1:
+            break
+    else:
+        raise AssertionError(f"no token of {texts[-1]!r} completes two fresh stop strings")
+    engine = Engine(path, slots=2, threads=2)
+    for stops in ((piece, early), (early, piece)):
+        params = SamplingParams(max_new_tokens=30, ignore_eos=True, stop=stops)
+        row = gen.generate([prompt], params).rows[0]
+        assert row.finish_reason == "stop" and row.text == before[:-1], (stops, row.text)
+        assert "".join(gen.stream(prompt, params)) == row.text
+        out = engine.generate([prompt], [params])[0]
+        assert out.finish_reason == "stop" and out.text == row.text
+
+
 def test_cancel_frees_the_slot(artifacts):
     path = artifacts("qwen2_window")
     engine = Engine(path, slots=1, threads=2)

@@ -320,6 +320,49 @@ def test_manifest_absolute_graph_path_is_refused(artifacts, tmp_path):
     assert_refused(done, "absolute path")
 
 
+@pytest.mark.parametrize("name", ["chat_template.jinja", "additional_chat_templates/default.jinja",
+                                  "special_tokens_map.json"])
+def test_unlisted_file_the_runtime_reads_is_refused(artifacts, tmp_path, name):
+    # the checksums seal tokenizer_config.json; a template or token map dropped beside it must not bypass them
+    def edit(m, art):
+        (art / name).parent.mkdir(exist_ok=True)
+        (art / name).write_text("INJECTED {{ messages[0]['content'] }}" if name.endswith(".jinja") else "{}")
+        m["files"].pop(name, None)
+
+    art = _tampered(artifacts, tmp_path, edit)
+    shown = name.split("/")[0] + ("/" if "/" in name else "")
+    with pytest.raises(ArtifactError, match=f"{shown} is not listed in the manifest"):
+        open_artifact(art)
+    done = cli("runtime_py", "generate", str(art), "--chat", "Hi", "--max-new-tokens", "2")
+    assert_refused(done, f"{shown} is not listed in the manifest")
+    assert "INJECTED" not in done.stdout
+
+
+def _without_tokenizer(artifacts, tmp_path) -> Path:
+    def edit(m, art):
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if m["files"].pop(name, None) is not None:
+                (art / name).unlink()
+
+    return _tampered(artifacts, tmp_path, edit)
+
+
+def test_text_features_without_a_tokenizer_are_refused_not_dropped(artifacts, tmp_path):
+    art = _without_tokenizer(artifacts, tmp_path)
+    base = ["runtime_py", "generate", str(art), "--prompt-ids", "1,2", "--max-new-tokens", "3", "--ignore-eos"]
+    done = cli(*base)
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)) == 3  # the token ids, since there is no text
+    # streaming used to print an empty line (exit 0), and stop strings were ignored
+    assert_refused(cli(*base, "--stream"), "no tokenizer.json, which streamed text is decoded with")
+    assert_refused(cli(*base, "--stop", "zz"), "no tokenizer.json, which stop strings are matched against")
+    # chat says so before reading a message
+    done = subprocess.run([sys.executable, "-m", "runtime_py", "chat", str(art)], cwd=REPO_ROOT, input="",
+                          capture_output=True, text=True, timeout=120)
+    assert_refused(done, "no tokenizer.json, which chat messages are encoded with")
+    assert "you> " not in done.stdout
+
+
 def test_manifest_path_through_a_symlink_is_refused(artifacts, tmp_path):
     outside = tmp_path / "outside.json"
 
@@ -498,3 +541,14 @@ def test_score_ids_are_plain_decimal(artifacts):
         assert_refused(cli("runtime_py", "score", str(art), "--ids", ids), "expected comma-separated integers")
     done = cli("runtime_py", "score", str(art), "--ids", " 1, 2,3,", "--json")
     assert done.returncode == 0 and len(json.loads(done.stdout.splitlines()[-1])["logprobs"]) == 2, done.stderr
+
+
+def test_runtime_bench_takes_what_generate_takes(artifacts):
+    # its 2-token warm-up refused a 127 + 1 run on a 128-token context, naming max_new_tokens=2
+    art = artifacts("qwen2_window")
+    done = cli("runtime_py", "bench", str(art), "--prompt-len", "127", "--new-tokens", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert r["decode_tok_s"] is None and r["ttft_s"] > 0 and r["new_tokens"] == 1
+    assert_refused(cli("runtime_py", "bench", str(art), "--prompt-len", "127", "--new-tokens", "4"),
+                   "with max_new_tokens=4 that is 131")

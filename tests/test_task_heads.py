@@ -225,6 +225,9 @@ def test_quantized_head(scheme, case, task, task_artifact):
     ref_art = task_artifact(case, task, "reference", quantize=scheme)
     q = json.loads((ort_art / "manifest.json").read_text())["quantization"]
     assert q["counts"]["linear"] > 0 and q["counts"]["lm_head"] == 0
+    for art in (ort_art, ref_art):  # the [labels, H] head stays float for every task (it was int for qa/token-cls)
+        tensors = json.loads((art / "manifest.json").read_text())["quantization"]["tensors"]
+        assert tensors["decoder.head.weight"] == {"scheme": "float"}, tensors["decoder.head.weight"]
     inputs = _batch()
     run = lambda art: np.array(Classifier(art).forward(inputs)[0])  # noqa: E731 - first input's raw outputs
     got, ref, fp32 = run(ort_art), run(ref_art), run(task_artifact(case, task))
@@ -269,11 +272,24 @@ def test_architectures_select_the_head_and_task_flag_must_agree():
         spec_from_config(_config("gemma2", architectures=["Gemma2ForQuestionAnswering"]))
 
 
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_num_labels_without_id2label_names_them_as_transformers_does(num_labels):
+    from transformers import Qwen2Config
+
+    cfg = _config(architectures=["Qwen2ForSequenceClassification"])
+    cfg.pop("id2label", None), cfg.pop("label2id", None)
+    cfg["num_labels"] = num_labels  # what some config.json files hold: no id2label at all
+    theirs = Qwen2Config(**cfg).id2label
+    assert spec_from_config(cfg).id2label == tuple(theirs[i] for i in range(len(theirs))) == tuple(
+        f"LABEL_{i}" for i in range(num_labels))
+
+
 @pytest.mark.parametrize("id2label,label2id,match", [
     ({"0": "a", "2": "b"}, None, "none missing"),
     ({"0": "a", "x": "b"}, None, "id2label"),
     ({"0": "a", "1": 7}, None, "id2label"),
     ({"0": "a", "1": "b"}, {"a": 1, "b": 0}, "label2id"),
+    ({"0": "a", "\u00b2": "b"}, None, "field 'id2label' must be"),  # str.isdigit() takes '²'; int() does not
 ])
 def test_bad_labels_are_refused(id2label, label2id, match):
     cfg = _config(architectures=["Qwen2ForSequenceClassification"])
@@ -311,6 +327,8 @@ def test_cli_contract(task_ckpt, task_artifact, artifacts, tmp_path, capsys):
         (["classify", str(seq), "--question", "q", "--context", "c"], "question answering"),
         (["classify", str(qa), "--text", "x"], "question-answering artifact"),
         (["classify", str(qa), "--question", "a", "--question", "b", "--context", "c"], "one context per question"),
+        (["classify", str(qa), "--question", "Who?", "--context", " "], "--context is empty"),
+        (["classify", str(qa), "--question", "", "--context", "hello world"], "--question is empty"),
         (["classify", str(seq)], "one way"),
         (["classify", str(seq), "--prompt-ids", ",".join(["5"] * 65)], "context length"),
         (["classify", str(seq), "--prompt-ids", "5,999"], "outside the vocabulary"),
@@ -327,3 +345,25 @@ def test_cli_contract(task_ckpt, task_artifact, artifacts, tmp_path, capsys):
         out_dir = tmp_path / "refused"
         assert export_main(["build", "--model", str(ckpt), "--out", str(out_dir), "--no-progress", *extra]) == 2
         assert match in capsys.readouterr().err and not out_dir.exists()
+
+
+@pytest.mark.parametrize("problem_type, labels", [("regression", 1), (None, 1), ("multi_label_classification", 3),
+                                                  ("single_label_classification", 3), (None, 3),
+                                                  ("single_label_classification", 1)])
+def test_seq_cls_scores_follow_the_problem_type_as_the_pipeline_does(problem_type, labels):
+    from transformers.pipelines.text_classification import sigmoid, softmax
+
+    from runtime_py.classify import label_scores
+
+    cfg = _config(architectures=["Qwen2ForSequenceClassification"], problem_type=problem_type)
+    cfg.pop("id2label", None), cfg.pop("label2id", None)
+    cfg["num_labels"] = labels
+    assert spec_from_config(cfg).problem_type == problem_type  # what the manifest records for classify
+    row = np.array([2.05, -0.3, 0.7][:labels], np.float32)
+    # TextClassificationPipeline: regression -> the value; multi-label or num_labels == 1 -> sigmoid; else softmax
+    want = row if problem_type == "regression" else (
+        sigmoid(row) if problem_type == "multi_label_classification" or labels == 1 else softmax(row))
+    np.testing.assert_allclose(label_scores(row, problem_type), want, rtol=1e-6)
+    cfg["problem_type"] = "ranking"
+    with pytest.raises(UnsupportedConfigError, match="problem_type"):
+        spec_from_config(cfg)
