@@ -56,6 +56,7 @@ def int_in(low: int, high: int | None = None):
 
     return parse
 
+
 def float_in(low: float, *, above: bool = False):
     """argparse type: a finite number >= low (> low with `above`), the bound named in the error."""
 

@@ -321,16 +321,21 @@ def _fit_chat(gen, messages: list[dict], params) -> list[int]:
     from runtime_py.generate import ContextLengthError
 
     first = 1 if messages[0]["role"] == "system" else 0
+    trial = list(messages)  # the history is changed only when the new message fits
     while True:
-        prompt = gen.encode_chat(messages)
+        prompt = gen.encode_chat(trial)
         try:
             gen.check_context([prompt], params)
-            return prompt
         except ContextLengthError:
-            if len(messages) - first <= 1:
+            if len(trial) - first <= 1:
                 raise
-            del messages[first:first + 2]  # the oldest user message and its reply
-            print("(the conversation outgrew the context: the oldest exchange was dropped)", file=sys.stderr)
+            del trial[first:first + 2]  # the oldest user message and its reply
+            continue
+        if len(trial) < len(messages):
+            print(f"(the conversation outgrew the context: the {(len(messages) - len(trial)) // 2} oldest "
+                  "exchange(s) were dropped)", file=sys.stderr)
+            messages[:] = trial
+        return prompt
 
 if __name__ == "__main__":
     sys.exit(main())
