@@ -75,6 +75,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--threads", type=_threads, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    _memory_flag(p)
+
+
+def _memory_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-memory-check", action="store_true",
                    help="open the artifact even when its estimated memory exceeds what this process may use")
 
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--threads", type=_threads, default=None)
     b.add_argument("--json", action="store_true", help="print only one JSON object")
+    _memory_flag(b)
 
     s = sub.add_parser("score", help="teacher-forced log-probs of a token sequence and its perplexity")
     s.add_argument("artifact")
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--threads", type=_threads, default=None)
     s.add_argument("--json", action="store_true",
                    help='print one object last: {"logprobs": [...], "nll": float, "ppl": float, "mode": ...}')
+    _memory_flag(s)
 
     k = sub.add_parser("classify", help="run a task-head artifact: sequence / token classification, extractive QA")
     k.add_argument("artifact")
@@ -134,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--json", action="store_true",
                    help='print one JSON object: {"logits", "labels"} (classification) or {"start_logits", '
                         '"end_logits", "answers"} (qa)')
-    k.add_argument("--skip-memory-check", action="store_true",
-                   help="open the artifact even when its estimated memory exceeds what this process may use")
+    _memory_flag(k)
 
     c = sub.add_parser("chat", help="interactive chat (streams)")
     c.add_argument("artifact")
@@ -160,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact's "
                                                       "directory name)")
     v.add_argument("--threads", type=_threads, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    v.add_argument("--skip-memory-check", action="store_true",
-                   help="open the artifact even when its estimated memory exceeds what this process may use")
+    _memory_flag(v)
 
     args = parser.parse_args(argv)
     from artifacts.bundle import ArtifactError
@@ -243,18 +247,19 @@ def _classify(args) -> int:
         result = clf.answer(pairs=list(zip(questions, contexts)) or None, inputs=ids or None,
                             max_answer_len=args.max_answer_len or MAX_ANSWER_LEN)
     else:
-        if questions:
-            raise ValueError(f"this is a {clf.task} artifact: --question/--context are for question answering")
+        if questions or args.max_answer_len is not None:
+            raise ValueError(f"this is a {clf.task} artifact: --question/--context/--max-answer-len are for question "
+                             "answering")
         result = clf.classify(ids or [clf.encode(t) for t in texts])
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
     for i, tokens in enumerate(result.tokens):
         if result.task == "seq-cls":
-            print(f"{result.labels[i]}\t{result.scores[i]:.4f}")
+            print(f"{_printable(result.labels[i])}\t{result.scores[i]:.4f}")
         elif result.task == "token-cls":
             shown = [clf.tokenizer.decode([t], skip_special_tokens=False) if clf.tokenizer else str(t) for t in tokens]
-            print(" ".join(f"{tok}/{label}" for tok, label in zip(shown, result.labels[i])))
+            print(" ".join(f"{_printable(tok)}/{_printable(label)}" for tok, label in zip(shown, result.labels[i])))
         else:
             a = result.answers[i]
             print(f"{a['text']!r}\ttokens {a['start']}..{a['end']}\tscore {a['score']:.4f}" if a["start"] is not None
@@ -262,10 +267,17 @@ def _classify(args) -> int:
     return 0
 
 
+def _printable(text: str) -> str:
+    """A label or token for the tab- and space-separated text output: control characters escaped (\\t, \\n, ...),
+    so one field stays one field; --json has the exact strings."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _bench(args) -> int:
     from runtime_py.bench import bench
 
-    r = bench(args.artifact, args.prompt_len, args.new_tokens, args.batch, threads=args.threads)
+    r = bench(args.artifact, args.prompt_len, args.new_tokens, args.batch, threads=args.threads,
+              check_memory=not args.skip_memory_check)
     if args.json:
         print(json.dumps(r))
     else:

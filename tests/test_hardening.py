@@ -552,3 +552,6 @@ def test_runtime_bench_takes_what_generate_takes(artifacts):
     assert r["decode_tok_s"] is None and r["ttft_s"] > 0 and r["new_tokens"] == 1
     assert_refused(cli("runtime_py", "bench", str(art), "--prompt-len", "127", "--new-tokens", "4"),
                    "with max_new_tokens=4 that is 131")
+    for argv in (["bench", str(art), "--prompt-len", "8", "--new-tokens", "2"], ["score", str(art), "--ids", "1,2,3"]):
+        done = cli("runtime_py", *argv, "--skip-memory-check")  # as generate, chat, serve and classify take it
+        assert done.returncode == 0, done.stderr

@@ -328,6 +328,7 @@ def test_cli_contract(task_ckpt, task_artifact, artifacts, tmp_path, capsys):
         (["classify", str(qa), "--text", "x"], "question-answering artifact"),
         (["classify", str(qa), "--question", "a", "--question", "b", "--context", "c"], "one context per question"),
         (["classify", str(qa), "--question", "Who?", "--context", " "], "--context is empty"),
+        (["classify", str(seq), "--text", "x", "--max-answer-len", "3"], "--max-answer-len are for question"),
         (["classify", str(qa), "--question", "", "--context", "hello world"], "--question is empty"),
         (["classify", str(seq)], "one way"),
         (["classify", str(seq), "--prompt-ids", ",".join(["5"] * 65)], "context length"),
@@ -367,3 +368,9 @@ def test_seq_cls_scores_follow_the_problem_type_as_the_pipeline_does(problem_typ
     cfg["problem_type"] = "ranking"
     with pytest.raises(UnsupportedConfigError, match="problem_type"):
         spec_from_config(cfg)
+
+
+def test_text_output_keeps_one_field_per_label():
+    from runtime_py.__main__ import _printable
+
+    assert _printable("正\tx\n") == "正\\tx\\n" and _printable("pos") == "pos"
