@@ -154,6 +154,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def knows(self, i: int) -> bool:
+        """Has the tokenizer a piece for id `i`? (A model's vocabulary may be larger: the decoder drops the rest.)"""
+        return self._tok.id_to_token(int(i)) is not None
+
     def token_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:
@@ -229,8 +233,8 @@ class StreamDecoder:
     def _in_byte_run(self) -> bool:
         """Is the last id that reaches the decoder a byte-fallback piece (so the next id may extend its run)?"""
         for i in reversed(self.ids[self._read_offset:]):
-            if self.skip_special_tokens and i in self.tokenizer.special_ids:
-                continue
+            if (self.skip_special_tokens and i in self.tokenizer.special_ids) or not self.tokenizer.knows(i):
+                continue  # the decoder drops both: a byte run goes on across them
             return i in self.tokenizer.byte_ids
         return False
 

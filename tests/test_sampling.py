@@ -170,6 +170,16 @@ def test_logprobs_of_raw_logits():
     assert logprobs_of(logits[:1], np.array([3]))[0] == -np.inf
 
 
+@pytest.mark.parametrize("vocab", [4, 5, 8, 10, 16])
+@pytest.mark.parametrize("top_p", [0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.8, 0.9])
+def test_top_p_keeps_as_many_as_hf_at_exact_ties(vocab, top_p):
+    # uniform logits put the cumulative probabilities exactly on the 1 - top_p boundary: HF compares in float32
+    logits = np.zeros((1, vocab), np.float32)
+    p = SamplingParams(greedy=False, top_p=top_p)
+    ref = _hf_scores(logits, p, np.zeros((1, 1), np.int64))
+    assert np.isfinite(process_logits(logits, p)).sum() == torch.isfinite(ref).sum().item()
+
+
 def test_nan_logits_raise():
     logits = _logits()
     logits[1, 4] = np.nan
