@@ -93,10 +93,16 @@ def check(model: str, precision: str, backend: str, kv_mode: str, max_seq_len: i
         raise ValueError(f"--kv-mode {kv_mode}: choose from {KV_MODES}")
     if backend == "tensorrt":
         from export.engine import load_tensorrt
+        from plugins import attention as attention_plugin
 
-        load_tensorrt()  # fail before any work when TensorRT is missing
         if lowering is not None and lowering not in TRT_LOWERINGS:
             raise ValueError(f"--lowering {lowering} is for ONNX Runtime; TensorRT takes {', '.join(TRT_LOWERINGS)}")
+        if kv_mode != "static":
+            raise ValueError(f"--kv-mode {kv_mode}: TensorRT engines are built on the static KV buffers (the "
+                             "default); a concat graph's mask (past + new tokens) has no optimization profile here. "
+                             "Build concat for --backend onnxruntime")
+        # fail before any work when TensorRT is missing, or cannot take our plugins (TensorRT-RTX)
+        load_tensorrt((attention_plugin.PLUGIN_NAME,) if lowering == "trt-plugin" else ())
     lowering = lowering or default_lowering(backend, kv_mode)
     if lowering not in LOWERINGS:
         raise ValueError(f"--lowering {lowering}: choose from {LOWERINGS}")

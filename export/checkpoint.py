@@ -155,6 +155,8 @@ class Checkpoint:
     def _listed_files(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
+        if index.is_symlink() and not index.exists():  # an HF snapshot whose index blob never arrived
+            checkpoint_file(self.dir, index.name)  # refuses it, naming it
         if single.exists() and index.exists():  # transformers loads the single file: so do we, and say so
             print(f"warning: {self.dir} holds both {single.name} and {index.name}; using {single.name}, as "
                   "transformers does (remove whichever is stale)", file=sys.stderr)
@@ -167,7 +169,8 @@ class Checkpoint:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: 'weight_map' is not an object of tensor name -> shard file")
-            bad = sorted({str(n) for n in weight_map.values() if not isinstance(n, str) or Path(n).name != n})
+            bad = sorted({str(n) for n in weight_map.values()
+                          if not isinstance(n, str) or n in ("", ".", "..") or Path(n).name != n})
             if bad:
                 raise CheckpointError(f"{index}: shard names must be plain file names in the directory, got {bad}")
             files = sorted({self.dir / name for name in weight_map.values()})
@@ -245,5 +248,7 @@ def checkpoint_file(model_dir: Path, name: str) -> Path | None:
         raise CheckpointError(f"{path}: it is a symlink to {os.path.realpath(path)}, outside the checkpoint "
                               "directory; refusing to read it (copy the file into the checkpoint instead)")
     if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file")
+        dangling = path.is_symlink() and not path.exists()
+        raise CheckpointError(f"{path}: " + ("a link to a file that does not exist (an unfinished download?)"
+                                              if dangling else "not a regular file"))
     return path

@@ -20,6 +20,10 @@ What it does not do: run engines (runtime_py) or implement plugins (plugins/).
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -114,7 +118,9 @@ def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: in
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    with _signals_deferred() as stop:  # a Ctrl-C / SIGTERM cancels the build and is raised after it
+        config.progress_monitor = _progress_monitor(trt, stop)
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"{flavour} engine build failed (see the TensorRT errors above)")
     engine_path.write_bytes(bytes(serialized))
@@ -170,6 +176,47 @@ def _allow_decomposed_attention(trt, network) -> int:
             layer.attention.decomposable = True
             count += 1
     return count
+
+
+def _progress_monitor(trt, stop: list):
+    """TensorRT's build progress, one stderr line per top-level phase; it cancels the build at the next step once
+    `stop` holds a signal (see _signals_deferred)."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:
+                print(f"  TensorRT: {phase_name} ...", file=sys.stderr, flush=True)
+
+        def step_complete(self, phase_name, step):
+            return not stop  # False cancels the build
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Monitor()
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """During the build, SIGINT and SIGTERM are recorded instead of raised: Python would raise them inside one of
+    TensorRT's callbacks (the only Python that runs then), where TensorRT catches the exception and builds on. The
+    progress monitor cancels the build; on the way out the signal is raised again, to its own handler
+    (KeyboardInterrupt, export's Terminated), so the staging directory goes as after any Ctrl-C."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # handlers belong to the main thread
+        yield got
+        return
+    previous = {s: signal.signal(s, lambda signum, _frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if got:
+            signal.raise_signal(got[0])
 
 
 def _input_shapes(name: str, shape: tuple, r: dict, kv_mode: str):

@@ -30,6 +30,10 @@ def quant_config(scheme: str | None, backend: str, lowering: str, group_size: in
                          "has no FP8 kernels on the CPU (MatMulNBits takes int4/int8 weights)")
     if lowering == "trt-plugin":
         raise ValueError("--quantize: the trt-plugin lowering has no quantized form; use --lowering trt-native")
+    if lowering == "reference" and backend == "tensorrt":
+        raise ValueError(f"--quantize {scheme} --lowering reference: its int8-stored integers times scales are "
+                         "refused by TensorRT (a quantized constant must feed a DequantizeLinear); use --lowering "
+                         "trt-native, TensorRT's own quantized form (the default)")
     level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
     if level not in ACCURACY_LEVELS:
         raise ValueError(f"--accuracy-level {level}: choose from {ACCURACY_LEVELS} (1 = fp32 compute, 4 = int8)")

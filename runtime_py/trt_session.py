@@ -90,7 +90,9 @@ class TrtSession:
             raise ArtifactError(f"{self.root}: a {self.manifest.task} artifact has no LM head to generate with; "
                                 "use `python -m runtime_py classify`")
         engine = self.manifest.engine
-        trt = _import_flavour(engine.flavour if engine else "tensorrt")
+        if engine is None:  # said as such, not as "tensorrt is not installed"
+            check_engine(engine, "", None)
+        trt = _import_flavour(engine.flavour)
         check_engine(engine, trt.__version__, _cuda_device_cc())
         from plugins.registry import register_for_manifest
 

@@ -287,6 +287,30 @@ def test_directory_without_weights(copy_checkpoint):
         load_model(path)
 
 
+@pytest.mark.parametrize("shard", ["", ".."])
+def test_shard_named_after_the_directory_itself_is_refused(copy_checkpoint, capsys, shard):
+    # "" was the checkpoint directory ("No such device (os error 19)"); ".." its parent, reported as a symlink
+    path = copy_checkpoint("qwen2_sharded")
+    index = path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.extra"] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"shard names must be plain file names in the directory"):
+        load_model(path)
+    assert "shard names must be plain file names" in cli_error(capsys, path)
+
+
+def test_dangling_shard_index_is_refused_not_skipped(copy_checkpoint, capsys):
+    # an HF snapshot whose index blob never arrived: the shards were globbed instead, a model transformers won't load
+    path = copy_checkpoint("qwen2_sharded")
+    index = path / "model.safetensors.index.json"
+    index.unlink()
+    index.symlink_to(path / "blob-never-downloaded")
+    with pytest.raises(CheckpointError, match=r"index\.json: a link to a file that does not exist"):
+        load_model(path)
+    assert "a link to a file that does not exist" in cli_error(capsys, path)
+
+
 def test_shard_index_lists_missing_shard(copy_checkpoint, capsys):
     path = copy_checkpoint("qwen2_sharded")
     shards = sorted(path.glob("model-*.safetensors"))

@@ -110,6 +110,32 @@ def test_tensorrt_rejects_ort_lowering(checkpoints, tmp_path):
 
 
 @needs_trt
+@pytest.mark.parametrize("kwargs, match", [
+    # both used to export the whole model, then fail inside TensorRT
+    (dict(kv_mode="concat"), "TensorRT engines are built on the static KV buffers"),
+    (dict(lowering="reference", quantize="int4", group_size=64), "refused by TensorRT"),
+    (dict(lowering="reference", quantize="int8"), "refused by TensorRT"),
+])
+def test_tensorrt_refuses_what_it_cannot_build_before_any_work(checkpoints, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(str(checkpoints("qwen2_window")), backend="tensorrt", out=tmp_path / "x", progress=False, **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+@needs_trt
+def test_fp8_bundle_builds_its_engine_on_the_device(checkpoints, tmp_path):
+    # export engine used to compile an fp8 graph for SM80/86, which have no FP8: Myelin refused it
+    from artifacts.bundle import open_artifact
+    from artifacts.edge import pack
+    from export.edge_cmd import engine
+
+    art = build(str(checkpoints("qwen2_window")), backend="tensorrt", quantize="fp8", out=tmp_path / "art",
+                progress=False, max_seq_len=64)
+    m = open_artifact(engine(str(pack(art, tmp_path / "b.tar")), str(tmp_path / "device")))
+    assert m.engine.compute_capabilities == ("SM89", "SM120") == tuple(open_artifact(art).engine.compute_capabilities)
+
+
+@needs_trt
 def test_tensorrt_build_stdout_is_the_artifact_path(checkpoints, tmp_path):
     """TensorRT's own log lines go to stderr through our logger (trt.Logger prints to stdout): a script reading the
     build's stdout gets the artifact path and nothing else from TensorRT."""
@@ -157,6 +183,15 @@ def test_engine_version_and_device_checks():
         check_engine(manifest, "1.7.1.116", None)
     with pytest.raises(ArtifactError, match="no TensorRT engine"):
         check_engine(None, "1.7.1.116", (8, 9))
+
+
+def test_tensorrt_session_on_an_artifact_without_an_engine_says_so(artifacts):
+    # it used to say "this engine was built with tensorrt, which is not installed"
+    from artifacts.bundle import ArtifactError
+    from runtime_py.trt_session import TrtSession
+
+    with pytest.raises(ArtifactError, match="the artifact has no TensorRT engine"):
+        TrtSession(artifacts("qwen2_window"))
 
 
 @needs_trt

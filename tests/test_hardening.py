@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import needs_trt
+
 from artifacts.bundle import ArtifactError, open_artifact, staging_dir
 from export.__main__ import main
 
@@ -245,6 +247,27 @@ def test_sigterm_mid_build_cleans_up(ckpt, tmp_path):
     err = proc.stderr.read()
     assert rc == 143 and "terminated (SIGTERM): nothing was written" in err and "Traceback" not in err, (rc, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]  # no artifact, no staging, no lock file
+
+
+@needs_trt
+@pytest.mark.parametrize("sig, rc", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_the_tensorrt_build_cancels_it(ckpt, tmp_path, sig, rc):
+    # TensorRT used to swallow the exception Python raised in its logger callback: rc 0 and a whole artifact
+    out = tmp_path / "art"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", *build_argv(ckpt, out, "--backend", "tensorrt")], cwd=REPO_ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the progress monitor's first phase: TensorRT is building
+        seen.append(line)
+        if line.startswith("  TensorRT: "):
+            break
+    assert proc.poll() is None, "".join(seen)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == rc, "".join(seen) + proc.stderr.read()
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "nothing was written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
 
 
 def test_sigkill_leftovers_are_removed_by_the_next_build(ckpt, tmp_path):
