@@ -101,6 +101,18 @@ def test_missing_tensorrt_gives_clear_error(checkpoints, tmp_path, monkeypatch, 
     assert "no TensorRT found" in capsys.readouterr().err
 
 
+def test_trt_plugin_without_full_tensorrt_is_refused_before_the_export(checkpoints, tmp_path, monkeypatch):
+    # TensorRT-RTX alone (no Python plugin API): said at once, not after tracing and exporting the whole model
+    import export.build as build_mod
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(build_mod, "trace_graph", lambda *a, **k: pytest.fail("the export ran"))
+    with pytest.raises(EngineError, match="full TensorRT not found"):
+        build(str(checkpoints("qwen2_window")), backend="tensorrt", lowering="trt-plugin", out=tmp_path / "x",
+              progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_tensorrt_rejects_ort_lowering(checkpoints, tmp_path):
     if not HAVE_TRT:
         pytest.skip("neither tensorrt nor tensorrt_rtx_bindings is installed")
