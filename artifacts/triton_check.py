@@ -164,8 +164,9 @@ def _check_python_model(path: Path, cfg, version: Path) -> None:
     inputs, outputs, defaults = declared["INPUTS"], declared["OUTPUTS"], declared.get("DEFAULTS") or {}
     if not cfg.model_transaction_policy.decoupled:
         _fail(path, "the streaming model must be decoupled (model_transaction_policy { decoupled: true })")
-    if cfg.max_batch_size != 0:
-        _fail(path, f"max_batch_size must be 0 (one prompt per request), got {cfg.max_batch_size}")
+    if cfg.max_batch_size != 1:
+        _fail(path, f"max_batch_size must be 1 (one prompt per request, the batch dim first), got "
+                    f"{cfg.max_batch_size}")
     _expect_io(path, cfg, {n: (dt, dims) for n, (dt, dims, _) in inputs.items()},
                {n: (dt, dims) for n, (dt, dims) in outputs.items()}, f"what {version.name}/model.py reads")
     not_optional = [t.name for t in cfg.input if not t.optional]

@@ -136,7 +136,9 @@ def _model_constants(source: Path = MODEL_SOURCE) -> dict:
 
 def _python_config(name: str, instances: int, max_batch: int, has_engine: bool, model: dict):
     _, pb = protobuf()
-    cfg = pb.ModelConfig(name=name, backend="python", max_batch_size=0)
+    # max_batch_size 1: one prompt per request with the batch dim first ([1, 1] scalars), as TensorRT-LLM's models
+    # take it and Triton's OpenAI-compatible frontend sends it; requests batch in the engine, not in Triton
+    cfg = pb.ModelConfig(name=name, backend="python", max_batch_size=1)
     cfg.model_transaction_policy.decoupled = True
     for n, (dt, dims, optional) in model["INPUTS"].items():
         cfg.input.append(_tensor(pb.ModelInput, n, dt, dims, optional))

@@ -183,8 +183,8 @@ class TritonClient:
         types = {"text_input": "BYTES", "max_tokens": "INT32", "ignore_eos": "BOOL", "temperature": "FP32"}
         inputs = []
         for name, value in values.items():
-            t = grpcclient.InferInput(name, [1], types[name])
-            t.set_data_from_numpy(value)
+            t = grpcclient.InferInput(name, [1, 1], types[name])  # the model's batch dim of one first
+            t.set_data_from_numpy(value.reshape(1, 1))
             inputs.append(t)
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
@@ -197,7 +197,7 @@ class TritonClient:
                 if error is not None:
                     raise RuntimeError(f"triton: {error}")
                 out = result.as_numpy("text_output")
-                if out is not None and len(out[0]):
+                if out is not None and len(out.reshape(-1)[0]):
                     times.append(now)  # one response per text delta, about one per token
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     return times, len(times)

@@ -44,7 +44,9 @@ try:  # only inside the Triton python backend stub
 except ImportError:
     pb_utils = None
 
-# name -> (Triton data type, dims, optional). One request is one prompt: no batch dim (max_batch_size 0).
+# name -> (Triton data type, dims, optional). One request is one prompt, sent with a leading batch dim of 1
+# (max_batch_size 1: a scalar is [1, 1], stop strings [1, k]), the shapes TensorRT-LLM's models take and Triton's
+# OpenAI-compatible frontend sends.
 INPUTS: dict[str, tuple[str, list[int], bool]] = {
     "text_input": ("TYPE_STRING", [1], True),  # a raw prompt (tokenized with the artifact's tokenizer)
     "messages": ("TYPE_STRING", [1], True),  # or a JSON list of chat messages (the artifact's chat template)
@@ -53,14 +55,22 @@ INPUTS: dict[str, tuple[str, list[int], bool]] = {
     "top_p": ("TYPE_FP32", [1], True),
     "top_k": ("TYPE_INT32", [1], True),
     "repetition_penalty": ("TYPE_FP32", [1], True),
-    "seed": ("TYPE_INT64", [1], True),
+    "seed": ("TYPE_UINT64", [1], True),
     "stop": ("TYPE_STRING", [-1], True),
     "stop_words": ("TYPE_STRING", [-1], True),  # the OpenAI frontend's name for stop strings
     "ignore_eos": ("TYPE_BOOL", [1], True),
     "stream": ("TYPE_BOOL", [1], True),  # false: the whole text in one response (default true: one per delta)
+    # also sent by the OpenAI-compatible frontend: token counts for its `usage` (num_input/output_tokens), and
+    # penalties this model does not apply (refused unless 0)
+    "return_num_input_tokens": ("TYPE_BOOL", [1], True),
+    "return_num_output_tokens": ("TYPE_BOOL", [1], True),
+    "frequency_penalty": ("TYPE_FP32", [1], True),
+    "presence_penalty": ("TYPE_FP32", [1], True),
 }
 OUTPUTS: dict[str, tuple[str, list[int]]] = {
     "text_output": ("TYPE_STRING", [1]),  # one text delta per response
+    "num_input_tokens": ("TYPE_INT32", [1]),  # the prompt's tokens, when return_num_input_tokens
+    "num_output_tokens": ("TYPE_INT32", [1]),  # the tokens of this response's text, when return_num_output_tokens
 }
 # config.pbtxt parameters and their values when absent (a literal: the writer reads it from this file's source).
 DEFAULTS = {"max_concurrency": "8", "default_max_tokens": "32", "ort_threads": "0", "runtime_backend": "auto",
@@ -124,6 +134,10 @@ def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
         a = get(name)
         return () if a is None else tuple(_text(name, s) for s in np.asarray(a).reshape(-1))
 
+    for name in ("frequency_penalty", "presence_penalty"):  # OpenAI fields the frontend forwards when sent
+        if scalar(name, float) not in (None, 0.0):
+            raise RequestError(f"'{name}' is not supported by this model (use repetition_penalty); send 0 or leave "
+                               "it out")
     max_tokens = scalar("max_tokens", int)
     top_p, top_k = scalar("top_p", float), scalar("top_k", int)
     penalty = scalar("repetition_penalty", float)
@@ -210,7 +224,9 @@ class TritonPythonModel:
             try:
                 (kind, value), params, stream = parse_request(get, self.default_max_tokens)
                 ids = self.engine.encode(value) if kind == "text" else self.engine.encode_chat(value)
-                responder = _Responder(sender, stream)
+                counts = {name: bool(np.asarray(a).reshape(-1)[:1].any()) for name in
+                          ("return_num_input_tokens", "return_num_output_tokens") if (a := get(name)) is not None}
+                responder = _Responder(sender, stream, len(ids), counts)
                 responder.request = self.engine.submit(ids, params, responder)
             except Exception as e:  # noqa: BLE001 - every bad request becomes an error response
                 _fail(sender, e)
@@ -223,10 +239,12 @@ class TritonPythonModel:
 class _Responder:
     """The engine callback of one request (runs on the engine thread): text deltas to Triton, then FINAL."""
 
-    def __init__(self, sender, stream: bool):
+    def __init__(self, sender, stream: bool, prompt_tokens: int = 0, counts: dict | None = None):
         self.sender, self.stream, self.text = sender, stream, []
         self.cancelled = getattr(sender, "is_cancelled", lambda: False)
         self.request = None
+        self.prompt_tokens, self.counts = prompt_tokens, counts or {}
+        self.tokens = 0  # generated since the last response that counted them
 
     def __call__(self, update) -> None:
         try:
@@ -237,6 +255,7 @@ class _Responder:
             if update.error is not None:
                 _fail(self.sender, RuntimeError(update.error))
                 return
+            self.tokens += len(update.tokens)
             if update.text:
                 if self.stream:
                     self._send(update.text)
@@ -245,13 +264,21 @@ class _Responder:
             if update.finish_reason is not None:
                 if not self.stream and self.text:
                     self._send("".join(self.text))
+                if self.tokens and self.counts.get("return_num_output_tokens"):  # tokens no text came with
+                    self._send("")
                 self.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception:  # noqa: BLE001 - the client is gone; the engine must go on
             pass
 
     def _send(self, text: str) -> None:
-        out = pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+        """One response: the text (shape [1, 1], the batch dim first) and the token counts asked for."""
+        out = [pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_))]
+        if self.counts.get("return_num_input_tokens"):
+            out.append(pb_utils.Tensor("num_input_tokens", np.array([[self.prompt_tokens]], dtype=np.int32)))
+        if self.counts.get("return_num_output_tokens"):
+            out.append(pb_utils.Tensor("num_output_tokens", np.array([[self.tokens]], dtype=np.int32)))
+        self.tokens = 0
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=out))
 
 
 def _fail(sender, e: Exception):

@@ -47,7 +47,7 @@ def test_every_config_parses_as_model_config(repo, artifact):
     for c in configs:
         cfg = pb.ModelConfig()
         text_format.Parse(c.read_text(), cfg)
-        assert cfg.name == c.parent.name and cfg.max_batch_size == 0
+        assert cfg.name == c.parent.name and cfg.max_batch_size == (1 if c.parent.name == NAME else 0)
         parsed[cfg.name] = cfg
     assert validate_repository(repo) == [NAME, f"{NAME}_graph"]
 
@@ -56,7 +56,8 @@ def test_every_config_parses_as_model_config(repo, artifact):
     assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in py.input} == \
         {n: (dt, dims) for n, (dt, dims, _) in INPUTS.items()}
     assert all(t.optional for t in py.input)
-    assert [(t.name, pb.DataType.Name(t.data_type)) for t in py.output] == [("text_output", "TYPE_STRING")]
+    assert [(t.name, pb.DataType.Name(t.data_type)) for t in py.output] == [
+        ("text_output", "TYPE_STRING"), ("num_input_tokens", "TYPE_INT32"), ("num_output_tokens", "TYPE_INT32")]
     assert py.parameters["max_concurrency"].string_value == "8"
     assert (repo / NAME / "1" / "model.py").is_file() and (repo / NAME / "1" / "runtime" / "runtime_py").is_dir()
     open_artifact(repo / NAME / "1" / "artifact")  # a complete copy: every checksum holds
@@ -241,7 +242,8 @@ def test_parse_request_follows_the_runtime_cli():
                        ({"text_input": b"a", "temperature": np.float32(-1)}, "temperature"),
                        ({"text_input": b"a", "top_p": np.float32(1.5)}, "top_p"),
                        ({"text_input": b"a", "max_tokens": np.int32(0)}, "max_new_tokens"),
-                       ({"text_input": b"a", "seed": np.int64(-2)}, "seed"),
+                       ({"text_input": b"a", "frequency_penalty": np.float32(0.5)}, "'frequency_penalty' is not"),
+                       ({"text_input": b"a", "presence_penalty": np.float32(-1)}, "'presence_penalty' is not"),
                        ({"text_input": b"a", "stop": [b""]}, "stop")]:
         with pytest.raises(ValueError, match=match):
             parse_request(getter(bad))
@@ -351,16 +353,60 @@ def test_readme_client_example_runs(server, repo, generator, capsys):
     assert scope["text"] == generator.generate([generator.encode("Hello world")], params).texts[0]
 
 
+def test_requests_shaped_as_the_openai_frontend_sends_them(server, generator):
+    """Triton's OpenAI-compatible frontend (python/openai/openai_frontend/engine/utils/triton.py,
+    _create_trtllm_generate_request) sends a python model 2-D tensors ([[x]]), stop_words [[...]], a UINT64 seed
+    and the usage flags; before, Triton refused them against our config ([1] expected, INT64 seed)."""
+    import tritonclient.grpc as grpcclient
+
+    frontend = {"text_input": (np.array([[b"Hello world"]], dtype=np.object_), "BYTES"),
+                "stream": (np.bool_([[True]]), "BOOL"), "max_tokens": (np.int32([[20]]), "INT32"),
+                "stop_words": (np.array([[b"zzz-never"]], dtype=np.object_), "BYTES"),
+                "top_p": (np.float32([[0.9]]), "FP32"), "temperature": (np.float32([[0.7]]), "FP32"),
+                "seed": (np.uint64([[11]]), "UINT64"), "return_num_input_tokens": (np.bool_([[True]]), "BOOL"),
+                "return_num_output_tokens": (np.bool_([[True]]), "BOOL")}
+    inputs = []
+    for name, (value, triton_type) in frontend.items():
+        t = grpcclient.InferInput(name, list(value.shape), triton_type)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(NAME, inputs, enable_empty_final_response=True)
+        text, prompt_counts, output_tokens = "", set(), 0
+        while True:
+            result, error = results.get(timeout=60)
+            assert error is None, error.message()
+            out = result.as_numpy("text_output")
+            if out is not None:
+                assert out.shape == (1, 1)
+                text += out.reshape(-1)[0].decode()
+                prompt_counts.add(int(result.as_numpy("num_input_tokens").reshape(-1)[0]))
+                output_tokens += int(result.as_numpy("num_output_tokens").reshape(-1)[0])
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    ids = generator.encode("Hello world")
+    params = SamplingParams(greedy=False, temperature=float(np.float32(0.7)), top_p=float(np.float32(0.9)), seed=11,
+                            max_new_tokens=20, stop=("zzz-never",))
+    row = generator.generate([ids], params).rows[0]
+    assert text == row.text and prompt_counts == {len(ids)} and output_tokens == len(row.tokens)
+
+
 def test_cancelled_stream_stops_and_the_server_keeps_serving(server, generator):
     import tritonclient.grpc as grpcclient
 
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(server)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    t = grpcclient.InferInput("text_input", [1], "BYTES")
-    t.set_data_from_numpy(np.array([b"Hello world"], dtype=np.object_))
-    n = grpcclient.InferInput("max_tokens", [1], "INT32")
-    n.set_data_from_numpy(np.array([96], dtype=np.int32))
+    t = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+    t.set_data_from_numpy(np.array([[b"Hello world"]], dtype=np.object_))
+    n = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
+    n.set_data_from_numpy(np.array([[96]], dtype=np.int32))
     client.async_stream_infer(NAME, [t, n])
     result, error = results.get(timeout=30)
     assert error is None and result.as_numpy("text_output") is not None, error and error.message()

@@ -46,9 +46,11 @@ def generator(artifact):
 
 TYPES = {"text_input": (np.object_, "BYTES"), "messages": (np.object_, "BYTES"), "stop": (np.object_, "BYTES"),
          "stop_words": (np.object_, "BYTES"), "stream": (np.bool_, "BOOL"),
-         "max_tokens": (np.int32, "INT32"), "top_k": (np.int32, "INT32"), "seed": (np.int64, "INT64"),
+         "max_tokens": (np.int32, "INT32"), "top_k": (np.int32, "INT32"), "seed": (np.uint64, "UINT64"),
          "temperature": (np.float32, "FP32"), "top_p": (np.float32, "FP32"),
-         "repetition_penalty": (np.float32, "FP32"), "ignore_eos": (np.bool_, "BOOL")}
+         "repetition_penalty": (np.float32, "FP32"), "ignore_eos": (np.bool_, "BOOL"),
+         "frequency_penalty": (np.float32, "FP32"), "presence_penalty": (np.float32, "FP32"),
+         "return_num_input_tokens": (np.bool_, "BOOL"), "return_num_output_tokens": (np.bool_, "BOOL")}
 
 
 def getter(values: dict):
@@ -161,8 +163,8 @@ def stream(url: str, request: dict, timeout: float = 60.0) -> tuple[list[str], E
         values = value if isinstance(value, list) else [value]
         dtype, triton_type = TYPES[name]
         values = [v.encode() if isinstance(v, str) else v for v in values]
-        t = grpcclient.InferInput(name, [len(values)], triton_type)
-        t.set_data_from_numpy(np.array(values, dtype=dtype))
+        t = grpcclient.InferInput(name, [1, len(values)], triton_type)  # the batch dim of one first
+        t.set_data_from_numpy(np.array([values], dtype=dtype))
         inputs.append(t)
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
@@ -176,7 +178,7 @@ def stream(url: str, request: dict, timeout: float = 60.0) -> tuple[list[str], E
                 return deltas, error
             out = result.as_numpy("text_output")
             if out is not None:
-                deltas.append(out[0].decode())
+                deltas.append(out.reshape(-1)[0].decode())
             if result.get_response().parameters["triton_final_response"].bool_param:
                 return deltas, None
     finally:
