@@ -75,11 +75,15 @@ def _get(d: dict, key: str, kind, where: str, default=...):
     return value
 
 
+MAX_SIZE = 1 << 40  # any size a manifest holds (context, batch, vocabulary, dims); past it, arithmetic on it is absurd
+
+
 def _positive(d: dict, key: str, where: str) -> int:
-    """d[key], an int >= 1 (a size: a hand-edited 0 would only fail later, with a stranger message)."""
+    """d[key], an int in [1, MAX_SIZE] (a size: a hand-edited 0 or 10**400 would only fail later, with a stranger
+    message or an OverflowError)."""
     value = _get(d, key, int, where)
-    if value < 1:
-        _fail(where, f"'{key}' must be >= 1, got {value}")
+    if not 1 <= value <= MAX_SIZE:
+        _fail(where, f"'{key}' must be in [1, 2^40], got {str(value)[:40]}")
     return value
 
 

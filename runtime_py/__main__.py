@@ -194,6 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - only an allocation failure is turned into an error line
+        if not _out_of_memory(e):
+            raise
+        print(f"error: out of memory ({type(e).__name__}: {str(e).splitlines()[0][:300]}); the memory check's "
+              "estimate (runtime_py/memory.py) was below what this artifact needed here: raise the limit, free "
+              "memory, or use a smaller --max-batch / context", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """numpy's or ONNX Runtime's allocation failure (ORT raises its RuntimeException with bad_alloc / BFCArena)."""
+    text = str(e)
+    return isinstance(e, MemoryError) or (type(e).__module__.startswith("onnxruntime") and any(
+        s in text for s in ("bad_alloc", "Failed to allocate")))
 
 
 def _generate(args) -> int:

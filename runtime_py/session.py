@@ -145,6 +145,8 @@ class OrtSession:
         if profile is not None:
             options.enable_profiling = True
             options.profile_file_prefix = profile
+        if batch > self.manifest.max_batch:  # said as such, not as a memory shortfall
+            raise ArtifactError(f"{self.root}: a batch of {batch} > the artifact's max batch {self.manifest.max_batch}")
         if check_memory:
             check_fits(self.manifest, batch=batch, where=self.root)
         self.session = ort.InferenceSession(str(self.root / graph.file), options,

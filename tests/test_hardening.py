@@ -535,7 +535,7 @@ def test_failed_build_leaves_no_parent_dirs_and_bad_out_names_are_refused(ckpt, 
 
 
 @pytest.mark.parametrize("case", ["manifest_is_a_dir", "logits_all_on_a_last_graph", "max_batch_0",
-                                  "output_shape_edited"])
+                                  "output_shape_edited", "max_seq_len_huge"])
 def test_manifest_that_does_not_describe_the_graph_is_refused(artifacts, tmp_path, case):
     """The manifest's checksums cover the files it lists, not itself: a hand-edited manifest must still be refused
     with a clear message, not an ONNX Runtime traceback at the first call."""
@@ -544,6 +544,8 @@ def test_manifest_that_does_not_describe_the_graph_is_refused(artifacts, tmp_pat
             m["graphs"]["decoder"]["logits"] = "all"
         elif case == "max_batch_0":
             m["max_batch"] = 0
+        elif case == "max_seq_len_huge":  # was an OverflowError traceback in the memory check's GiB figures
+            m["max_seq_len"] = 10 ** 400
         elif case == "output_shape_edited":
             logits = next(t for t in m["graphs"]["decoder"]["outputs"] if t["name"] == "logits")
             logits["shape"][2] += 1
@@ -553,9 +555,22 @@ def test_manifest_that_does_not_describe_the_graph_is_refused(artifacts, tmp_pat
         (art / "manifest.json").unlink()
         (art / "manifest.json").mkdir()
     words = {"manifest_is_a_dir": "not a regular file", "logits_all_on_a_last_graph": "'logits' is 'all'",
-             "max_batch_0": "'max_batch' must be >= 1", "output_shape_edited": "does not describe this graph"}[case]
+             "max_batch_0": "'max_batch' must be in [1, 2^40], got 0", "output_shape_edited": "does not describe this graph",
+             "max_seq_len_huge": "'max_seq_len' must be in [1, 2^40]"}[case]
     assert_refused(cli("runtime_py", "score", str(art), "--ids", "1,2,3", "--json"), words)
     assert_refused(cli("runtime_py", "generate", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"), words)
+
+
+def test_allocation_failure_after_the_memory_check_is_an_error_line(artifacts):
+    # the estimate is measured, not a proof: an address-space limit between it and the real peak used to end in
+    # ONNX Runtime's bad_alloc traceback
+    art = artifacts("qwen2_window")
+    code = ("import sys, numpy as np, runtime_py.__main__ as m\n"
+            "import runtime_py.generate as g\n"
+            "g.Generator.generate = lambda *a, **k: np.zeros(1 << 60, np.uint8)\n"  # an allocation that fails
+            f"sys.exit(m.main(['generate', {str(art)!r}, '--prompt-ids', '1,2', '--max-new-tokens', '2']))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert_refused(done, "error: out of memory (MemoryError: Unable to allocate", "raise the limit")
 
 
 def test_score_ids_are_plain_decimal(artifacts):
@@ -575,6 +590,9 @@ def test_runtime_bench_takes_what_generate_takes(artifacts):
     assert r["decode_tok_s"] is None and r["ttft_s"] > 0 and r["new_tokens"] == 1
     assert_refused(cli("runtime_py", "bench", str(art), "--prompt-len", "127", "--new-tokens", "4"),
                    "with max_new_tokens=4 that is 131")
+    # a batch past the artifact's is said as such (it was reported as a KV cache that does not fit in memory)
+    assert_refused(cli("runtime_py", "bench", str(art), "--batch", "100000", "--prompt-len", "4", "--new-tokens", "2"),
+                   "a batch of 100000 > the artifact's max batch")
     for argv in (["bench", str(art), "--prompt-len", "8", "--new-tokens", "2"], ["score", str(art), "--ids", "1,2,3"]):
         done = cli("runtime_py", *argv, "--skip-memory-check")  # as generate, chat, serve and classify take it
         assert done.returncode == 0, done.stderr
