@@ -363,5 +363,6 @@ def _fit_chat(gen, messages: list[dict], params) -> list[int]:
             messages[:] = trial
         return prompt
 
+
 if __name__ == "__main__":
     sys.exit(main())
