@@ -215,8 +215,10 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
         del graph  # its lazy tensors are written: let them go before the engine build
         engine = None
         if backend == "tensorrt":
-            fp8 = quantize == "fp8" or (plan.prequant is not None and plan.prequant.method == "fp8")
-            engine = build_engine_stage(tmp, io, kv_mode, max_batch, max_seq_len, precision, fp8)
+            from export.engine import has_fp8_weights
+
+            engine = build_engine_stage(tmp, io, kv_mode, max_batch, max_seq_len, precision,
+                                        has_fp8_weights(quantization))
         for name, path in plan.tokenizer_files.items():
             shutil.copyfile(path, tmp / name)  # contents only: never a link, never the source's mode
         if "tokenizer.json" not in plan.tokenizer_files:

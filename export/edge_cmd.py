@@ -17,7 +17,7 @@ from pathlib import Path
 
 from artifacts.bundle import ArtifactError, read_manifest, staging_dir, write_manifest
 from artifacts.edge import BUNDLE_JSON, pack, unpack
-from export.engine import build_engine, check_engine_io, load_tensorrt
+from export.engine import build_engine, check_engine_io, has_fp8_weights, load_tensorrt
 from export.options import PRECISIONS
 
 
@@ -54,10 +54,9 @@ def engine(bundle_file: str, out: str | None = None, overwrite: bool = False) ->
         check_settings(bundle_path, info, manifest)
         print(f"building the TensorRT engine for {manifest.model_type} ({graph.lowering}, "
               f"{manifest.precision}) ...", file=sys.stderr)
-        q = manifest.quantization or {}
-        fp8 = q.get("scheme") == "fp8" or (q.get("source") or {}).get("method") == "fp8"  # as the build decides
         facts = build_engine(tmp / graph.file, tmp / "model.engine", manifest.kv_mode, manifest.max_batch,
-                             manifest.max_seq_len, manifest.precision, fp8_weights=fp8)
+                             manifest.max_seq_len, manifest.precision,
+                             fp8_weights=has_fp8_weights(manifest.quantization))
         check_engine_io(graph.to_dict(), facts["io"])
         write_manifest(tmp, {**manifest.to_dict(), "backend": "tensorrt", "engine": facts})
         tmp.chmod(0o755)

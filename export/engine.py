@@ -67,6 +67,13 @@ RTX_TARGETS = ("SM80", "SM86", "SM89", "SM120")
 FP8_TARGETS = ("SM89", "SM120")  # FP8 tensor cores: Ada and Blackwell
 
 
+def has_fp8_weights(quantization: dict | None) -> bool:
+    """Whether a manifest's ``quantization`` record describes FP8 weights (``--quantize fp8``, or an FP8
+    checkpoint's), which TensorRT-RTX compiles only for FP8_TARGETS."""
+    q = quantization or {}
+    return q.get("scheme") == "fp8" or (q.get("source") or {}).get("method") == "fp8"
+
+
 def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: int, max_seq_len: int,
                  precision: str = "fp32", opt_seq_len: int = 128, fp8_weights: bool = False) -> dict:
     """fp8_weights: the graph holds FP8E4M3 weights, which TensorRT-RTX compiles only for SM89 (Ada) and newer."""

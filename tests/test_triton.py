@@ -27,7 +27,7 @@ from runtime_py.sampling import SamplingParams
 from runtime_py.triton_model import INPUTS, RequestError, parse_request
 from tests.triton_helpers import (GREEDY, NAME, artifact, assert_broken_config_rejected,  # noqa: F401 - fixtures
                                   expected_deltas, generator, getter, repo, server, start_server, stop_server,
-                                  stream, stub_python)
+                                  stream, stream_results, stub_python)
 
 
 def _pb():
@@ -357,39 +357,19 @@ def test_requests_shaped_as_the_openai_frontend_sends_them(server, generator):
     """Triton's OpenAI-compatible frontend (python/openai/openai_frontend/engine/utils/triton.py,
     _create_trtllm_generate_request) sends a python model 2-D tensors ([[x]]), stop_words [[...]], a UINT64 seed
     and the usage flags; before, Triton refused them against our config ([1] expected, INT64 seed)."""
-    import tritonclient.grpc as grpcclient
-
-    frontend = {"text_input": (np.array([[b"Hello world"]], dtype=np.object_), "BYTES"),
-                "stream": (np.bool_([[True]]), "BOOL"), "max_tokens": (np.int32([[20]]), "INT32"),
-                "stop_words": (np.array([[b"zzz-never"]], dtype=np.object_), "BYTES"),
-                "top_p": (np.float32([[0.9]]), "FP32"), "temperature": (np.float32([[0.7]]), "FP32"),
-                "seed": (np.uint64([[11]]), "UINT64"), "return_num_input_tokens": (np.bool_([[True]]), "BOOL"),
-                "return_num_output_tokens": (np.bool_([[True]]), "BOOL")}
-    inputs = []
-    for name, (value, triton_type) in frontend.items():
-        t = grpcclient.InferInput(name, list(value.shape), triton_type)
-        t.set_data_from_numpy(value)
-        inputs.append(t)
-    results: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(server)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    try:
-        client.async_stream_infer(NAME, inputs, enable_empty_final_response=True)
-        text, prompt_counts, output_tokens = "", set(), 0
-        while True:
-            result, error = results.get(timeout=60)
-            assert error is None, error.message()
-            out = result.as_numpy("text_output")
-            if out is not None:
-                assert out.shape == (1, 1)
-                text += out.reshape(-1)[0].decode()
-                prompt_counts.add(int(result.as_numpy("num_input_tokens").reshape(-1)[0]))
-                output_tokens += int(result.as_numpy("num_output_tokens").reshape(-1)[0])
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
+    frontend = {"text_input": "Hello world", "stream": True, "max_tokens": 20, "stop_words": ["zzz-never"],
+                "top_p": 0.9, "temperature": 0.7, "seed": 11, "return_num_input_tokens": True,
+                "return_num_output_tokens": True}  # each sent [1, 1] ([1, k] for stop_words), as the frontend does
+    results, error = stream_results(server, frontend)
+    assert error is None, error.message()
+    text, prompt_counts, output_tokens = "", set(), 0
+    for result in results:
+        out = result.as_numpy("text_output")
+        if out is not None:
+            assert out.shape == (1, 1)
+            text += out.reshape(-1)[0].decode()
+            prompt_counts.add(int(result.as_numpy("num_input_tokens").reshape(-1)[0]))
+            output_tokens += int(result.as_numpy("num_output_tokens").reshape(-1)[0])
     ids = generator.encode("Hello world")
     params = SamplingParams(greedy=False, temperature=float(np.float32(0.7)), top_p=float(np.float32(0.9)), seed=11,
                             max_new_tokens=20, stop=("zzz-never",))

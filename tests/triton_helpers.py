@@ -156,6 +156,13 @@ def server(repo, tmp_path_factory, stub_python):
 
 def stream(url: str, request: dict, timeout: float = 60.0) -> tuple[list[str], Exception | None]:
     """Send one request on its own client and stream; (text deltas, error or None)."""
+    results, error = stream_results(url, request, timeout)
+    return [out.reshape(-1)[0].decode() for r in results if (out := r.as_numpy("text_output")) is not None], error
+
+
+def stream_results(url: str, request: dict, timeout: float = 60.0) -> tuple[list, Exception | None]:
+    """Send one request (every tensor [1, n]: the batch dim of one first) on its own client and stream; (the
+    InferResults up to the final one, error or None)."""
     import tritonclient.grpc as grpcclient
 
     inputs = []
@@ -171,16 +178,14 @@ def stream(url: str, request: dict, timeout: float = 60.0) -> tuple[list[str], E
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         client.async_stream_infer(NAME, inputs, enable_empty_final_response=True)
-        deltas = []
+        got = []
         while True:
             result, error = results.get(timeout=timeout)
             if error is not None:
-                return deltas, error
-            out = result.as_numpy("text_output")
-            if out is not None:
-                deltas.append(out.reshape(-1)[0].decode())
+                return got, error
+            got.append(result)
             if result.get_response().parameters["triton_final_response"].bool_param:
-                return deltas, None
+                return got, None
     finally:
         client.stop_stream()
         client.close()
