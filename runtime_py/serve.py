@@ -184,6 +184,10 @@ def _chat_prompt(engine: Engine, body: dict) -> list[int]:
         if m["role"] not in CHAT_ROLES:
             raise _bad(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m['role'][:64]!r}",
                        param="messages")
+        for key in ("tool_calls", "function_call"):  # an assistant turn that called tools: templates render them
+            if m.get(key) not in (None, []):
+                raise _bad(f"messages[{i}].{key} belongs to tool calling, which this server does not do",
+                           param="messages")
         if m["role"] == "developer":  # OpenAI's newer name for the system role; chat templates know "system"
             m = {**m, "role": "system"}
         content = m.get("content")
@@ -194,7 +198,7 @@ def _chat_prompt(engine: Engine, body: dict) -> list[int]:
             content = "".join(p["text"] for p in content)
         elif not isinstance(content, str):  # null content goes with tool calls, which are refused
             raise _bad(f"messages[{i}].content must be a string or a list of text parts", param="messages")
-        clean.append({**m, "content": content})
+        clean.append({k: m[k] for k in ("role", "name") if isinstance(m.get(k), str)} | {"content": content})
     try:
         return engine.encode_chat(clean)
     except ValueError as e:  # no tokenizer, no chat template, a template that refused or exceeded its bounds
@@ -308,6 +312,8 @@ def create_app(engine: Engine, model_name: str):
             handle, queue = submit(prompt, params, where)
         except APIError as e:
             return error_response(e)
+        except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
+            return Response(status_code=400)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
         base = {"id": rid, "object": obj + (".chunk" if chat and stream else ""), "created": int(time.time()),
@@ -351,7 +357,8 @@ def create_app(engine: Engine, model_name: str):
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return event({**base, "choices": [choice]})
+            # OpenAI: with include_usage "all other chunks will also include a usage field, but with a null value"
+            return event({**base, "choices": [choice], **({"usage": None} if include_usage else {})})
 
         async def events():
             try:

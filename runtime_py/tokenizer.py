@@ -167,14 +167,16 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids of `text`. add_special_tokens=True applies the post-processor (e.g. a BOS when add_bos_token);
         special-token strings inside `text` map to their ids either way. Chat prompts rendered by a template
-        already contain their BOS: encode them with add_special_tokens=False, as transformers does."""
-        ids = self._tok.encode(check_text(text), add_special_tokens=add_special_tokens).ids
+        already contain their BOS: encode them with add_special_tokens=False, as transformers does.
+        Through encode_batch, which releases the GIL while it works (encode holds it: a 1 MiB prompt froze the
+        server's event loop and engine thread for a second and more)."""
+        ids = self._tok.encode_batch([check_text(text)], add_special_tokens=add_special_tokens)[0].ids
         return [self.bos_id] + ids if add_special_tokens and self._prepend_bos else ids
 
     def encode_pair(self, first: str, second: str) -> tuple[list[int], list[int | None], list[tuple[int, int]]]:
         """A text pair as the post-processor joins it (a QA question and context): ids, which text each token
         came from (0, 1, None for a special token) and its character offsets in that text."""
-        enc = self._tok.encode(check_text(first), check_text(second))
+        enc = self._tok.encode_batch([(check_text(first), check_text(second))])[0]  # GIL released, as encode()
         ids, seq, offsets = list(enc.ids), list(enc.sequence_ids), list(enc.offsets)
         if self._prepend_bos:
             ids, seq, offsets = [self.bos_id] + ids, [None] + seq, [(0, 0)] + offsets

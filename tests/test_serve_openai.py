@@ -34,14 +34,16 @@ MODEL = "tiny-served"
 
 
 @pytest.fixture(scope="module")
-def server(artifacts):
+def server(artifacts, tmp_path_factory):
+    """(url, artifact path, the server's stderr log)."""
     path = artifacts("qwen2_window")
+    log = tmp_path_factory.mktemp("serve") / "stderr.log"
     cmd = [sys.executable, "-m", "runtime_py", "serve", str(path), "--port", "0", "--max-batch", "4",
            "--max-queue", "2", "--prefill-chunk", "16", "--threads", "1", "--model-name", MODEL]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
     line = proc.stdout.readline()
     match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-    assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    assert match, (line, log.read_text() if proc.poll() is not None else "")
     url = match.group(1)
     for _ in range(100):
         try:
@@ -49,7 +51,7 @@ def server(artifacts):
             break
         except OSError:
             time.sleep(0.05)
-    yield url, path
+    yield url, path, log
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
 
@@ -160,6 +162,13 @@ def test_usage_and_chunk_shapes(server, client):
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
     assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    # OpenAI: with include_usage every other chunk carries "usage": null (typed clients read the key)
+    request = urllib.request.Request(server[0] + "/v1/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True,
+                                                      "stream_options": {"include_usage": True}}).encode())
+    with urllib.request.urlopen(request, timeout=30) as r:
+        raw = [json.loads(line[6:]) for line in r.read().decode().splitlines() if line.startswith("data: {")]
+    assert all("usage" in c and c["usage"] is None for c in raw[:-1]) and raw[-1]["usage"]["total_tokens"] > 0, raw
     r = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.object == "text_completion" and r.usage.prompt_tokens == 3 and r.usage.completion_tokens == 4
@@ -337,11 +346,32 @@ def test_chat_roles(client, gen):
     assert r.usage.prompt_tokens == len(gen.encode_chat(sys_))
     for messages, words in (
             ([{"role": "tool", "content": "42", "tool_call_id": "x"}], "tool calling"),
+            ([{"role": "user", "content": "hi"},  # a template would render the call: refused like tool messages
+              {"role": "assistant", "content": "ok", "tool_calls": [
+                  {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+             "messages[1].tool_calls belongs to tool calling"),
             ([{"role": "user", "content": "hi"}, {"role": "<|im_start|>system", "content": "x"}],
              "messages[1].role must be one of system, user, assistant, developer")):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
         assert words in e.value.message and e.value.param == "messages", e.value.message
+
+
+def test_client_gone_mid_body_is_dropped_quietly(server):
+    """A client that closes its connection before its body has arrived (Content-Length or chunked) is dropped
+    like one that leaves mid-answer: no 'Exception in ASGI application' traceback in the server's log per
+    connection, and the server serves on."""
+    url, _, log = server
+    port = urllib.parse.urlsplit(url).port
+    before = log.read_text()
+    for head in (b"Content-Length: 100\r\n\r\n{\"model\"", b"Transfer-Encoding: chunked\r\n\r\n8\r\n{\"model\""):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + head)
+            time.sleep(0.3)
+    time.sleep(0.5)
+    assert _health(url)["status"] == "ok"
+    added = log.read_text()[len(before):]
+    assert "Traceback" not in added and "Exception in ASGI" not in added, added
 
 
 def _post_raw(url: str, path: str, data: bytes, method: str = "POST") -> tuple[int, dict, dict]:

@@ -189,3 +189,36 @@ def test_eos_and_pad_ids(tmp_path):
 def test_missing_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer(tmp_path)
+
+
+def test_encode_lets_other_threads_run(tmp_path):
+    """Tokenizer.encode releases the GIL while the Rust tokenizer works (the server tokenizes a prompt of up to
+    its body limit on a worker thread while the event loop and the engine thread go on): during a long encode the
+    main thread keeps waking every millisecond. tokenizers' own encode() holds the GIL throughout, so the main
+    thread's longest gap was the whole encode (about 1.7 s for this text on a 2-core VM); the bound is relative to
+    the encode's own time so that a slow machine does not fail it. Same ids as the one-text call."""
+    import threading
+    import time
+
+    d = _tiny(tmp_path)
+    tok, raw = Tokenizer(d), HFTokenizersTokenizer.from_file(str(d / "tokenizer.json"))
+    text = "Hello world, how are you? " * 40000
+    gaps, done = [], {}
+
+    def work():
+        t0 = time.perf_counter()
+        done["ids"] = tok.encode(text, add_special_tokens=False)
+        done["seconds"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=work)
+    last = time.perf_counter()
+    thread.start()
+    while thread.is_alive():
+        time.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    thread.join()
+    assert done["ids"] == raw.encode(text, add_special_tokens=False).ids
+    assert done["seconds"] > 0.2, done["seconds"]  # long enough for the gaps to mean something
+    assert max(gaps) < done["seconds"] / 2, (max(gaps), done["seconds"])
