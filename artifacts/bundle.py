@@ -77,7 +77,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     raise OSError(err, os.strerror(err), str(dst))
 
 
-def _rename_new(src: Path, dst: Path) -> None:
+def rename_new(src: Path, dst: Path) -> None:
     """Rename src to dst, failing with FileExistsError if dst exists (also when it appeared a moment ago)."""
     try:
         if _renameat2(src, dst, _RENAME_NOREPLACE):
@@ -211,13 +211,12 @@ def staging_dir(dest: Path, overwrite: bool = False, owned=is_artifact, protect=
     def check_existing():
         if not os.path.lexists(dest):
             return
-        if not overwrite:
-            raise ArtifactError(f"{dest} already exists (pass --overwrite to replace an artifact of ours)")
-        if dest.is_symlink() or not dest.is_dir() or not owned(dest):
+        if dest.is_symlink() or not dest.is_dir() or not owned(dest):  # said first: --overwrite would not help
             kind = "a file" if dest.is_file() else "a directory"
-            raise ArtifactError(f"{what} {dest} exists and is {kind} this tool did not write (no {MANIFEST} of "
-                                "ours); refusing to replace it, with or without --overwrite. Choose another --out "
-                                "or remove it yourself")
+            raise ArtifactError(f"{what} {dest} exists and is {kind} this tool did not write; refusing to replace "
+                                "it, with or without --overwrite. Choose another --out or remove it yourself")
+        if not overwrite:
+            raise ArtifactError(f"{dest} already exists (pass --overwrite to replace it)")
 
     check_existing()
     try:
@@ -249,7 +248,7 @@ def _staged(dest: Path, overwrite: bool, check_existing):
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 try:
-                    _rename_new(tmp, dest)
+                    rename_new(tmp, dest)
                 except FileExistsError:
                     raise ArtifactError(f"{dest} appeared while this command was writing it (another process); "
                                         "nothing was replaced (pass --overwrite to replace an artifact of ours)")

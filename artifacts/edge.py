@@ -43,7 +43,7 @@ import tempfile
 from pathlib import Path
 
 from artifacts.bundle import (TOKENIZER_FILES, ArtifactError, check_out_name, make_parents, open_artifact,
-                              remove_empty_dirs)
+                              remove_empty_dirs, rename_new)
 from artifacts.paths import (UnsafePathError, check_name, create_inside, inside, json_loads, mkdir_inside,
                              open_dir)
 
@@ -58,7 +58,8 @@ _PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
 _CHUNK = 1 << 22
 # On the device the artifact's files end up beside plugins/ and bundle.json (export/edge_cmd.py), so these are
 # not names an artifact file may have.
-_RESERVED = (BUNDLE_JSON, "plugins")
+UNPACK_DIR = "unpacked"  # export/edge_cmd.py's staging name inside the engine artifact's directory
+_RESERVED = (BUNDLE_JSON, "plugins", UNPACK_DIR)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -100,11 +101,14 @@ def pack(artifact: str | Path, out: str | Path, overwrite: bool = False) -> Path
         raise ArtifactError(
             f"{root}: its graph uses the '{graph.lowering}' lowering (ONNX Runtime contrib ops), which "
             f"TensorRT cannot build; export with --backend tensorrt (or --lowering trt-native) and bundle that")
+    why = tensorrt_refusal(manifest.kv_mode, graph.lowering, manifest.quantization)
+    if why:
+        raise ArtifactError(f"{root}: {why}; the device could not build its engine. Export with --backend tensorrt "
+                            "and bundle that")
     # The manifest is untrusted: every name must stay inside the artifact and reach no symlink.
     try:
         check_name(graph_file, f"{root}: manifest graphs.decoder.file")
-        paths = {m: inside(root, m, f"{root}: bundle member") for m in [graph_file, graph_file + ".data",
-                                                                         *_ARTIFACT_FILES]}
+        paths = {m: inside(root, m, f"{root}: bundle member") for m in packed_names(graph_file)}
     except UnsafePathError as e:
         raise ArtifactError(str(e)) from None
     if graph_file.split("/")[0] in _RESERVED:
@@ -133,10 +137,29 @@ def pack(artifact: str | Path, out: str | Path, overwrite: bool = False) -> Path
             "files": {n.removeprefix("artifact/"): e for n, e in entries.items() if n.startswith("artifact/")},
             "plugins": {n.removeprefix("plugins/"): e for n, e in entries.items() if n.startswith("plugins/")},
         }
-        return _write_tar(dest, info, opened, entries)
+        return _write_tar(dest, info, opened, entries, overwrite)
     finally:
         for f in opened.values():
             f.close()
+
+
+def packed_names(graph_file: str) -> list[str]:
+    """The artifact files a bundle carries (those that exist): the graph, its external data, the manifest and the
+    tokenizer files. Not an engine or timing cache the artifact may hold: the device builds its own."""
+    return [graph_file, graph_file + ".data", *_ARTIFACT_FILES]
+
+
+def tensorrt_refusal(kv_mode: str, lowering: str, quantization: dict | None) -> str | None:
+    """Why TensorRT cannot build an artifact of these settings (what `export build --backend tensorrt` refuses up
+    front), or None: concat KV has no optimization profile here; a reference graph quantized by --quantize holds
+    int8 constants that feed no DequantizeLinear."""
+    if kv_mode != "static":
+        return (f"its KV mode is '{kv_mode}'; TensorRT engines are built on the static KV buffers (a concat graph's "
+                "mask has no optimization profile here)")
+    if lowering == "reference" and isinstance(quantization, dict) and "scheme" in quantization:
+        return (f"its reference graph holds --quantize {quantization['scheme']} weights as int8-stored integers "
+                "times scales, which TensorRT refuses (a quantized constant must feed a DequantizeLinear)")
+    return None
 
 
 def _bundle_out(out: str | Path, root: Path, overwrite: bool) -> Path:
@@ -171,7 +194,7 @@ def is_bundle(path: Path) -> bool:
         return False
 
 
-def _write_tar(out: Path, info: dict, opened: dict, entries: dict) -> Path:
+def _write_tar(out: Path, info: dict, opened: dict, entries: dict, overwrite: bool) -> Path:
     created = []
     try:
         created = make_parents(out)
@@ -196,12 +219,31 @@ def _write_tar(out: Path, info: dict, opened: dict, entries: dict) -> Path:
                 if reader.h.hexdigest() != entries[name]["sha256"]:
                     raise ArtifactError(f"bundle member '{name}' changed while it was being packed; pack again")
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the device's build user out
-        os.replace(tmp, out)
+        _put(Path(tmp), out, overwrite)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         remove_empty_dirs(created)
         raise
     return out
+
+
+def _put(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished bundle into place under _bundle_out's rules, checked again now: packing a large model
+    takes minutes, and what appeared at `out` meanwhile (a user's file, another pack without --overwrite) is not
+    ours to replace. A new name is taken with rename(2)'s NOREPLACE, so even a file created a moment ago wins."""
+    if not os.path.lexists(out):
+        try:
+            rename_new(tmp, out)
+            return
+        except FileExistsError:
+            pass
+    if not overwrite:
+        raise ArtifactError(f"{out} appeared while the bundle was being packed; refusing to replace it (pass "
+                            "--overwrite to replace a bundle of ours)")
+    if not is_bundle(out):
+        raise ArtifactError(f"--out {out} appeared while the bundle was being packed and is not a bundle this tool "
+                            "wrote; refusing to replace it")
+    os.replace(tmp, out)
 
 
 def unpack(bundle: str | Path, dest: str | Path, max_bytes: int = MAX_BUNDLE_BYTES) -> tuple[Path, dict]:

@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("stub-env", help="make the numpy<2 environment the bundled python backend stub needs")
     e.add_argument("dest", nargs="?", default=None, help=f"directory (default: {default_stub_env()})")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        ports = {"--grpc-port": args.grpc_port, "--http-port": args.http_port, "--metrics-port": args.metrics_port}
+        if len(set(ports.values())) < len(ports):  # tritonserver would print its whole usage text and exit 1
+            parser.error("--grpc-port, --http-port and --metrics-port must differ, got "
+                         + ", ".join(f"{k} {v}" for k, v in ports.items()))
     try:
         if args.command == "validate":
             print("\n".join(validate_repository(args.repo)))

@@ -94,13 +94,25 @@ def _expect_io(path: Path, cfg, inputs: dict, outputs: dict, what: str) -> None:
                 _fail(path, f"{kind} '{n}' has dims {list(got[n].dims)}, {what} has {list(dims)}")
 
 
-def _positive(path: Path, cfg, defaults: dict, keys: tuple, zero_ok: tuple = ()) -> None:
+def _param(cfg, defaults: dict, key: str) -> str | None:
+    """A parameter as model.py reads it (runtime_py/triton_model.py model_parameters): an empty or absent value
+    is the default model.py declares (None when it declares none)."""
+    value = cfg.parameters[key].string_value if key in cfg.parameters else ""
+    return value or defaults.get(key)
+
+
+def _positive(path: Path, cfg, defaults: dict, keys: tuple, zero_ok: tuple = ()) -> dict:
+    """{key: int value} of the integer parameters set or defaulted, each checked."""
+    values = {}
     for key in keys:
-        value = cfg.parameters[key].string_value if key in cfg.parameters else defaults.get(key)
+        value = _param(cfg, defaults, key)
         if value is None:  # absent, and model.py declares no default for it: model.py's own code decides
             continue
         if not value.isdigit() or (key not in zero_ok and int(value) < 1):
-            _fail(path, f"parameter {key} must be a positive integer, got {value!r}")
+            _fail(path, f"parameter {key} must be a {'non-negative' if key in zero_ok else 'positive'} integer, "
+                        f"got {value!r}")
+        values[key] = int(value)
+    return values
 
 
 def _check_copies(path: Path, cfg, version: Path):
@@ -172,14 +184,25 @@ def _check_python_model(path: Path, cfg, version: Path) -> None:
     not_optional = [t.name for t in cfg.input if not t.optional]
     if not_optional:
         _fail(path, f"inputs {not_optional} must be optional (a request sends text_input or messages)")
-    backend = cfg.parameters["runtime_backend"].string_value if "runtime_backend" in cfg.parameters else "auto"
+    backend = _param(cfg, defaults, "runtime_backend") or "auto"
     if backend not in ("auto", "onnxruntime", "tensorrt"):
         _fail(path, f"parameter runtime_backend must be auto, onnxruntime or tensorrt, got {backend!r}")
-    _positive(path, cfg, defaults, ("max_concurrency", "default_max_tokens", "ort_threads"), zero_ok=("ort_threads",))
+    ints = _positive(path, cfg, defaults, ("max_concurrency", "default_max_tokens", "ort_threads", "max_queue"),
+                     zero_ok=("ort_threads", "max_queue"))
     manifest = _check_copies(path, cfg, version)
     if manifest.task != "causal-lm":
         _fail(path, f"the artifact is a {manifest.task} artifact: the streaming model generates text; a task head "
                     "gets the classification model (runtime_py/triton_classify_model.py)")
+    # what the engine refuses when the model loads, or every request without max_tokens would be refused for
+    if ints.get("max_concurrency", 1) > manifest.max_batch:
+        _fail(path, f"parameter max_concurrency {ints['max_concurrency']} is more KV slots than the artifact has "
+                    f"(built with --max-batch {manifest.max_batch})")
+    if ints.get("default_max_tokens", 1) >= manifest.max_seq_len:
+        _fail(path, f"parameter default_max_tokens {ints['default_max_tokens']} leaves no room for a prompt in the "
+                    f"artifact's {manifest.max_seq_len}-token context")
+    if backend == "tensorrt" and manifest.engine is None:
+        _fail(path, "parameter runtime_backend is tensorrt, but the artifact has no TensorRT engine (build it with "
+                    "--backend tensorrt), use auto or onnxruntime")
 
 
 def _check_graph_model(path: Path, cfg, version: Path) -> None:

@@ -43,6 +43,7 @@ from artifacts.triton_contract import (CLASSIFY_MODEL_SOURCE, MODEL_SOURCE, PACK
                                        model_constants, num_labels, protobuf, row_dims, triton_dims)
 from artifacts.triton_readme import TASK_NAMES, classify_readme, graph_opsets, repository_readme
 
+MAX_MODEL_NAME = 128  # bytes of --name
 FIRST_PARTY = ("runtime_py", "artifacts", "plugins", "graphs", "export")
 REPOSITORY_MARKER = ".llm-export-repository.json"  # what lets --overwrite replace a repository: only ours
 REPOSITORY_FORMAT = "llm-export-triton-repository"
@@ -206,7 +207,9 @@ def write_repository(artifact: str | Path, out: str | Path, name: str = "llm", i
     default and bound; 1 for a seq-cls artifact without pad_token_id, which classifies one input at a time)."""
     artifact = Path(artifact)
     if not name or not name.replace("_", "").replace("-", "").isalnum() or name.startswith(("-", ".")):
-        raise ValueError(f"model name must be letters, digits, '_' or '-', got {name!r}")
+        raise ValueError(f"model name must be letters, digits, '_' or '-', got {name[:80]!r}")
+    if len(name.encode()) > MAX_MODEL_NAME:  # NAME_graph and the staging names must stay under 255 bytes
+        raise ValueError(f"model name must be at most {MAX_MODEL_NAME} bytes, got {len(name.encode())}")
     for flag, value in (("instances", instances), ("max_batch", max_batch)):
         if value is None and flag == "max_batch":
             continue

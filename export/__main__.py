@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--json", action="store_true", help="print only one JSON object")
 
     args = parser.parse_args(argv)
-    terminate_cleanly()
     from artifacts.bundle import ArtifactError
 
     errors: tuple[type[BaseException], ...] = (ArtifactError, OSError, ValueError)
@@ -119,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         from export.spec import UnsupportedConfigError
 
         errors += (CheckpointError, UnsupportedConfigError, EngineError)
+    # After the imports: torch's C init (numpy's import inside it) swallowed a Terminated raised there, and the
+    # command then ran to the end with exit 0. Until here a SIGTERM just ends the process: nothing has started.
+    terminate_cleanly()
     try:
         if args.command == "verify":
             return _verify(args)

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from artifacts.bundle import ArtifactError, read_manifest, staging_dir, write_manifest
-from artifacts.edge import BUNDLE_JSON, pack, unpack
+from artifacts.edge import BUNDLE_JSON, UNPACK_DIR, pack, packed_names, tensorrt_refusal, unpack
+from artifacts.manifest import MANIFEST
 from export.engine import build_engine, check_engine_io, has_fp8_weights, load_tensorrt
 from export.options import PRECISIONS
 
@@ -36,6 +37,31 @@ def check_settings(bundle_path: Path, info: dict, manifest) -> None:
                             "pack the artifact again")
     if manifest.precision not in PRECISIONS:
         raise ArtifactError(f"{bundle_path}: precision {manifest.precision!r} is not one of {', '.join(PRECISIONS)}")
+    why = tensorrt_refusal(manifest.kv_mode, manifest.decoder.lowering, manifest.quantization)
+    if why:
+        raise ArtifactError(f"{bundle_path}: the bundled artifact cannot be built by TensorRT: {why}")
+
+
+def check_contents(bundle_path: Path, info: dict, manifest) -> None:
+    """The bundle's artifact files must be exactly what the bundled manifest lists, with its checksums: unpack
+    checked every member against bundle.json, and the engine artifact's new manifest re-hashes what is there, so a
+    file the manifest does not list (a chat template, say) or one that differs from its record would otherwise be
+    sealed in as if the build had written it, and a listed file missing from the bundle silently dropped."""
+    files, carried = info["files"], set(packed_names(manifest.decoder.file))
+    for rel, entry in manifest.files.items():
+        got = files.get(rel)
+        if got is None and rel not in carried:  # an engine or timing cache of the packed artifact: rebuilt here
+            continue
+        if got is None:
+            raise ArtifactError(f"{bundle_path}: file '{rel}' listed in the bundled manifest is missing from the "
+                                "bundle; pack the artifact again")
+        if not isinstance(entry, dict) or (got["bytes"], got["sha256"]) != (entry.get("bytes"), entry.get("sha256")):
+            raise ArtifactError(f"{bundle_path}: file '{rel}' does not match its sha256 in the bundled manifest "
+                                "(modified after the build); pack the artifact again")
+    extra = sorted(set(files) - set(manifest.files) - {MANIFEST})
+    if extra:
+        raise ArtifactError(f"{bundle_path}: '{extra[0]}' is in the bundle but not in the bundled manifest, so no "
+                            "checksum of the build covers it; pack the artifact again")
 
 
 def engine(bundle_file: str, out: str | None = None, overwrite: bool = False) -> Path:
@@ -43,15 +69,16 @@ def engine(bundle_file: str, out: str | None = None, overwrite: bool = False) ->
     bundle_path = Path(bundle_file)
     dest = out if out is not None else bundle_path.with_name(bundle_path.name.removesuffix(".tar") + "-engine")
     with staging_dir(dest, overwrite=overwrite, protect=[bundle_path]) as tmp:
-        unpacked, info = unpack(bundle_path, tmp / "unpacked")
+        unpacked, info = unpack(bundle_path, tmp / UNPACK_DIR)  # no artifact file has that name (bundle.json)
         for item in unpacked.iterdir():
             shutil.move(str(item), tmp / item.name)
-        shutil.move(str(tmp / "unpacked" / "plugins"), tmp / "plugins")
-        (tmp / "unpacked" / BUNDLE_JSON).rename(tmp / BUNDLE_JSON)
-        shutil.rmtree(tmp / "unpacked")
+        shutil.move(str(tmp / UNPACK_DIR / "plugins"), tmp / "plugins")
+        (tmp / UNPACK_DIR / BUNDLE_JSON).rename(tmp / BUNDLE_JSON)
+        shutil.rmtree(tmp / UNPACK_DIR)
         manifest = read_manifest(tmp)
         graph = manifest.decoder
         check_settings(bundle_path, info, manifest)
+        check_contents(bundle_path, info, manifest)
         print(f"building the TensorRT engine for {manifest.model_type} ({graph.lowering}, "
               f"{manifest.precision}) ...", file=sys.stderr)
         facts = build_engine(tmp / graph.file, tmp / "model.engine", manifest.kv_mode, manifest.max_batch,

@@ -87,7 +87,9 @@ def build_engine(onnx_path: Path, engine_path: Path, kv_mode: str, max_batch: in
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    with _signals_deferred():  # a signal while the parser calls our logger would be swallowed: raised after it
+        parsed = parser.parse_from_file(str(onnx_path))
+    if not parsed:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineError(f"{flavour} could not parse {onnx_path.name}:\n  " + "\n  ".join(errors[:5]))
     decomposable = _allow_decomposed_attention(trt, network)
@@ -208,7 +210,7 @@ def _progress_monitor(trt, stop: list):
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """During the build, SIGINT and SIGTERM are recorded instead of raised: Python would raise them inside one of
+    """During the parse and the build, SIGINT and SIGTERM are recorded instead of raised: Python would raise them inside one of
     TensorRT's callbacks (the only Python that runs then), where TensorRT catches the exception and builds on. The
     progress monitor cancels the build; on the way out the signal is raised again, to its own handler
     (KeyboardInterrupt, export's Terminated), so the staging directory goes as after any Ctrl-C."""

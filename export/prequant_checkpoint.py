@@ -165,8 +165,19 @@ class PreQuantCheckpoint(Checkpoint):
             return QInfo("fp8", 0 if b >= K else b, label="fp8-block" if s.block else "fp8-tensor")
         per_channel = s.group_size in (-1, None) or s.group_size > K or s.strategy in ("channel", "tensor")
         label = {"gptq": f"gptq-v{s.format_version}", "awq": "awq", "compressed-tensors": "compressed-tensors"}
-        return QInfo(f"int{s.bits}", 0 if per_channel else s.group_size, zeros=not s.sym, perm=s.desc_act,
+        return QInfo(f"int{s.bits}", 0 if per_channel else s.group_size, zeros=not s.sym,
+                     perm=s.desc_act and not self._sorted_g_idx(prefix),
                      label=f"{label[s.method]}-{'symmetric' if s.sym else 'asymmetric'}")
+
+    def _sorted_g_idx(self, prefix: str) -> bool:
+        """Act-order declared, but the stored g_idx never decreases (AutoGPTQ static_groups, any group_size -1
+        checkpoint: all zeros): its inputs are already in group order, so the graph needs no Gather of the
+        activation and experts keep their quantized form. Reads only the g_idx ([in] int32), at plan time."""
+        name = next((f"{prefix}.{n}" for n in ("g_idx", "weight_g_idx") if f"{prefix}.{n}" in self.stored), None)
+        if name is None:  # missing: unpack refuses it, naming the tensor
+            return False
+        g_idx = self._read(name)
+        return g_idx.dim() == 1 and bool((g_idx[1:] >= g_idx[:-1]).all())
 
     def _qweight(self, prefix: str, info: QInfo) -> QWeight:
         u = self.unpacked(prefix)
@@ -174,7 +185,9 @@ class PreQuantCheckpoint(Checkpoint):
             N, K = u.shape
             s = np.repeat(u.scales, u.block[0], axis=0)[:N]  # one row of block multipliers per output
             return QWeight(u.q, np.ascontiguousarray(s[:, :math.ceil(K / (info.group or K))], dtype=np.float32))
-        perm, u = pq.sort_by_group(u) if info.perm else (None, u)
+        perm, u = pq.sort_by_group(u) if self.linears[prefix].desc_act else (None, u)
+        if not info.perm:  # a g_idx already in group order (_sorted_g_idx): the permutation is the identity
+            perm = None
         if u.g_idx is not None:
             raise pq.PreQuantError(f"linear '{prefix}': its g_idx is not the plain i // group_size order but "
                                    "quantization_config does not say act-order (desc_act / actorder)")

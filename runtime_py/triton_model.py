@@ -139,6 +139,8 @@ def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
             raise RequestError(f"'{name}' is not supported by this model (use repetition_penalty); send 0 or leave "
                                "it out")
     max_tokens = scalar("max_tokens", int)
+    if max_tokens is not None and max_tokens < 1:  # SamplingParams would name its own field, max_new_tokens
+        raise RequestError(f"'max_tokens' must be >= 1, got {max_tokens}")
     top_p, top_k = scalar("top_p", float), scalar("top_k", int)
     penalty = scalar("repetition_penalty", float)
     temperature = scalar("temperature", float)
@@ -245,6 +247,7 @@ class _Responder:
         self.request = None
         self.prompt_tokens, self.counts = prompt_tokens, counts or {}
         self.tokens = 0  # generated since the last response that counted them
+        self.sent = False  # a response with the counts asked for has gone out
 
     def __call__(self, update) -> None:
         try:
@@ -264,7 +267,10 @@ class _Responder:
             if update.finish_reason is not None:
                 if not self.stream and self.text:
                     self._send("".join(self.text))
-                if self.tokens and self.counts.get("return_num_output_tokens"):  # tokens no text came with
+                # counts no text came with: tokens that made none (a stop, EOS first), or the prompt's count when
+                # nothing was generated into text at all
+                if (self.tokens and self.counts.get("return_num_output_tokens")) or \
+                        (not self.sent and self.counts.get("return_num_input_tokens")):
                     self._send("")
                 self.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception:  # noqa: BLE001 - the client is gone; the engine must go on
@@ -277,7 +283,7 @@ class _Responder:
             out.append(pb_utils.Tensor("num_input_tokens", np.array([[self.prompt_tokens]], dtype=np.int32)))
         if self.counts.get("return_num_output_tokens"):
             out.append(pb_utils.Tensor("num_output_tokens", np.array([[self.tokens]], dtype=np.int32)))
-        self.tokens = 0
+        self.tokens, self.sent = 0, True
         self.sender.send(pb_utils.InferenceResponse(output_tensors=out))
 
 

@@ -149,6 +149,63 @@ def test_bundle_refuses_ort_graph(artifacts, tmp_path):
     assert not (tmp_path / "x.tar").exists()
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(kv_mode="concat"), "KV mode is 'concat'"),
+    (lambda m: (m["graphs"]["decoder"].update(lowering="reference"),
+                m.update(quantization={"scheme": "int8", "group_size": 32, "tensors": {}})),
+     "--quantize int8 weights as int8-stored integers"),
+], ids=["concat_kv", "quantized_reference"])
+def test_bundle_refuses_what_tensorrt_cannot_build(edit, message, artifacts, tmp_path):
+    """What `export build --backend tensorrt` refuses up front, `export bundle` refuses too, instead of the device
+    failing in TensorRT after unpacking (kOPT mismatches, 'Quantized constant ... only allowed before DQ')."""
+    root = _tampered(artifacts("qwen2_window", "static", lowering="trt-native"), tmp_path,
+                     lambda root, m: edit(m))
+    with pytest.raises(ArtifactError, match=message):
+        pack(root, tmp_path / "x.tar")
+    assert not (tmp_path / "x.tar").exists()
+
+
+def _resealed(bundle: Path, path: Path, edit) -> Path:
+    """A copy of `bundle` whose members edit(files: name -> bytes) changed, with bundle.json's sizes and sha256s
+    recomputed: it unpacks cleanly, so only the device's checks against the bundled manifest can catch the edit."""
+    import hashlib
+
+    entries = _entries(bundle)
+    index = json.loads(entries[0][1])
+    files = {i.name: d for i, d in entries[1:]}
+    edit(files)
+    index["files"] = {n.removeprefix("artifact/"): {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                      for n, d in files.items() if n.startswith("artifact/")}
+    return _write_tar(path, [_file(BUNDLE_JSON, json.dumps(index).encode())]
+                      + [_file(n, d) for n, d in files.items()])
+
+
+def _retoken(files):
+    files["artifact/tokenizer_config.json"] = files["artifact/tokenizer_config.json"].replace(b"eos_token",
+                                                                                                b"eos_tokem")
+
+
+@needs_trt
+@pytest.mark.parametrize("edit, message", [
+    (_retoken, "'tokenizer_config.json' does not match its sha256 in the bundled manifest"),
+    (lambda f: f.update({"artifact/chat_template.jinja": b"{{ messages }} injected"}),
+     "'chat_template.jinja' is in the bundle but not in the bundled manifest"),
+    (lambda f: f.pop("artifact/tokenizer.json"), "'tokenizer.json' listed in the bundled manifest is missing"),
+    (lambda f: f.update({"artifact/unpacked": b"x"}), "'unpacked' would collide"),
+], ids=["changed", "unlisted", "missing", "staging_name"])
+def test_engine_refuses_files_the_bundled_manifest_does_not_seal(edit, message, bundle, tmp_path, capsys):
+    """A bundle whose index was recomputed around an edit unpacks, but the device checks its files against the
+    bundled manifest before building: the engine artifact's new manifest re-hashes whatever is there, so a changed
+    or unlisted file would be sealed in as the build's own, and a listed one silently dropped."""
+    from export.__main__ import main
+
+    bad = _resealed(bundle, tmp_path / "bad.tar", edit)
+    assert main(["engine", str(bad), "--out", str(tmp_path / "art")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "art").exists()
+
+
 def test_tampered_bundle_refused(bundle, tmp_path):
     bad = _write_tar(tmp_path / "bad.tar", [
         _file(i.name, d.replace(b"eos_token", b"eos_tokem")) if i.name == "artifact/tokenizer_config.json" else (i, d)
@@ -397,6 +454,26 @@ def test_bundle_out_rules(artifacts, tmp_path, capsys):
     assert oct(out.stat().st_mode & 0o777) == "0o644"
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_bundle_out_appearing_while_packing_is_not_replaced(overwrite, artifacts, tmp_path, monkeypatch):
+    """--out is checked when the pack starts and again when it ends (a real model packs for minutes): a file that
+    appeared meanwhile is the user's, kept with or without --overwrite, and no temp file is left beside it."""
+    art = artifacts("qwen2_window", "static", lowering="trt-native")
+    out = tmp_path / "b.tar"
+    read = edge._HashingReader.read
+
+    def appear(self, n=-1):  # while the tar is written: someone else's file lands at --out
+        if not out.exists():
+            out.write_text("precious user data")
+        return read(self, n)
+
+    monkeypatch.setattr(edge._HashingReader, "read", appear)
+    with pytest.raises(ArtifactError, match="appeared while the bundle was being packed"):
+        pack(art, out, overwrite=overwrite)
+    assert out.read_text() == "precious user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.tar"]
+
+
 @needs_trt
 @pytest.mark.parametrize("edit", [{"kv_mode": "concat"}, {"max_seq_len": 10 ** 12}, {"precision": "int3"},
                                   {"max_batch": 1}])
@@ -420,3 +497,44 @@ def test_engine_shapes_past_tensorrt_limits_are_an_engine_error(artifacts, tmp_p
     art = artifacts("qwen2_window", "static", lowering="trt-native")
     with pytest.raises(EngineError, match="refused the shapes"):
         build_engine(art / "model.onnx", tmp_path / "x.engine", "static", 1, 10 ** 12)
+
+
+@needs_trt
+def test_signal_during_the_onnx_parse_is_raised_after_it(artifacts, tmp_path, monkeypatch):
+    """A SIGTERM that arrives while TensorRT's ONNX parser calls our logger (a large graph parses for a while) is
+    deferred to the end of the parse and then raised; before, Python raised it inside the logger callback, where
+    TensorRT caught it ('Exception caught in log()') and the engine was built with exit 0."""
+    import signal
+
+    import export.engine as engine_mod
+
+    class Stop(Exception):
+        pass
+
+    real, fired = engine_mod.stderr_logger, []
+
+    def logger(trt):
+        base = real(trt)
+        log = type(base).log
+
+        def sending(self, severity, msg):
+            if not fired and "ModelImporter" in str(msg):  # the parser's own messages: it is parsing now
+                fired.append(msg)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return log(self, severity, msg)
+
+        type(base).log = sending
+        return base
+
+    def stop(signum, frame):
+        raise Stop
+
+    monkeypatch.setattr(engine_mod, "stderr_logger", logger)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        art = artifacts("qwen2_window", "static", lowering="trt-native")
+        with pytest.raises(Stop):
+            engine_mod.build_engine(art / "model.onnx", tmp_path / "x.engine", "static", 1, 128)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert fired and not (tmp_path / "x.engine").exists()

@@ -199,10 +199,10 @@ def test_two_builds_at_once_exactly_one_wins(ckpt, tmp_path):
 
 
 def test_destination_appearing_during_the_write_is_not_replaced(tmp_path):
-    from artifacts.bundle import _rename_new
+    from artifacts.bundle import rename_new
 
     dest = tmp_path / "art"
-    with pytest.raises(ArtifactError, match="already exists"):
+    with pytest.raises(ArtifactError, match="exists and is a directory this tool did not write"):
         with staging_dir(dest) as tmp:
             (tmp / "x").write_text("ours")
             dest.mkdir()  # another program creates it meanwhile (an empty dir: plain rename(2) would replace it)
@@ -212,7 +212,7 @@ def test_destination_appearing_during_the_write_is_not_replaced(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     with pytest.raises(FileExistsError):
-        _rename_new(src, dest)
+        rename_new(src, dest)
     assert src.is_dir() and dest.is_dir()
 
 
@@ -247,6 +247,24 @@ def test_sigterm_mid_build_cleans_up(ckpt, tmp_path):
     err = proc.stderr.read()
     assert rc == 143 and "terminated (SIGTERM): nothing was written" in err and "Traceback" not in err, (rc, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]  # no artifact, no staging, no lock file
+
+
+def test_sigterm_handler_is_installed_after_the_torch_import(tmp_path):
+    """export's SIGTERM handler raises Terminated; installed before `import torch` ran, a SIGTERM in the first
+    second of a command was raised inside torch's C init, which swallowed it (the command then ran to the end,
+    exit 0) or printed a traceback. The handler goes in once the imports are done; until then SIGTERM simply ends
+    the process, before anything was written."""
+    code = ("import sys\n"
+            "import export.__main__ as m\n"
+            "install = m.terminate_cleanly\n"
+            "def check():\n"
+            "    print('torch loaded:', 'torch' in sys.modules, flush=True)\n"
+            "    install()\n"
+            "m.terminate_cleanly = check\n"
+            f"sys.exit(m.main(['engine', {str(tmp_path / 'none.tar')!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert "torch loaded: True" in r.stdout and r.returncode == 2, (r.stdout, r.stderr)
 
 
 @needs_trt
@@ -298,6 +316,27 @@ def _tampered(artifacts, tmp_path, edit) -> Path:
     edit(m, art)
     (art / "manifest.json").write_text(json.dumps(m))
     return art
+
+
+def _garbage_graph(m, art):
+    (art / "model.onnx").write_bytes(b"garbage" * 10)  # checksummed anew: only the contents are wrong
+    m["files"]["model.onnx"] = {"sha256": hashlib.sha256(b"garbage" * 10).hexdigest(), "bytes": 70}
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_garbage_graph, "graph 'model.onnx' is not a readable ONNX model"),
+    (lambda m, art: m.update(quantization={"source": {}}), "'quantization.source' must be an object"),
+    (lambda m, art: m.update(quantization={"tensors": [1, 2]}), "'quantization.tensors' must be an object"),
+    (lambda m, art: m["graphs"]["decoder"].update(fusion={"skipped": 5}), "'graphs.decoder.fusion' must be"),
+], ids=["graph", "source", "tensors", "fusion"])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_inspect_refuses_records_that_are_not_ours(edit, words, as_json, artifacts, tmp_path, capsys):
+    """inspect reads an untrusted artifact: a graph that is not ONNX, or manifest records of the wrong shape, are
+    exit 2 naming the field (a DecodeError, KeyError, AttributeError or TypeError traceback before)."""
+    art = _tampered(artifacts, tmp_path, edit)
+    assert main(["inspect", str(art), *(["--json"] if as_json else [])]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
 
 
 def test_manifest_file_entry_leading_out_is_refused(artifacts, tmp_path):

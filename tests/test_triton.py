@@ -89,6 +89,14 @@ BROKEN = [
     (NAME, "decoupled: true", "decoupled: false", "must be decoupled"),
     (NAME, f'name: "{NAME}"', 'name: "other"', "must equal the directory name"),
     (NAME, 'string_value: "8"', 'string_value: "eight"', "max_concurrency"),
+    # parameters model.py or the engine would refuse when the model loads (tritonserver then exits 1)
+    (NAME, 'key: "max_queue"\n  value {\n    string_value: "64"', 'key: "max_queue"\n  value {\n    string_value: "-1"',
+     "parameter max_queue must be a non-negative integer, got '-1'"),
+    (NAME, 'key: "max_concurrency"\n  value {\n    string_value: "8"',
+     'key: "max_concurrency"\n  value {\n    string_value: "9"', "max_concurrency 9 is more KV slots than the artifact has"),
+    (NAME, 'key: "default_max_tokens"\n  value {\n    string_value: "32"',
+     'key: "default_max_tokens"\n  value {\n    string_value: "100000"', "default_max_tokens 100000 leaves no room"),
+    (NAME, 'string_value: "auto"', 'string_value: "tensorrt"', "the artifact has no TensorRT engine"),
     (f"{NAME}_graph", 'name: "past_key_values.0.key"\n  data_type: TYPE_FP32',
      'name: "past_key_values.0.key"\n  data_type: TYPE_FP16', "'past_key_values.0.key' has data_type TYPE_FP16"),
     (f"{NAME}_graph", 'name: "logits"', 'name: "scores"', "unexpected ['scores']"),
@@ -206,8 +214,22 @@ def test_cli_writes_and_prints_the_path_last(artifact, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     bad = parser.parse_args(["triton", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")])
     assert triton_cmd.run(bad) == 2 and not (tmp_path / "r2").exists()
+    capsys.readouterr()
+    for name, words in (("a" * 250, "at most 128 bytes"), ("../x", "letters, digits")):  # [Errno 36] before
+        long = parser.parse_args(["triton", str(artifact), "--out", str(tmp_path / "r3"), "--name", name])
+        assert triton_cmd.run(long) == 2 and not (tmp_path / "r3").exists()
+        assert words in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["triton", str(artifact), "--out", str(out), "--instances", "0"])
+
+
+def test_serve_refuses_one_port_for_two_endpoints(repo, capsys):
+    """tritonserver given one port twice printed its whole usage text and exited 1: refused here with exit 2."""
+    from artifacts.triton import main as triton_main
+
+    with pytest.raises(SystemExit) as e:
+        triton_main(["serve", str(repo), "--grpc-port", "8101", "--http-port", "8101"])
+    assert e.value.code == 2 and "must differ" in capsys.readouterr().err
 
 
 # -- request parsing (what model.py does with each request) ---------------------------------------------------------
@@ -241,7 +263,7 @@ def test_parse_request_follows_the_runtime_cli():
                        ({"text_input": [b"a", b"b"]}, "exactly one value"),
                        ({"text_input": b"a", "temperature": np.float32(-1)}, "temperature"),
                        ({"text_input": b"a", "top_p": np.float32(1.5)}, "top_p"),
-                       ({"text_input": b"a", "max_tokens": np.int32(0)}, "max_new_tokens"),
+                       ({"text_input": b"a", "max_tokens": np.int32(0)}, "'max_tokens' must be >= 1, got 0"),
                        ({"text_input": b"a", "frequency_penalty": np.float32(0.5)}, "'frequency_penalty' is not"),
                        ({"text_input": b"a", "presence_penalty": np.float32(-1)}, "'presence_penalty' is not"),
                        ({"text_input": b"a", "stop": [b""]}, "stop")]:
@@ -375,6 +397,22 @@ def test_requests_shaped_as_the_openai_frontend_sends_them(server, generator):
                             max_new_tokens=20, stop=("zzz-never",))
     row = generator.generate([ids], params).rows[0]
     assert text == row.text and prompt_counts == {len(ids)} and output_tokens == len(row.tokens)
+
+
+def test_prompt_count_answered_when_no_text_is_generated(server, generator):
+    """return_num_input_tokens alone, and the first token's text is a stop string: no text ever goes out, yet the
+    prompt's count must (before, only return_num_output_tokens brought the count-only response)."""
+    ids = generator.encode("Hello world")
+    first = generator.generate([ids], SamplingParams(max_new_tokens=1, ignore_eos=True)).rows[0].text
+    assert first.strip(), first
+    request = {"text_input": "Hello world", "stream": True, "max_tokens": 8, "stop_words": [first],
+               "return_num_input_tokens": True}
+    results, error = stream_results(server, request)
+    assert error is None, error.message()
+    counts = [int(r.as_numpy("num_input_tokens").reshape(-1)[0]) for r in results
+              if r.as_numpy("num_input_tokens") is not None]
+    texts = [r.as_numpy("text_output").reshape(-1)[0] for r in results if r.as_numpy("text_output") is not None]
+    assert counts == [len(ids)] and texts == [b""], (counts, texts)
 
 
 def test_cancelled_stream_stops_and_the_server_keeps_serving(server, generator):
