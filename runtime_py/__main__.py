@@ -78,9 +78,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     _memory_flag(p)
 
 
-def _memory_flag(p: argparse.ArgumentParser) -> None:
+def _memory_flag(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--skip-memory-check", action="store_true",
                    help="open the artifact even when its estimated memory exceeds what this process may use")
+    if backend:
+        p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
+                       help="auto (default): the artifact's TensorRT engine when a CUDA GPU is present and the "
+                            "engine loads there, else its ONNX graph on ONNX Runtime")
 
 
 def _params(args):
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--json", action="store_true",
                    help='print one JSON object: {"logits", "labels"} (classification) or {"start_logits", '
                         '"end_logits", "answers"} (qa)')
-    _memory_flag(k)
+    _memory_flag(k, backend=False)
 
     c = sub.add_parser("chat", help="interactive chat (streams)")
     c.add_argument("artifact")
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(args.artifact, host=args.host, port=args.port, slots=args.max_batch, threads=args.threads,
                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, model_name=args.model_name,
-                         check_memory=not args.skip_memory_check)
+                         check_memory=not args.skip_memory_check, backend=args.backend)
         return _chat(args)
     except (ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -216,7 +220,8 @@ def _generate(args) -> int:
     params = _params(args)
     if args.stream and args.json:
         raise ValueError("--stream and --json: choose one (--json prints a single object once generation ends)")
-    gen = Generator(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check)
+    gen = Generator(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check,
+                    backend=args.backend)
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
     elif args.chat is not None:
@@ -291,7 +296,7 @@ def _bench(args) -> int:
     from runtime_py.bench import bench
 
     r = bench(args.artifact, args.prompt_len, args.new_tokens, args.batch, threads=args.threads,
-              check_memory=not args.skip_memory_check)
+              check_memory=not args.skip_memory_check, backend=args.backend)
     if args.json:
         print(json.dumps(r))
     else:
@@ -305,7 +310,8 @@ def _chat(args) -> int:
     from runtime_py.generate import Generator
 
     params = _params(args)
-    gen = Generator(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check)
+    gen = Generator(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check,
+                    backend=args.backend)
     gen.check_chat()  # no tokenizer or no template: said before the first message, not after it
     gen.check_stops(params)
     messages = [{"role": "system", "content": args.system}] if args.system else []

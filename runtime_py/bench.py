@@ -21,10 +21,10 @@ def peak_rss_bytes() -> int:
 
 
 def bench(artifact, prompt_len: int, new_tokens: int, batch: int = 1, threads: int | None = None,
-          generator: Generator | None = None, check_memory: bool = True) -> dict:
+          generator: Generator | None = None, check_memory: bool = True, backend: str = "auto") -> dict:
     if prompt_len < 1 or new_tokens < 1 or batch < 1:
         raise ValueError("--prompt-len, --new-tokens and --batch must be >= 1")
-    gen = generator or Generator(artifact, threads=threads, batch=batch, check_memory=check_memory)
+    gen = generator or Generator(artifact, threads=threads, batch=batch, check_memory=check_memory, backend=backend)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, gen.session.vocab_size, prompt_len).tolist() for _ in range(batch)]
     params = SamplingParams(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)

@@ -14,6 +14,7 @@ What it does not do: know the graph's internals (session.py) or render chat temp
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from artifacts.bundle import ArtifactError
 from runtime_py.sampling import SamplingParams, find_stop, logprobs_of, make_rng, sample
 from runtime_py.session import OrtSession
 
@@ -104,7 +106,13 @@ class Generator:
         if backend == "tensorrt" or (backend == "auto" and has_engine and _cuda_available()):
             from runtime_py.trt_session import TrtSession
 
-            return TrtSession(self.root)
+            try:
+                return TrtSession(self.root)
+            except ArtifactError as e:  # this machine cannot run the engine (version, GPU, TensorRT missing)
+                if backend == "tensorrt":
+                    raise
+                print(f"note: not using the artifact's TensorRT engine ({e}); running its ONNX graph on ONNX "
+                      "Runtime instead (--backend tensorrt to insist)", file=sys.stderr)
         return OrtSession(self.root, threads=threads, batch=batch, check_memory=check_memory)
 
     # -- helpers ------------------------------------------------------------------------------------------------

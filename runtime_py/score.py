@@ -69,7 +69,8 @@ def main(args) -> int:
 
     from runtime_py.generate import Generator
 
-    gen = Generator(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check)
+    gen = Generator(args.artifact, threads=args.threads, check_memory=not args.skip_memory_check,
+                    backend=args.backend)
     if args.ids is not None:
         ids = args.ids
     elif args.text is not None:

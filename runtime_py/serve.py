@@ -437,14 +437,15 @@ def create_app(engine: Engine, model_name: str):
 
 def serve(artifact: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, slots: int | None = None,
           threads: int | None = None, max_queue: int | None = None, prefill_chunk: int | None = None,
-          model_name: str | None = None, check_memory: bool = True, log_level: str = "warning") -> int:
+          model_name: str | None = None, check_memory: bool = True, log_level: str = "warning",
+          backend: str = "auto") -> int:
     """Open the engine, bind host:port (0 = any free port), print one `serving ... at http://HOST:PORT` line and
     run until SIGINT/SIGTERM."""
     import uvicorn
 
     from runtime_py.engine import DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 
-    engine = Engine(artifact, slots=slots, threads=threads, check_memory=check_memory,
+    engine = Engine(artifact, slots=slots, threads=threads, check_memory=check_memory, backend=backend,
                     max_queue=DEFAULT_MAX_QUEUE if max_queue is None else max_queue,
                     prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
     name = model_name or Path(artifact).resolve().name

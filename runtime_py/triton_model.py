@@ -199,12 +199,26 @@ def model_parameters(args, defaults: dict, here: Path) -> tuple[dict, dict, Path
     return config, p, artifact if artifact.is_absolute() else here / artifact
 
 
+def _use_instance_gpu(args) -> None:
+    """A GPU instance (KIND_AUTO on a GPU host) runs its TensorRT engine on the GPU Triton gave it, not on GPU 0
+    (where every instance would land): torch's current device, which TrtSession allocates and runs on."""
+    if args.get("model_instance_kind") != "GPU":
+        return
+    try:
+        import torch
+    except ImportError:  # no torch in this environment: no TensorRT session either (it needs torch)
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(args.get("model_instance_device_id") or 0))
+
+
 class TritonPythonModel:
     def initialize(self, args):
         from runtime_py.engine import Engine
 
         _check_stub_numpy()
         _, p, artifact = model_parameters(args, DEFAULTS, _HERE)
+        _use_instance_gpu(args)
         self.engine = Engine(artifact, slots=max(1, int(p["max_concurrency"])), max_queue=int(p["max_queue"]),
                              threads=int(p["ort_threads"]) or None, backend=p["runtime_backend"])
         self.engine.start()

@@ -26,6 +26,8 @@ from artifacts.bundle import ArtifactError, open_artifact
 from artifacts.manifest import TENSORRT_DTYPES, Engine
 
 
+TENSOR_ALIGNMENT = 256  # bytes: what setTensorAddress requires of every binding
+
 def stderr_logger(trt):
     """A TensorRT logger that writes warnings and errors to stderr (trt.Logger prints to stdout, where the build's
     last line must be the artifact path)."""
@@ -60,14 +62,16 @@ def check_engine(engine: Engine | None, trt_version: str, device_cc: tuple[int, 
     if trt_version != engine.version:
         raise ArtifactError(f"engine built with {engine.flavour} {engine.version}, this machine has "
                             f"{trt_version}: engines are not portable across versions; rebuild it here "
-                            "(`python -m export engine BUNDLE`)")
+                            "(`python -m export bundle ARTIFACT --out X.tar`, then `python -m export engine X.tar`)")
     if device_cc is None:
-        raise ArtifactError("running a TensorRT engine needs a CUDA GPU (none found); use an ONNX Runtime "
-                            "artifact on this machine")
+        raise ArtifactError("running a TensorRT engine needs a CUDA GPU (none found); run the artifact's ONNX "
+                            "graph on ONNX Runtime here (--backend onnxruntime)")
     targets = list(engine.compute_capabilities)
     sm = f"SM{device_cc[0]}{device_cc[1]}"
-    if engine.flavour == "tensorrt_rtx" and sm not in targets:
-        raise ArtifactError(f"this GPU is {sm}; the engine targets {targets}; rebuild it on this device")
+    if engine.flavour == "tensorrt_rtx" and sm not in targets:  # a rebuild targets the same fixed list
+        raise ArtifactError(f"this GPU is {sm}; the TensorRT-RTX engine targets {targets}, and TensorRT-RTX builds "
+                            f"for no other GPUs (export/engine.py RTX_TARGETS); install full TensorRT and build "
+                            "the engine on this machine, or run the artifact on ONNX Runtime (--backend onnxruntime)")
     if engine.flavour == "tensorrt" and engine.device_cc and engine.device_cc != sm:
         raise ArtifactError(f"engine built on {engine.device_cc}, this GPU is {sm}; rebuild it on this device")
 
@@ -122,7 +126,9 @@ class TrtSession:
         self.contexts = {}
         for index, name in enumerate(engine.profiles):  # "prefill", "decode" in build order
             ctx = self.engine.create_execution_context()
-            ctx.set_optimization_profile_async(index, torch.cuda.current_stream().cuda_stream)
+            if ctx is None or not ctx.set_optimization_profile_async(index, torch.cuda.current_stream().cuda_stream):
+                raise ArtifactError(f"{self.root}: TensorRT could not create a context for profile '{name}' "
+                                    "(see the TensorRT errors above)")
             self.contexts[name] = ctx
         self.stream = torch.cuda.current_stream()
 
@@ -149,12 +155,25 @@ class TrtSession:
         bindings = {"input_ids": ids, "position_ids": pos, "logits": logits}
         bindings.update(zip(self.kv_in, cache.values))
         bindings.update(zip(self.kv_out, cache.spare))
+        copy_back = []  # (the caller's view, the aligned buffer TensorRT wrote instead)
         for name, tensor in bindings.items():
-            if name in ("input_ids", "position_ids") or name in self.kv_in:
-                ctx.set_input_shape(name, tuple(tensor.shape))
-            ctx.set_tensor_address(name, tensor.data_ptr())
+            if tensor.data_ptr() % TENSOR_ALIGNMENT:  # a row slice of the engine's slots (few KV bytes a row)
+                output = name == "logits" or name in self.kv_out
+                aligned = torch.empty_like(tensor) if output else tensor.clone()
+                if output:
+                    copy_back.append((tensor, aligned))
+                tensor = aligned
+                bindings[name] = tensor  # kept alive until the call has run
+            if (name in ("input_ids", "position_ids") or name in self.kv_in) and \
+                    not ctx.set_input_shape(name, tuple(tensor.shape)):
+                raise RuntimeError(f"TensorRT refused the shape {tuple(tensor.shape)} for input '{name}' (outside "
+                                   "the engine's optimization profile)")
+            if not ctx.set_tensor_address(name, tensor.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of '{name}'")
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
+        for view, aligned in copy_back:
+            view.copy_(aligned)
         self.stream.synchronize()
         cache.values, cache.spare = cache.spare, cache.values
         return logits.cpu().numpy()

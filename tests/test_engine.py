@@ -9,7 +9,9 @@ The trt-native graph itself runs on ONNX Runtime and must match the unfused grap
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,6 +22,8 @@ from export.engine import EngineError
 from export.spec import load_spec
 from runtime_py.session import OrtSession
 from tests.helpers import HAVE_TRT, ONNX_TO_TRT, PROMPT, hf_greedy, needs_trt, run_steps
+
+REPO = Path(__file__).resolve().parents[1]
 
 FAMILY_CASES = ["qwen2_window", "gemma2_mqa_untied", "qwen3_moe_mixed"]
 
@@ -177,6 +181,17 @@ def test_engine_artifact_runs_its_graph_on_cpu_and_refuses_trt_here(engines, che
     assert tokens == hf_greedy(hf_model(checkpoints("qwen3_moe_mixed")), PROMPT, 16)
     with pytest.raises(ArtifactError, match="needs a CUDA GPU"):
         Generator(path, backend="tensorrt")
+    # the CLI's --backend: tensorrt insists (exit 2, one line), onnxruntime runs the graph, as auto does here
+    def cli(*extra):
+        return subprocess.run([sys.executable, "-m", "runtime_py", "generate", str(path), "--prompt-ids",
+                               ",".join(map(str, PROMPT)), "--max-new-tokens", "4", "--ignore-eos", "--json",
+                               *extra], capture_output=True, text=True, timeout=120, cwd=REPO)
+    refused = cli("--backend", "tensorrt")
+    assert refused.returncode == 2 and "--backend onnxruntime" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    for extra in ((), ("--backend", "onnxruntime")):
+        done = cli(*extra)
+        assert done.returncode == 0 and json.loads(done.stdout)["tokens"] == tokens[:4], done.stderr
 
 
 def test_engine_version_and_device_checks():
@@ -189,7 +204,7 @@ def test_engine_version_and_device_checks():
     check_engine(manifest, "1.7.1.116", (8, 9))
     with pytest.raises(ArtifactError, match="built with tensorrt_rtx 1.7.1.116, this machine has 1.8.0"):
         check_engine(manifest, "1.8.0", (8, 9))
-    with pytest.raises(ArtifactError, match="this GPU is SM90; the engine targets"):
+    with pytest.raises(ArtifactError, match="this GPU is SM90; the TensorRT-RTX engine targets .* builds for no other"):
         check_engine(manifest, "1.7.1.116", (9, 0))
     with pytest.raises(ArtifactError, match="needs a CUDA GPU"):
         check_engine(manifest, "1.7.1.116", None)
