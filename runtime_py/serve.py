@@ -47,6 +47,7 @@ from runtime_py.sampling import (DEFAULT_MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STO
                                  SamplingParams)
 from runtime_py.tokenizer import MIN_TEXT_BYTES, TEXT_BYTES_PER_TOKEN, text_bytes_limit
 
+REQUEST_TIMEOUT_S = 10.0  # seconds a connection has to send a request's headers (after opening, after a response)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 # A refused body is read and dropped up to this many times the limit, for at most this long (nginx's lingering
@@ -435,6 +436,34 @@ def create_app(engine: Engine, model_name: str):
                      exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
+def _http_protocol():
+    """uvicorn's h11 protocol, plus a bound on connections that send no complete request: one is closed
+    REQUEST_TIMEOUT_S after it opened (or after its last response) unless a request arrived meanwhile. uvicorn times
+    out only keep-alive connections idle after a response, so connections that sent nothing, or dribbled a header a
+    byte at a time, each held a file descriptor for ever, until the process ran out of them."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._expect_request()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._expect_request()
+
+        def _expect_request(self):
+            armed = self.cycle  # None before the first request; else the one just answered (or pipelined next)
+
+            def check():
+                idle = self.cycle is armed and (armed is None or armed.response_complete)
+                if idle and not self.transport.is_closing():
+                    self.transport.close()
+            self.loop.call_later(REQUEST_TIMEOUT_S, check)
+
+    return Protocol
+
+
 def serve(artifact: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, slots: int | None = None,
           threads: int | None = None, max_queue: int | None = None, prefill_chunk: int | None = None,
           model_name: str | None = None, check_memory: bool = True, log_level: str = "warning",
@@ -462,10 +491,18 @@ def serve(artifact: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"serving {name} ({engine.slots} slots, queue {engine.max_queue}, {type(engine.session).__name__}) "
           f"at http://{shown}:{bound}/v1", flush=True)
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # First end every pending request as cancelled (a 503 body, an SSE error event) so that they all finish
+            # inside the graceful-shutdown window. uvicorn runs the lifespan's engine.stop only after that window,
+            # once it has cancelled the handlers still waiting: cut streams, plain-text 500s, a traceback each.
+            await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+            await super().shutdown(sockets=sockets)
+
     config = uvicorn.Config(create_app(engine, name), log_level=log_level, timeout_graceful_shutdown=5,
-                            access_log=False)
+                            access_log=False, http=_http_protocol())
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config).run(sockets=[sock])
     finally:
         sock.close()
         engine.stop()

@@ -374,6 +374,77 @@ def test_client_gone_mid_body_is_dropped_quietly(server):
     assert "Traceback" not in added and "Exception in ASGI" not in added, added
 
 
+def test_connections_that_send_no_request_are_closed(server):
+    """A connection that sends nothing, or dribbles an unfinished header, is closed REQUEST_TIMEOUT_S after it
+    opened (uvicorn alone kept both open for ever: enough of them exhausted the server's file descriptors)."""
+    from runtime_py.serve import REQUEST_TIMEOUT_S
+
+    url = server[0]
+    port = urllib.parse.urlsplit(url).port
+    idle, dribble = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+    try:
+        dribble.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        for s in (idle, dribble):
+            s.settimeout(REQUEST_TIMEOUT_S + 10)
+            assert s.recv(1) == b""  # closed by the server
+        assert time.monotonic() - t0 < REQUEST_TIMEOUT_S + 5
+    finally:
+        idle.close()
+        dribble.close()
+    assert _health(url)["status"] == "ok"
+
+
+def test_sigterm_ends_pending_requests_with_errors_not_cut_streams(artifacts, tmp_path):
+    """SIGTERM with more work pending than uvicorn's 5 s graceful window (one slot, 32 long streams): every
+    stream ends either complete or with the 'shutting down' error event and [DONE], nothing is cut off, no
+    traceback is logged, and the process exits within the window. Before, uvicorn cancelled the handlers first and
+    stopped the engine only afterwards: cut streams and an 'Exception in ASGI application' each."""
+    path = artifacts("qwen2_window")
+    log = tmp_path / "stderr.log"
+    proc = subprocess.Popen([sys.executable, "-m", "runtime_py", "serve", str(path), "--port", "0", "--max-batch",
+                             "1", "--max-queue", "64", "--threads", "1", "--model-name", MODEL], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    url = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", proc.stdout.readline()).group(1)
+    endings, started = [], threading.Event()
+
+    def stream():
+        body = json.dumps({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 120, "stream": True,
+                           "ignore_eos": True}).encode()
+        request = urllib.request.Request(url + "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        lines = []
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                for line in r:
+                    lines.append(line.decode().strip())
+                    started.set()
+        except Exception as e:  # noqa: BLE001 - a cut stream is what this test looks for
+            lines.append(f"cut: {type(e).__name__}")
+        endings.append([x for x in lines if x])
+
+    threads = [threading.Thread(target=stream) for _ in range(32)]
+    for t in threads:
+        t.start()
+    assert started.wait(60)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    rc = proc.wait(timeout=30)
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join(timeout=30)
+    assert rc in (0, -signal.SIGTERM, 128 + signal.SIGTERM) and took < 5, (rc, took)
+    assert len(endings) == 32
+    cancelled = 0
+    for lines in endings:
+        assert lines and lines[-1] == "data: [DONE]", lines[-3:]
+        if "shutting down" in lines[-2]:
+            cancelled += 1
+    assert cancelled >= 1  # the work did outlast the SIGTERM
+    text = log.read_text()
+    assert "Traceback" not in text and "Exception in ASGI" not in text, text[-2000:]
+
+
 def _post_raw(url: str, path: str, data: bytes, method: str = "POST") -> tuple[int, dict, dict]:
     request = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
