@@ -47,6 +47,7 @@ from runtime_py.sampling import (DEFAULT_MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STO
                                  SamplingParams)
 from runtime_py.tokenizer import MIN_TEXT_BYTES, TEXT_BYTES_PER_TOKEN, text_bytes_limit
 
+BODY_TIMEOUT_S = 10.0  # seconds a request's body has to arrive once its headers have (1 MiB: 100 KB/s at least)
 REQUEST_TIMEOUT_S = 10.0  # seconds a connection has to send a request's headers (after opening, after a response)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -252,12 +253,24 @@ def create_app(engine: Engine, model_name: str):
             raise too_large
         chunks, size = [], 0
         stream = request.stream()
-        async for piece in stream:  # chunked bodies have no Content-Length: count what arrives
-            size += len(piece)
-            if size > limit:
-                await discard(stream, size)
-                raise too_large
-            chunks.append(piece)
+
+        async def receive() -> bool:  # False: over the limit
+            nonlocal size
+            async for piece in stream:  # chunked bodies have no Content-Length: count what arrives
+                size += len(piece)
+                if size > limit:
+                    return False
+                chunks.append(piece)
+            return True
+
+        try:  # a body dribbled a byte at a time would hold its connection and handler for days
+            complete = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        if not complete:
+            await discard(stream, size)
+            raise too_large
         try:
             body = json_loads(b"".join(chunks))
         except ValueError as e:  # bad JSON, bad UTF-8, nested too deeply

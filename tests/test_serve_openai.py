@@ -376,22 +376,30 @@ def test_client_gone_mid_body_is_dropped_quietly(server):
 
 def test_connections_that_send_no_request_are_closed(server):
     """A connection that sends nothing, or dribbles an unfinished header, is closed REQUEST_TIMEOUT_S after it
-    opened (uvicorn alone kept both open for ever: enough of them exhausted the server's file descriptors)."""
-    from runtime_py.serve import REQUEST_TIMEOUT_S
+    opened (uvicorn alone kept both open for ever: enough of them exhausted the server's file descriptors); one
+    whose body stops short is answered 408 after BODY_TIMEOUT_S (its handler waited for the rest for ever)."""
+    from runtime_py.serve import BODY_TIMEOUT_S, REQUEST_TIMEOUT_S
 
     url = server[0]
     port = urllib.parse.urlsplit(url).port
-    idle, dribble = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+    idle, dribble, short = (socket.create_connection(("127.0.0.1", port)) for _ in range(3))
     try:
         dribble.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        short.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"model\"")
         t0 = time.monotonic()
         for s in (idle, dribble):
             s.settimeout(REQUEST_TIMEOUT_S + 10)
             assert s.recv(1) == b""  # closed by the server
-        assert time.monotonic() - t0 < REQUEST_TIMEOUT_S + 5
+        short.settimeout(BODY_TIMEOUT_S + 10)
+        answer = b""
+        while chunk := short.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer[:300]
+        assert time.monotonic() - t0 < max(REQUEST_TIMEOUT_S, BODY_TIMEOUT_S) + 5
     finally:
-        idle.close()
-        dribble.close()
+        for s in (idle, dribble, short):
+            s.close()
     assert _health(url)["status"] == "ok"
 
 
