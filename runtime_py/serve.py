@@ -24,8 +24,10 @@ prompts that do not fit the context (code ``context_length_exceeded``), 404 for 
 body larger than :func:`body_limit` (64 bytes per context token, at least 1 MiB; refused before it is kept: the
 rest is dropped unread up to 4x the limit so the client reads the 413, larger ones see the connection close), 429 when
 ``--max-queue`` requests already wait for a slot (the queue never grows past it), 503 while the engine is stopping
-or after it failed, 500 when a model call fails (that request only; the others go on). A client that disconnects
-cancels its request; the engine frees its slot at its next iteration.
+or after it failed, 500 when a model call fails (that request only; the others go on), 408 for a body that has not
+arrived BODY_TIMEOUT_S after its headers. A client that disconnects cancels its request; the engine frees its slot
+at its next iteration. A connection that sends no request headers for REQUEST_TIMEOUT_S is closed. SIGTERM ends the
+pending requests as cancelled (503, or an SSE error event) before uvicorn's graceful shutdown.
 
 What it does not do: authentication, TLS, several models, ``n`` > 1, ``echo``, log-probs, tools / function
 calling, response formats, frequency / presence penalties or logit bias (each is refused with a 400 naming it).
@@ -504,6 +506,7 @@ def serve(artifact: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"serving {name} ({engine.slots} slots, queue {engine.max_queue}, {type(engine.session).__name__}) "
           f"at http://{shown}:{bound}/v1", flush=True)
+
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
             # First end every pending request as cancelled (a 503 body, an SSE error event) so that they all finish
