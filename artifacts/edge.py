@@ -150,9 +150,10 @@ def packed_names(graph_file: str) -> list[str]:
 
 
 def tensorrt_refusal(kv_mode: str, lowering: str, quantization: dict | None) -> str | None:
-    """Why TensorRT cannot build an artifact of these settings (what `export build --backend tensorrt` refuses up
-    front), or None: concat KV has no optimization profile here; a reference graph quantized by --quantize holds
-    int8 constants that feed no DequantizeLinear."""
+    """Why TensorRT cannot build an artifact of these settings, or None: concat KV has no optimization profile
+    here; a reference graph quantized by --quantize holds int8 constants that feed no DequantizeLinear. The same
+    two rules `export build` applies to its flags (export/build.py plan, export/quantize.py), said there in terms
+    of the flags."""
     if kv_mode != "static":
         return (f"its KV mode is '{kv_mode}'; TensorRT engines are built on the static KV buffers (a concat graph's "
                 "mask has no optimization profile here)")

@@ -210,8 +210,9 @@ def _progress_monitor(trt, stop: list):
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """During the parse and the build, SIGINT and SIGTERM are recorded instead of raised: Python would raise them inside one of
-    TensorRT's callbacks (the only Python that runs then), where TensorRT catches the exception and builds on. The
+    """During the parse and the build, SIGINT and SIGTERM are recorded instead of raised: Python would raise them
+    inside one of TensorRT's callbacks (the only Python that runs then), where TensorRT catches the exception and
+    goes on. The
     progress monitor cancels the build; on the way out the signal is raised again, to its own handler
     (KeyboardInterrupt, export's Terminated), so the staging directory goes as after any Ctrl-C."""
     got: list[int] = []

@@ -75,10 +75,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--threads", type=_threads, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    _memory_flag(p)
+    _session_flags(p)
 
 
-def _memory_flag(p: argparse.ArgumentParser, backend: bool = True) -> None:
+def _session_flags(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    """How the artifact is opened: --skip-memory-check, and --backend (not for classify, ONNX Runtime only)."""
     p.add_argument("--skip-memory-check", action="store_true",
                    help="open the artifact even when its estimated memory exceeds what this process may use")
     if backend:
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--threads", type=_threads, default=None)
     b.add_argument("--json", action="store_true", help="print only one JSON object")
-    _memory_flag(b)
+    _session_flags(b)
 
     s = sub.add_parser("score", help="teacher-forced log-probs of a token sequence and its perplexity")
     s.add_argument("artifact")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--threads", type=_threads, default=None)
     s.add_argument("--json", action="store_true",
                    help='print one object last: {"logprobs": [...], "nll": float, "ppl": float, "mode": ...}')
-    _memory_flag(s)
+    _session_flags(s)
 
     k = sub.add_parser("classify", help="run a task-head artifact: sequence / token classification, extractive QA")
     k.add_argument("artifact")
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--json", action="store_true",
                    help='print one JSON object: {"logits", "labels"} (classification) or {"start_logits", '
                         '"end_logits", "answers"} (qa)')
-    _memory_flag(k, backend=False)
+    _session_flags(k, backend=False)
 
     c = sub.add_parser("chat", help="interactive chat (streams)")
     c.add_argument("artifact")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact's "
                                                       "directory name)")
     v.add_argument("--threads", type=_threads, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    _memory_flag(v)
+    _session_flags(v)
 
     args = parser.parse_args(argv)
     from artifacts.bundle import ArtifactError

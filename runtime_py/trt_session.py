@@ -25,8 +25,8 @@ import numpy as np
 from artifacts.bundle import ArtifactError, open_artifact
 from artifacts.manifest import TENSORRT_DTYPES, Engine
 
-
 TENSOR_ALIGNMENT = 256  # bytes: what setTensorAddress requires of every binding
+
 
 def stderr_logger(trt):
     """A TensorRT logger that writes warnings and errors to stderr (trt.Logger prints to stdout, where the build's
