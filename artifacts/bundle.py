@@ -31,11 +31,16 @@ from pathlib import Path
 from artifacts.manifest import FORMAT, FORMAT_VERSION, MANIFEST, ArtifactError, Manifest
 from artifacts.paths import UnsafePathError, check_name, inside, json_loads
 
-# What a build copies from the checkpoint beside the graph, and what the runtime reads from an artifact (with
-# runtime_py.chat's additional_chat_templates/, which a build does not copy).
+# What a build copies from the checkpoint beside the graph, and what the runtime reads from an artifact, with
+# runtime_py.chat's additional_chat_templates/*.jinja (copied too, each listed in the manifest: named_templates).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+
+def named_templates(files) -> list[str]:
+    """The additional_chat_templates/ files among an artifact's listed `files`, the ones beside the tokenizer."""
+    return sorted(rel for rel in files if rel.startswith(CHAT_TEMPLATE_DIR + "/"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -337,7 +342,12 @@ def check_unlisted(root: Path, manifest: Manifest) -> None:
     """ArtifactError when the directory holds a file the runtime would read (a tokenizer file or chat template)
     that the manifest does not list: nothing seals it, so it could change what a checked artifact does."""
     names = [n for n in TOKENIZER_FILES if n not in manifest.files and os.path.lexists(root / n)]
-    names += [CHAT_TEMPLATE_DIR + "/"] if os.path.lexists(root / CHAT_TEMPLATE_DIR) else []
+    templates = root / CHAT_TEMPLATE_DIR  # a build copies the checkpoint's named templates there, each listed
+    if templates.is_symlink() or (templates.exists() and not templates.is_dir()):
+        names.append(CHAT_TEMPLATE_DIR + "/")
+    elif templates.is_dir():
+        names += sorted(rel for e in os.scandir(templates)
+                        if (rel := f"{CHAT_TEMPLATE_DIR}/{e.name}") not in manifest.files)
     if names:
         raise ArtifactError(f"{root}: {', '.join(names)} {'is' if len(names) == 1 else 'are'} not listed in the "
                             "manifest, so no checksum covers it, and the runtime would read it; remove it or "

@@ -42,8 +42,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from artifacts.bundle import (TOKENIZER_FILES, ArtifactError, check_out_name, make_parents, open_artifact,
-                              remove_empty_dirs, rename_new)
+from artifacts.bundle import (TOKENIZER_FILES, ArtifactError, check_out_name, make_parents, named_templates,
+                              open_artifact, remove_empty_dirs, rename_new)
 from artifacts.paths import (UnsafePathError, check_name, create_inside, inside, json_loads, mkdir_inside,
                              open_dir)
 
@@ -108,7 +108,7 @@ def pack(artifact: str | Path, out: str | Path, overwrite: bool = False) -> Path
     # The manifest is untrusted: every name must stay inside the artifact and reach no symlink.
     try:
         check_name(graph_file, f"{root}: manifest graphs.decoder.file")
-        paths = {m: inside(root, m, f"{root}: bundle member") for m in packed_names(graph_file)}
+        paths = {m: inside(root, m, f"{root}: bundle member") for m in packed_names(graph_file, manifest.files)}
     except UnsafePathError as e:
         raise ArtifactError(str(e)) from None
     if graph_file.split("/")[0] in _RESERVED:
@@ -143,10 +143,11 @@ def pack(artifact: str | Path, out: str | Path, overwrite: bool = False) -> Path
             f.close()
 
 
-def packed_names(graph_file: str) -> list[str]:
-    """The artifact files a bundle carries (those that exist): the graph, its external data, the manifest and the
-    tokenizer files. Not an engine or timing cache the artifact may hold: the device builds its own."""
-    return [graph_file, graph_file + ".data", *_ARTIFACT_FILES]
+def packed_names(graph_file: str, files) -> list[str]:
+    """The artifact files a bundle carries (those that exist) given its manifest's listed `files`: the graph, its
+    external data, the manifest, the tokenizer files and named chat templates. Not an engine or timing cache the
+    artifact may hold: the device builds its own."""
+    return [graph_file, graph_file + ".data", *_ARTIFACT_FILES, *named_templates(files)]
 
 
 def tensorrt_refusal(kv_mode: str, lowering: str, quantization: dict | None) -> str | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from artifacts.bundle import TOKENIZER_FILES, staging_dir, write_manifest
+from artifacts.bundle import CHAT_TEMPLATE_DIR, TOKENIZER_FILES, staging_dir, write_manifest
 from export.options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_KV_MODE, DEFAULT_LOGITS, DEFAULT_MAX_BATCH,
                             DEFAULT_PRECISION, KV_MODES, LOGITS, LOWERINGS, MAX_BATCH, MAX_SEQ_LEN, PRECISIONS, TASKS,
                             TRT_LOWERINGS, default_lowering)
@@ -220,6 +220,7 @@ def build(model: str, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT
             engine = build_engine_stage(tmp, io, kv_mode, max_batch, max_seq_len, precision,
                                         has_fp8_weights(quantization))
         for name, path in plan.tokenizer_files.items():
+            (tmp / name).parent.mkdir(exist_ok=True)  # additional_chat_templates/
             shutil.copyfile(path, tmp / name)  # contents only: never a link, never the source's mode
         if "tokenizer.json" not in plan.tokenizer_files:
             print(f"warning: {model_dir} has no tokenizer.json; generate will need --prompt-ids", file=sys.stderr)
@@ -362,6 +363,7 @@ def _tokenizer_files(model_dir: Path) -> dict[str, Path]:
     """The tokenizer files to copy, checked before any work: each a regular file inside the checkpoint (or its HF
     cache blobs), tokenizer.json parsing as a tokenizer, every chat template rendering a sample conversation."""
     found = {name: path for name in TOKENIZER_FILES if (path := checkpoint_file(model_dir, name)) is not None}
+    found.update(_named_templates(model_dir))
     if "tokenizer.json" in found:
         from tokenizers import Tokenizer
 
@@ -384,6 +386,24 @@ def _tokenizer_files(model_dir: Path) -> dict[str, Path]:
 
     check_chat_templates(model_dir)
     return found
+
+
+def _named_templates(model_dir: Path) -> dict[str, Path]:
+    """``additional_chat_templates/NAME.jinja`` (transformers' named templates, e.g. tool_use), each a regular file
+    inside the checkpoint with a plain name, so the artifact keeps every template the checkpoint has."""
+    from artifacts.paths import UnsafePathError, check_name
+
+    d = model_dir / CHAT_TEMPLATE_DIR
+    found = {}
+    # what runtime_py.chat reads; the files of a directory linked out of the checkpoint are refused by checkpoint_file
+    for f in sorted(d.glob("*.jinja")) if d.is_dir() else ():
+        name = f"{CHAT_TEMPLATE_DIR}/{f.name}"
+        try:
+            check_name(name, f"{model_dir}: chat template file")
+        except UnsafePathError as e:
+            raise CheckpointError(str(e)) from None
+        found[name] = checkpoint_file(model_dir, name)
+    return {name: path for name, path in found.items() if path is not None}
 
 
 def _check_graph(path: Path) -> None:

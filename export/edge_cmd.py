@@ -47,7 +47,7 @@ def check_contents(bundle_path: Path, info: dict, manifest) -> None:
     checked every member against bundle.json, and the engine artifact's new manifest re-hashes what is there, so a
     file the manifest does not list (a chat template, say) or one that differs from its record would otherwise be
     sealed in as if the build had written it, and a listed file missing from the bundle silently dropped."""
-    files, carried = info["files"], set(packed_names(manifest.decoder.file))
+    files, carried = info["files"], set(packed_names(manifest.decoder.file, manifest.files))
     for rel, entry in manifest.files.items():
         got = files.get(rel)
         if got is None and rel not in carried:  # an engine or timing cache of the packed artifact: rebuilt here

@@ -392,11 +392,10 @@ def test_unlisted_file_the_runtime_reads_is_refused(artifacts, tmp_path, name):
         m["files"].pop(name, None)
 
     art = _tampered(artifacts, tmp_path, edit)
-    shown = name.split("/")[0] + ("/" if "/" in name else "")
-    with pytest.raises(ArtifactError, match=f"{shown} is not listed in the manifest"):
+    with pytest.raises(ArtifactError, match=f"{name} is not listed in the manifest"):
         open_artifact(art)
     done = cli("runtime_py", "generate", str(art), "--chat", "Hi", "--max-new-tokens", "2")
-    assert_refused(done, f"{shown} is not listed in the manifest")
+    assert_refused(done, f"{name} is not listed in the manifest")
     assert "INJECTED" not in done.stdout
 
 
@@ -451,6 +450,40 @@ def test_tokenizer_symlink_out_of_the_checkpoint_is_refused(ckpt, tmp_path):
     out = tmp_path / "art"
     done = cli(*build_argv(ckpt, out))
     assert_refused(done, "tokenizer.json", "/etc/passwd", "outside the checkpoint")
+    assert not out.exists()
+
+
+TOOL_USE = "TOOLS {% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+
+
+def test_named_chat_templates_are_kept_sealed_and_bundled(ckpt, tmp_path, capsys):
+    """additional_chat_templates/*.jinja (transformers' named templates) reach the artifact, listed and checksummed,
+    and its edge bundle; the build used to drop them. One dropped in afterwards is refused like any unlisted file."""
+    from artifacts.edge import pack, unpack
+    from runtime_py.chat import load_chat_template
+
+    (ckpt / "additional_chat_templates").mkdir()
+    (ckpt / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE)
+    out = tmp_path / "art"
+    assert main(build_argv(ckpt, out, "--lowering", "trt-native")[1:]) == 0, capsys.readouterr().err
+    manifest = open_artifact(out)
+    assert "additional_chat_templates/tool_use.jinja" in manifest.files
+    assert load_chat_template(out, "tool_use")[0] == TOOL_USE
+    assert load_chat_template(out)[0] == load_chat_template(ckpt)[0]  # the default one is unchanged
+    _, info = unpack(pack(out, tmp_path / "b.tar"), tmp_path / "unpacked")
+    assert info["files"]["additional_chat_templates/tool_use.jinja"]["bytes"] == len(TOOL_USE)
+    assert (tmp_path / "unpacked" / "artifact" / "additional_chat_templates" / "tool_use.jinja").read_text() == TOOL_USE
+    (out / "additional_chat_templates" / "rag.jinja").write_text("INJECTED")
+    with pytest.raises(ArtifactError, match="additional_chat_templates/rag.jinja is not listed in the manifest"):
+        open_artifact(out)
+
+
+def test_named_chat_template_linked_out_of_the_checkpoint_is_refused(ckpt, tmp_path):
+    (tmp_path / "secret.jinja").write_text("{{ 'secret' }}")
+    (ckpt / "additional_chat_templates").mkdir()
+    (ckpt / "additional_chat_templates" / "tool_use.jinja").symlink_to(tmp_path / "secret.jinja")
+    out = tmp_path / "art"
+    assert_refused(cli(*build_argv(ckpt, out)), "tool_use.jinja", "outside the checkpoint")
     assert not out.exists()
 
 
