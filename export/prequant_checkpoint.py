@@ -162,7 +162,7 @@ class PreQuantCheckpoint(Checkpoint):
             b = s.block[1] if s.block else K
             if K % b and K > b:  # blocks that do not tile the input dim: no blocked form, stays float
                 return None
-            return QInfo("fp8", 0 if b >= K else b, label="fp8-block" if s.block else "fp8-tensor")
+            return QInfo("fp8", 0 if b >= K else b, label="block" if s.block else "tensor")
         per_channel = s.group_size in (-1, None) or s.group_size > K or s.strategy in ("channel", "tensor")
         label = {"gptq": f"gptq-v{s.format_version}", "awq": "awq", "compressed-tensors": "compressed-tensors"}
         return QInfo(f"int{s.bits}", 0 if per_channel else s.group_size, zeros=not s.sym,

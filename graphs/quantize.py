@@ -171,7 +171,7 @@ class QInfo:
     group: int
     zeros: bool = False
     perm: bool = False
-    label: str = "rtn-symmetric"  # what the manifest calls the source: rtn-symmetric, gptq-v2, awq, fp8-block, ...
+    label: str = "rtn-symmetric"  # the source, after the scheme: rtn-symmetric, gptq-v2-symmetric, block (fp8), ...
     full_range: bool = False  # RTN only: the scale rule of quantize_rtn
 
     @property
@@ -432,14 +432,15 @@ def quantize_graph(model: ir.Model, cfg: QuantConfig | None, lowering: str, np_d
         model.opset_imports.setdefault(MS, 1)
     if lowering == "trt-native" or any(d.get("scheme", "").startswith("fp8") for d in schemes.values()):
         model.opset_imports[""] = max(model.opset_imports.get("", 21), 21)  # blocked DequantizeLinear, float8 Cast
-    for value in graph.initializers.values():  # everything else keeps its stored precision
+    for value in graph.initializers.values():  # everything else keeps its stored precision (float8: an FP8 weight's
         if value.dtype.is_floating_point() and value.name not in schemes and value.shape is not None \
-                and len(value.shape) >= 1 and not _is_scale(value.name):
+                and len(value.shape) >= 1 and not _is_scale(value.name) \
+                and not value.dtype.name.startswith("FLOAT8"):  # stored form, recorded under its weight's name)
             schemes[value.name] = {"scheme": value.dtype.name.lower()}
     if cfg is None:  # weights whose integers no form here takes (e.g. a quantized router) are their dequantization
         kept = sorted(v.name for v in graph.initializers.values() if qsource(v) is not None and list(v.uses()))
         for name in kept:
-            schemes[name]["dequantized_from"] = qsource(graph.initializers[name]).info.label
+            schemes[name]["dequantized_from"] = _scheme_name(qsource(graph.initializers[name]).info)
         return {"scheme": "pre-quantized", "accuracy_level": level if lowering == "ort" else None,
                 "counts": counts, "forms": forms, "dequantized": kept, "tensors": dict(sorted(schemes.items()))}
     return {"scheme": cfg.scheme, "group_size": cfg.group_size, "trt_channel_wise": group == 0,
@@ -524,8 +525,13 @@ def _is_scale(name: str) -> bool:
     return name.endswith((".scales", ".fc1_scales", ".fc2_scales"))
 
 
+def _scheme_name(info: QInfo) -> str:
+    """A quantized tensor's scheme in the manifest: int4-rtn-symmetric, int4-gptq-v2-asymmetric, fp8-block, ..."""
+    return f"{info.scheme}-{info.label}"
+
+
 def _scheme(info: QInfo, form: str, K: int, shape) -> dict:
-    d = {"scheme": f"{info.scheme}-{info.label}", "bits": info.bits, "group_size": info.group or K, "axis": "input",
+    d = {"scheme": _scheme_name(info), "bits": info.bits, "group_size": info.group or K, "axis": "input",
          "shape": list(shape)}
     if info.label != "rtn-symmetric":
         d.update(zero_points=info.zeros, act_order=info.perm, form=form)

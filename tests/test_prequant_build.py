@@ -104,6 +104,10 @@ def test_build_equals_transformers_on_the_dequantized_weights(key, written, tmp_
     stored = {name: t for name, t in q["tensors"].items() if "form" in t}
     assert stored and all(t["scheme"].startswith(f"int{opts.get('bits', 4)}-" if fmt != "fp8" else "fp8-")
                           for t in stored.values())
+    assert fmt != "fp8" or {t["scheme"] for t in stored.values()} == {"fp8-block"}  # was "fp8-fp8-block"
+    # every entry is a weight of the model (an FP8 weight's stored float8 copy used to be listed as one more)
+    assert not [n for n in q["tensors"] if ".weight.q." in n or q["tensors"][n]["scheme"].startswith("float8")]
+    assert set(q["dequantized"]) <= set(q["tensors"]), q["dequantized"]
     if opts.get("float_layers"):  # a float layer stays in the precision, its neighbours quantized
         layer = opts["float_layers"][0]
         i = layer.split(".")[2]
