@@ -91,8 +91,12 @@ class Served:
         self.log = open(log, "wb")
         cmd = [sys.executable, "-m", "artifacts.triton", "serve", str(repo_dir), "--grpc-port", str(self.grpc),
                "--http-port", str(self.http), "--metrics-port", str(metrics), "--python-env", str(python_env)]
-        # A session of its own, as a shell gives a foreground job: the serve process leads its process group.
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        # A session of its own, as a shell gives a foreground job: the serve process leads its process group. Its
+        # temporary directory goes under the test's (a SIGKILLed serve cannot remove it).
+        tmp = log.parent / f"{log.stem}-tmp"
+        tmp.mkdir()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, "TMPDIR": str(tmp)})
         deadline = time.monotonic() + 60
         while not _ready(self.http):
             if self.proc.poll() is not None or time.monotonic() > deadline:
