@@ -30,7 +30,9 @@ at its next iteration. A connection that sends no request headers for REQUEST_TI
 pending requests as cancelled (503, or an SSE error event) before uvicorn's graceful shutdown.
 
 What it does not do: authentication, TLS, several models, ``n`` > 1, ``echo``, log-probs, tools / function
-calling, response formats, frequency / presence penalties or logit bias (each is refused with a 400 naming it).
+calling, response formats, audio, frequency / presence penalties or logit bias (each is refused with a 400 naming
+it). A field the endpoint does not know (``FIELDS``: OpenAI's documented ones and the extensions) is refused as
+OpenAI refuses it, ``Unrecognized request argument supplied: NAME``, never silently ignored.
 """
 
 from __future__ import annotations
@@ -59,6 +61,20 @@ DRAIN_FACTOR = 4
 DRAIN_SECONDS = 5.0
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 CHAT_ROLES = ("system", "user", "assistant", "developer")  # OpenAI's, less tool calling's; developer = system
+# The request fields each endpoint knows: OpenAI's documented ones (used, refused when they ask for what this server
+# does not do, or ignored when they cannot change the text: user, store, metadata, ...) and this server's
+# extensions. Any other field is refused as OpenAI refuses it ("Unrecognized request argument supplied"): a
+# sampling option of another server (min_p, say) or a misspelt max_tokens silently ignored would change the answer.
+EXTENSIONS = ("top_k", "repetition_penalty", "ignore_eos")
+COMMON_FIELDS = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
+                 "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "user", *EXTENSIONS)
+FIELDS = {
+    "completions": frozenset((*COMMON_FIELDS, "prompt", "best_of", "echo", "suffix")),
+    "chat": frozenset((*COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs", "response_format",
+                       "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "modalities",
+                       "audio", "prediction", "web_search_options", "reasoning_effort", "verbosity", "store",
+                       "metadata", "service_tier", "prompt_cache_key", "safety_identifier")),
+}
 
 
 class APIError(Exception):
@@ -110,6 +126,19 @@ def _refuse(body: dict, name: str, allowed=(None,)) -> None:
 def _count(n: int) -> str:
     """A count for an error message: huge ones (a client's max_tokens) are not echoed digit by digit."""
     return str(n) if n < 10 ** 12 else "more than 10^12"
+
+
+def check_fields(body: dict, endpoint: str) -> None:
+    """400 naming the first field `endpoint` ("completions" or "chat") does not know (see FIELDS), or a known one
+    asking for output this server cannot give (audio, web search)."""
+    for name in body:
+        if name not in FIELDS[endpoint]:
+            raise _bad(f"Unrecognized request argument supplied: {json.dumps(name)[1:-1][:80]}", param=name[:80])
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise _bad("'modalities' other than [\"text\"] is not supported", param="modalities")
+    for name in ("audio", "web_search_options"):
+        _refuse(body, name)
 
 
 def parse_sampling(body: dict, prompt_len: int, context: int, prompt_param: str) -> SamplingParams:
@@ -318,6 +347,7 @@ def create_app(engine: Engine, model_name: str):
         where = "messages" if chat else "prompt"  # the param a bad prompt is blamed on
         try:
             body = await read_body(request)
+            check_fields(body, "chat" if chat else "completions")
             # tokenizing (and rendering a chat template) a body of up to the limit takes a while: off the loop
             prompt = await run_in_threadpool(_chat_prompt if chat else _completion_prompt, engine, body)
             params = parse_sampling(body, len(prompt), engine.max_seq_len, where)

@@ -217,11 +217,27 @@ def test_bad_requests_while_another_streams(server, client, gen):
     for bad, param in ((dict(temperature=5), "temperature"), (dict(top_p=0), "top_p"), (dict(n=2), "n"),
                        (dict(max_tokens=0), "max_tokens"), (dict(seed=-1), "seed"),
                        (dict(extra_body={"top_k": "3"}), "top_k"), (dict(stop=[""]), "stop"),
-                       (dict(logprobs=2), "logprobs"), (dict(prompt=[1, 999999]), "prompt")):
+                       (dict(logprobs=2), "logprobs"), (dict(prompt=[1, 999999]), "prompt"),
+                       # fields OpenAI does not define are refused as OpenAI refuses them, not silently ignored
+                       (dict(extra_body={"min_p": 0.1}), "min_p"), (dict(extra_body={"max_token": 3}), "max_token"),
+                       (dict(extra_body={"messages": []}), "messages")):  # a chat field on /v1/completions
         kw = {"prompt": "ok", **bad}
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, **kw)
         assert e.value.status_code == 400 and e.value.param == param, bad
+    with pytest.raises(openai.BadRequestError, match="Unrecognized request argument supplied: min_p"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"min_p": 0.1})
+    for bad, param in ((dict(modalities=["text", "audio"]), "modalities"),
+                       (dict(audio={"voice": "alloy", "format": "wav"}), "audio")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **bad)
+        assert e.value.param == param, bad
+    # documented fields that cannot change the text are accepted
+    done = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          user="u1", store=False, metadata={"k": "v"}, modalities=["text"],
+                                          parallel_tool_calls=False)
+    assert done.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4o", prompt="hi")
     assert e.value.code == "model_not_found"
