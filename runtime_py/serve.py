@@ -53,6 +53,7 @@ from runtime_py.tokenizer import MIN_TEXT_BYTES, TEXT_BYTES_PER_TOKEN, text_byte
 
 BODY_TIMEOUT_S = 10.0  # seconds a request's body has to arrive once its headers have (1 MiB: 100 KB/s at least)
 REQUEST_TIMEOUT_S = 10.0  # seconds a connection has to send a request's headers (after opening, after a response)
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 # A refused body is read and dropped up to this many times the limit, for at most this long (nginx's lingering
@@ -371,13 +372,18 @@ def create_app(engine: Engine, model_name: str):
 
         if not stream:
             text, last = [], None
+            loop = asyncio.get_running_loop()
+            check_at = loop.time() + DISCONNECT_POLL_S
             try:
                 while True:
-                    try:
-                        last = await asyncio.wait_for(queue.get(), timeout=0.25)
-                    except asyncio.TimeoutError:
+                    # every DISCONNECT_POLL_S, tokens arriving or not (a model's come far faster than that)
+                    if loop.time() >= check_at:
                         if await request.is_disconnected():  # the finally below cancels the request
                             return JSONResponse({"error": None}, status_code=499)  # nobody reads it
+                        check_at = loop.time() + DISCONNECT_POLL_S
+                    try:
+                        last = await asyncio.wait_for(queue.get(), timeout=max(check_at - loop.time(), 0.001))
+                    except asyncio.TimeoutError:
                         continue
                     text.append(last.text)
                     if last.finish_reason is not None:

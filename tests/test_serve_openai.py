@@ -516,3 +516,46 @@ def test_hostile_values(server, client, gen):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
     assert _health(url)["running"] == 0
+
+
+def test_non_streamed_request_whose_client_left_is_cancelled(artifacts, monkeypatch):
+    """A non-streamed request whose client closed its connection is cancelled within about DISCONNECT_POLL_S even
+    while its tokens keep coming. The disconnect check used to run only when no token came for 0.25 s, so with a
+    real model's token rate the dead request held its slot to the end. In-process, on a model slowed to 50 ms a
+    step (a 0.5B model on a CPU), so that the generation outlasts the check."""
+    import uvicorn
+
+    from runtime_py.engine import Engine
+    from runtime_py.serve import DISCONNECT_POLL_S, _http_protocol, create_app
+
+    decode = Engine._decode
+    monkeypatch.setattr(Engine, "_decode", lambda self: (time.sleep(0.05), decode(self))[1])
+    engine = Engine(artifacts("qwen2_window"), slots=2, threads=1)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL), log_level="error", access_log=False,
+                                           http=_http_protocol()))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        conn = socket.create_connection(("127.0.0.1", port))
+        body = json.dumps({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 100, "ignore_eos": True}).encode()
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # 100 tokens: 5 s
+        while _health(url)["running"] == 0:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        conn.close()
+        t0 = time.monotonic()
+        while (h := _health(url))["running"] and time.monotonic() - t0 < 4:
+            time.sleep(0.02)
+        assert h["running"] == 0 and h["finished"] == {"cancelled": 1}, h
+        assert time.monotonic() - t0 < DISCONNECT_POLL_S + 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
