@@ -250,8 +250,9 @@ class Engine:
                 raise EngineClosedError(self.failure or "the engine is shutting down")
             free = self.slots - len(self.rows)  # requests that the next iteration admits do not count as queued
             if len(self._waiting) >= self.max_queue + max(free, 0):
-                raise QueueFullError(f"all {self.slots} slots are busy and {self.max_queue} requests are already "
-                                     "waiting (the queue limit); retry later")
+                raise QueueFullError(f"the queue is full: {len(self._waiting)} requests wait for the {self.slots} "
+                                     f"slots ({len(self.rows)} busy; at most {self.max_queue} may wait beyond the "
+                                     "free ones); retry later")
             self._waiting.append(request)
             self._cv.notify()
         return request
@@ -463,10 +464,17 @@ class Engine:
 
     # -- synchronous use ----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Output]:
-        """Run requests to completion on this thread (the loop must not be started); all are submitted first."""
+        """Run requests to completion on this thread (the loop must not be started). Every prompt is checked
+        first (ValueError: nothing submitted); they are submitted as the queue takes them, and if anything fails
+        on the way, those already submitted are withdrawn before the error propagates."""
         if self._thread is not None:
             raise RuntimeError("generate() runs the engine on the calling thread; the loop is already started")
         params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
+        for prompt, p in zip(prompts, params):
+            p.validate()
+            self.check(prompt, p)
         outputs = [Output() for _ in prompts]
 
         def collect(out: Output):
@@ -476,9 +484,27 @@ class Engine:
                 out.finish_reason, out.error = u.finish_reason, u.error
             return callback
 
-        for prompt, p, out in zip(prompts, params, outputs):
-            self.submit(prompt, p, collect(out))
-        while self.busy:
-            self.step()
+        pending, mine = deque(zip(prompts, params, outputs)), []
+        try:
+            while pending or self.busy:
+                while pending:
+                    prompt, p, out = pending[0]
+                    try:
+                        mine.append(self.submit(prompt, p, collect(out)))
+                    except QueueFullError:  # the rest waits for this step to free room
+                        break
+                    pending.popleft()
+                self.step()
+        except BaseException:
+            self._withdraw(mine)
+            raise
         return outputs
+
+    def _withdraw(self, requests: list[Request]) -> None:
+        """End `requests` as cancelled at once, waiting or running, without a model call."""
+        ids = {id(r) for r in requests}
+        with self._cv:
+            self._waiting = deque(r for r in self._waiting if id(r) not in ids)
+        for row in [r for r in self.rows if id(r.request) in ids]:
+            self._finish(row, "cancelled", None)
 

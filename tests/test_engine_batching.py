@@ -259,3 +259,46 @@ def test_threaded_loop_and_failing_call(artifacts, monkeypatch):
                   lambda u: u.finish_reason and hang.set())
     engine.stop()
     assert hang.is_set()
+
+
+def test_generate_takes_more_prompts_than_the_queue_and_leaves_nothing_behind_on_error(artifacts):
+    """Engine.generate with more prompts than slots + queue runs them all (it used to raise QueueFullError and leave
+    the submitted ones queued for ever, failing every later call); a bad prompt after good ones is refused before
+    any is submitted (they used to stay queued and run inside the next call); a params list of the wrong length is
+    refused (zip dropped the extra prompts silently)."""
+    path = artifacts("qwen2_window")
+    engine = Engine(path, slots=2, prefill_chunk=8, threads=2, max_queue=1)
+    gen = Generator(path, threads=2)
+    prompts = _prompts()
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in MAX_NEW]
+    outs = engine.generate(prompts, params)  # 6 prompts, room for 3
+    assert [o.tokens for o in outs] == [r.tokens for r in _alone(gen, prompts, params)]
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        engine.generate([prompts[0], prompts[1], []], SamplingParams(max_new_tokens=3))
+    assert not engine.busy
+    with pytest.raises(ValueError, match="3 prompts but 2 sampling parameters"):
+        engine.generate(prompts[:3], params[:2])
+    seen = []
+    real_step = engine.step
+
+    def failing_step():  # a model call that fails mid-way: what was submitted is withdrawn, not left queued
+        if engine.iterations == 3:
+            raise RuntimeError("model call failed")
+        seen.append(len(engine.rows) + engine.waiting)
+        return real_step()
+
+    engine.step = failing_step
+    engine.iterations = 0
+    with pytest.raises(RuntimeError, match="model call failed"):
+        engine.generate(prompts, params)
+    assert seen and max(seen) > 0 and not engine.busy
+    del engine.step
+    assert engine.generate(prompts[:1], params[:1])[0].tokens == _alone(gen, prompts[:1], params[:1])[0].tokens
+
+
+def test_queue_full_message_counts_what_is_busy(artifacts):
+    engine = Engine(artifacts("qwen2_window"), slots=2, threads=2, max_queue=1)
+    for _ in range(3):
+        engine.submit([5, 6], SamplingParams(max_new_tokens=2))
+    with pytest.raises(QueueFullError, match=r"3 requests wait for the 2 slots \(0 busy"):
+        engine.submit([5, 6], SamplingParams(max_new_tokens=2))
