@@ -31,8 +31,10 @@ of a render is a :class:`ChatTemplateError` (a ``ValueError``): the template ref
 What it does not do: find templates or prepare messages (runtime_py/chat.py does). A namespace prints as
 ``<Namespace>`` (transformers prints its attributes; printing them would let a later attribute write grow values
 already built). Constant folding of filters at compile time is off (filters run at render time, inside the
-bounds). Compiling a template is not bounded; a single C-level operation on a value just under a bound can
-overrun the time budget by about a second.
+bounds). Compiling a template is not bounded. A single C-level operation cannot be interrupted: the few whose
+time grows faster than their input have their inputs bounded (MAX_HASHED_ITEMS, MAX_STRIP_CHARS, MAX_URLIZE_WORK,
+MAX_WORDWRAP_CHARS), the clock is read after every filter and method call and at the end, and one operation on a
+value just under a bound can still overrun the budget by about a second before the render fails.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ MAX_VALUE_SIZE = 4 * 2**20  # any one value a template builds: characters of tex
 MAX_RANGE = 10_000  # items of one range() (Jinja's sandbox allows 100_000; chat templates loop over messages)
 MAX_INT_BITS = 8192  # integers built by * and ** (Python refuses to print ints of more than ~14_000 bits anyway)
 MAX_RENDER_SECONDS = 2.0  # CPU time of the rendering thread; real templates take about a millisecond
+# Inputs of the few operations whose time grows faster than their input (each would run for minutes inside one C or
+# library call, where no tick can stop it, on values far below MAX_VALUE_SIZE):
+MAX_HASHED_ITEMS = 4096  # items |unique and dict() hash (ints that all hash alike make them quadratic)
+MAX_STRIP_CHARS = 256  # the chars argument of |trim and str.strip/lstrip/rstrip (O(len(s) * len(chars)))
+MAX_URLIZE_WORK = 2**24  # |urlize: the sum of len(word)**2 over its long words (its punctuation regex backtracks)
+MAX_WORDWRAP_CHARS = 65536  # the text |wordwrap takes (textwrap is quadratic on long runs of spaces)
 MAX_ERROR_MESSAGE_CHARS = 2000  # raise_exception messages are cut to this
 _CLOCK_EVERY = 32  # ticks between CPU clock reads (a read is a ~0.5 us syscall)
 _SIZE_CACHE_ENTRIES = 4096
@@ -114,6 +122,14 @@ def _exceeded(bound: str, what: str) -> TemplateLimitError:
     if render is not None and render.error is None:
         render.error = error
     return error
+
+
+def _clock() -> None:
+    """After an operation that may have run long in one call (a filter, a method): the CPU budget, read now."""
+    render = getattr(_local, "render", None)
+    if render is not None and time.thread_time() > render.deadline:
+        raise _exceeded("MAX_RENDER_SECONDS", "rendering used more CPU time than that (an operation that took too "
+                                              "long)")
 
 
 def _tick() -> None:
@@ -305,11 +321,29 @@ def _check_method(obj, args: tuple, kwargs: dict) -> tuple:
             n = len(items) if hasattr(items, "__len__") else 0
             _ensure_fits(_size(items) + max(n - 1, 0) * len(owner), what)
             args = (items, *args[1:])
+        elif name in ("strip", "lstrip", "rstrip") and args and isinstance(args[0], (str, bytes)):
+            _check_strip_chars(args[0], what)
         elif name == "translate" and isinstance(owner, str) and args and isinstance(args[0], Mapping):
             longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
             _ensure_fits(len(owner) * max(longest, 1), what)
+    elif isinstance(owner, dict) and name in ("update", "fromkeys"):
+        args = _check_hashed(args, kwargs, f"dict.{name}()")
     elif isinstance(owner, int) and name == "to_bytes":
         _ensure_fits(_width(args[0] if args else kwargs.get("length", 1)), "int.to_bytes()")
+    return args
+
+
+def _check_strip_chars(chars, what: str) -> None:
+    if len(chars) > MAX_STRIP_CHARS:
+        raise _exceeded("MAX_STRIP_CHARS", f"{what} was given {len(chars):,} characters to strip")
+
+
+def _check_hashed(args: tuple, kwargs: dict, what: str) -> tuple:
+    """dict(...), dict.update/fromkeys: at most MAX_HASHED_ITEMS items to hash (a one-shot iterable materialized)."""
+    args = tuple(_as_list(a) if not isinstance(a, Mapping) else a for a in args)
+    n = sum(len(a) for a in args if hasattr(a, "__len__")) + len(kwargs)
+    if n > MAX_HASHED_ITEMS:
+        raise _exceeded("MAX_HASHED_ITEMS", f"{what} was given {n:,} items")
     return args
 
 
@@ -351,7 +385,20 @@ def _filter_indent(a):
 
 def _filter_wordwrap(a):
     s, wrap = str(a["s"]), a["wrapstring"]
+    if len(s) > MAX_WORDWRAP_CHARS:
+        raise _exceeded("MAX_WORDWRAP_CHARS", f"|wordwrap was given {len(s):,} characters")
     _ensure_fits(len(s) * (1 + (len(wrap) if isinstance(wrap, str) else 1)), "|wordwrap")
+
+
+def _filter_trim(a):
+    if isinstance(a["chars"], str):
+        _check_strip_chars(a["chars"], "|trim")
+
+
+def _filter_unique(a):
+    a["value"] = items = _as_list(a["value"])
+    if hasattr(items, "__len__") and len(items) > MAX_HASHED_ITEMS:
+        raise _exceeded("MAX_HASHED_ITEMS", f"|unique was given {len(items):,} items")
 
 
 def _filter_replace(a):
@@ -398,6 +445,9 @@ def _filter_tojson(a):
 
 def _filter_urlize(a):
     s = str(a["value"])
+    work = sum(n * n for n in map(len, s.split()) if n > 64)  # short words cost their length; long ones its square
+    if work > MAX_URLIZE_WORK:
+        raise _exceeded("MAX_URLIZE_WORK", f"|urlize was given words of {work:,} squared characters")
     extra = 48 + sum(len(str(a[k])) for k in ("target", "rel") if a[k] is not None)
     _ensure_fits(3 * len(s) + (len(s) // 4 + 1) * extra, "|urlize")
 
@@ -406,6 +456,7 @@ _FILTER_CHECKS = {
     "center": _filter_center, "indent": _filter_indent, "wordwrap": _filter_wordwrap, "replace": _filter_replace,
     "join": _filter_join, "format": _filter_format, "batch": _filter_batch, "slice": _filter_slice,
     "sum": _filter_sum, "pprint": _filter_pprint, "tojson": _filter_tojson, "urlize": _filter_urlize,
+    "trim": _filter_trim, "unique": _filter_unique,
 }
 
 
@@ -437,7 +488,9 @@ def _bounded_filter(name: str, func):
             args = (context.eval_ctx, *args)
         elif pass_arg is _PassArg.environment:
             args = (context.environment, *args)
-        return _held(func(*args, **kwargs), f"the result of |{name}")
+        result = func(*args, **kwargs)
+        _clock()
+        return _held(result, f"the result of |{name}")
 
     bounded.__name__ = bounded.__qualname__ = f"bounded_{name}"
     return bounded
@@ -489,10 +542,10 @@ class _TemplateDict:
     """`dict` for templates without exposing the dict type itself (no attribute walks from it)."""
 
     def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
+        return dict(*_check_hashed(args, kwargs, "dict()"), **kwargs)
 
     def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
+        return dict.fromkeys(*_check_hashed(args[:1], {}, "dict.fromkeys()"), *args[1:], **kwargs)
 
 
 class _TemplateNamespace(jinja2.utils.Namespace):
@@ -697,6 +750,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         _tick()
         args = _check_method(obj, args, kwargs)
         result = super().call(context, obj, *args, **kwargs)
+        _clock()
         if _size(result) > MAX_VALUE_SIZE:
             name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
             raise _exceeded("MAX_VALUE_SIZE", f"the result of {str(name)[:60]}() would be larger than that")
@@ -775,6 +829,7 @@ def render_bounded(compiled: jinja2.Template, variables: dict) -> str:
             chunks.append(chunk)
         if render.error is not None:  # a violation something inside swallowed
             raise render.error
+        _clock()  # a last operation that overran the budget does not make the render a success
         return "".join(chunks)
     except Exception as e:  # noqa: BLE001 - every failure of untrusted template code becomes a ChatTemplateError
         if render.error is not None:

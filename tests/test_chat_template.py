@@ -492,7 +492,7 @@ def test_shared_references_count_each_time():
     # A list of two references per recursion level (2**60 items): never built, let alone compared or printed.
     _refused("{% macro f(x, n) %}{% if n %}{{ f([x, x], n - 1) }}{% else %}{{ x == x }}{% endif %}{% endmacro %}"
              "{{ f(1, 60) }}", "MAX_VALUE_SIZE", "a list literal")
-    _refused("{{ dict.fromkeys(range(10000), 'x' * 1000) }}", "MAX_VALUE_SIZE", "the result of")
+    _refused("{{ dict.fromkeys(range(4000), 'x' * 2000) }}", "MAX_VALUE_SIZE", "the result of")
     _refused("{% set x = 'x' * 4000000 %}{{ [x, x] }}", "MAX_VALUE_SIZE", "a list literal")
 
 
@@ -530,6 +530,37 @@ def test_renders_are_bounded_per_thread():
         t.join(timeout=60)
     assert results == {0: True, 1: True, 2: True, 3: True}
     assert sandbox._current() is None
+
+
+COLLIDING = 2**61 - 1  # the ints k * (2**61 - 1) all hash alike: sets and dicts of them are quadratic
+SUPERLINEAR = [  # one filter or method call each, every value far below MAX_VALUE_SIZE, that ran for minutes
+    ("{{ ((' ' * 1000000) ~ 'a')|wordwrap(5) }}", "MAX_WORDWRAP_CHARS"),  # 39 s at this size
+    ("{{ ((')' * 30000) ~ 'a)')|urlize }}", "MAX_URLIZE_WORK"),  # 23 s, in C, holding the GIL
+    ("{% set w = (')' * 1022) ~ 'a) ' %}{{ (w * 200)|urlize }}", "MAX_URLIZE_WORK"),  # short enough words, many
+    ("{{ ('a' * 1000000)|trim(('b' * 1000000) ~ 'a') }}", "MAX_STRIP_CHARS"),  # 13 s
+    ("{{ ('a' * 1000000).strip(('b' * 1000000) ~ 'a') }}", "MAX_STRIP_CHARS"),
+    ("{{ (range(0, 10000 * %d, %d)|list + range(10000 * %d, 20000 * %d, %d)|list)|unique|list|length }}"
+     % ((COLLIDING,) * 5), "MAX_HASHED_ITEMS"),
+    ("{{ dict.fromkeys(range(0, 10000 * %d, %d)|list)|length }}" % (COLLIDING, COLLIDING), "MAX_HASHED_ITEMS"),
+]
+
+
+@pytest.mark.parametrize("template,bound", SUPERLINEAR, ids=[f"{b}-{i}" for i, (_, b) in enumerate(SUPERLINEAR)])
+def test_operations_slower_than_their_input_are_refused_before_they_run(template, bound):
+    t0 = time.thread_time()
+    with pytest.raises(TemplateLimitError, match=f"exceeded {bound}"):
+        render_chat(template, ONE)
+    assert time.thread_time() - t0 < 1.0
+
+
+def test_a_render_whose_last_operation_overran_the_budget_fails(monkeypatch):
+    """One operation within every bound that takes longer than the whole budget, with nothing after it that ticks:
+    the render used to succeed; the clock is now read after each filter and method call and at the end."""
+    template = "{{ ((' ' * 65535) ~ 'a')|wordwrap(5)|length }}"  # ~0.2 s in one call
+    assert render_chat(template, ONE) == "1"
+    monkeypatch.setattr(sandbox, "MAX_RENDER_SECONDS", 0.01)
+    with pytest.raises(TemplateLimitError, match="MAX_RENDER_SECONDS"):
+        render_chat(template, ONE)
 
 
 def test_every_render_failure_is_a_chat_template_error():
