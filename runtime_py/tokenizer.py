@@ -39,6 +39,51 @@ def text_bytes_limit(context: int) -> int:
     return max(MIN_TEXT_BYTES, TEXT_BYTES_PER_TOKEN * context)
 
 
+# tokenizer.json is untrusted input: what it may make of a text, checked when it is loaded. A Replace normalizer of
+# 20,000 characters turned a 100 KB prompt into 2 GB inside the tokenizer (before any length check could run), and a
+# token (or a Replace decoder) of megabytes makes every generated token that large. Real tokenizers replace a
+# character with one or two (" " -> "\u2581"), and their longest tokens are a few hundred characters.
+MAX_REPLACE_CHARS = 16  # content of a Replace / Prepend normalizer or decoder
+MAX_TOKEN_CHARS = 4096  # one vocabulary or added token
+
+
+def check_tokenizer_json(path: Path) -> None:
+    """ValueError naming the file unless tokenizer.json parses as a tokenizer whose normalizers and decoders
+    replace with at most MAX_REPLACE_CHARS characters and whose tokens have at most MAX_TOKEN_CHARS."""
+    try:
+        data = json_loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, bad UTF-8, nested too deeply
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(node, dict):
+            for key in ("content", "prepend"):
+                if node.get("type") in ("Replace", "Prepend") and isinstance(node.get(key), str) \
+                        and len(node[key]) > MAX_REPLACE_CHARS:
+                    raise ValueError(f"{path}: {where} {node['type']} {key} has {len(node[key]):,} characters "
+                                     f"(at most {MAX_REPLACE_CHARS}): a text would grow that much when tokenized or "
+                                     "decoded")
+            for key in ("normalizers", "decoders"):
+                walk(node.get(key), f"{where}.{key}")
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must be a JSON object, got {type(data).__name__}")
+    for section in ("normalizer", "decoder"):
+        walk(data.get(section), section)
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    vocab = model.get("vocab")
+    pieces = vocab.keys() if isinstance(vocab, dict) else \
+        (v[0] for v in vocab if isinstance(v, list) and v and isinstance(v[0], str)) if isinstance(vocab, list) else ()
+    added = (t.get("content") for t in data.get("added_tokens") or () if isinstance(t, dict))
+    longest = max((len(t) for t in (*pieces, *added) if isinstance(t, str)), default=0)
+    if longest > MAX_TOKEN_CHARS:
+        raise ValueError(f"{path}: a token has {longest:,} characters (at most {MAX_TOKEN_CHARS}): every time it is "
+                         "generated the text would grow that much")
+
+
 # The named special tokens transformers passes to chat templates (SPECIAL_TOKENS_ATTRIBUTES), in its order.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -112,7 +157,11 @@ class Tokenizer:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: the runtime needs a fast-tokenizer tokenizer.json "
                                     "(save the tokenizer with transformers to produce one)")
-        tok = tokenizers.Tokenizer.from_file(str(path))
+        check_tokenizer_json(path)
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for every parse error
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
         tok.no_truncation()  # ids must be exact; length limits are the generation loop's business
         tok.no_padding()
         self.config = load_tokenizer_config(d)

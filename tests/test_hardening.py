@@ -530,6 +530,44 @@ def test_broken_tokenizer_files_are_refused_at_build_time(name, content, words, 
     assert not out.exists()
 
 
+def _amplifying(tokenizer: dict) -> dict:
+    """A Replace normalizer turning each 'a' into 20,000 characters: a 100 KB prompt became 2 GB in the tokenizer."""
+    return {**tokenizer, "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "NFC"}, {"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 20000}]}}
+
+
+def _long_token(tokenizer: dict) -> dict:
+    return {**tokenizer, "added_tokens": [*tokenizer["added_tokens"], {
+        "id": max(t["id"] for t in tokenizer["added_tokens"]) + 1, "content": "z" * 100_000, "single_word": False,
+        "lstrip": False, "rstrip": False, "normalized": False, "special": False}]}
+
+
+TOKENIZER_EDITS = [(_amplifying, "normalizer.normalizers[1] Replace content has 20,000 characters (at most 16)"),
+                   (_long_token, "a token has 100,000 characters (at most 4096)"),
+                   (lambda t: {"not": "a tokenizer"}, "not a valid tokenizer.json")]
+
+
+@pytest.mark.parametrize("edit, words", TOKENIZER_EDITS, ids=["replace", "long-token", "not-a-tokenizer"])
+def test_tokenizer_that_would_blow_up_a_text_is_refused(edit, words, ckpt, artifacts, tmp_path, capsys):
+    """At build time from the checkpoint, and at run time from an artifact whose manifest was resealed around it
+    (exit 2 naming the file; before, the runtime printed a traceback for a malformed one and ran the rest)."""
+    tokenizer = json.loads((ckpt / "tokenizer.json").read_text())
+    (ckpt / "tokenizer.json").write_text(json.dumps(edit(tokenizer)))
+    rc = main(build_argv(ckpt, tmp_path / "built")[1:])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tokenizer.json" in err and words in err, err
+    assert not (tmp_path / "built").exists()
+
+    def reseal(m, art):
+        data = json.dumps(edit(json.loads((art / "tokenizer.json").read_text()))).encode()
+        (art / "tokenizer.json").write_bytes(data)
+        m["files"]["tokenizer.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    art = _tampered(artifacts, tmp_path, reseal)
+    done = cli("runtime_py", "generate", str(art), "--prompt", "a" * 100_000, "--max-new-tokens", "2")
+    assert_refused(done, "tokenizer.json", words)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 11. out-of-range values
 
