@@ -87,6 +87,16 @@ def _positive(d: dict, key: str, where: str) -> int:
     return value
 
 
+def _token_ids(spec: dict, where: str) -> None:
+    """spec's eos_token_ids (a list) and pad_token_id (or null): ids inside the vocabulary."""
+    vocab = spec["vocab_size"]
+    eos = _get(spec, "eos_token_ids", list, where, [])
+    pad = _get(spec, "pad_token_id", int, where, None)
+    for key, ids in (("eos_token_ids", eos), ("pad_token_id", [] if pad is None else [pad])):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+            _fail(where, f"'{key}' must hold token ids in [0, {vocab}), got {str(ids)[:80]}")
+
+
 def _choice(d: dict, key: str, choices: tuple[str, ...], where: str, default=...) -> str:
     value = _get(d, key, str, where, default)
     if value not in choices:
@@ -243,6 +253,7 @@ class Manifest:
         for key in ("vocab_size", "num_kv_heads", "head_dim", "hidden_size"):
             _positive(spec, key, f"{where} spec")
         _get(spec, "layers", list, f"{where} spec")
+        _token_ids(spec, f"{where} spec")
         task = _choice(spec, "task", TASKS, f"{where} spec", default="causal-lm")
         engine = d.get("engine")
         return cls(model=_get(d, "model", dict, where), spec=spec, backend=_choice(d, "backend", BACKENDS, where),

@@ -25,11 +25,24 @@ from artifacts.triton_contract import (MODEL_FILES, ONNX_ELEM, PLATFORMS, Reposi
                                        protobuf, row_dims)
 
 
+def load_proto(graph_path: Path, error=ArtifactError):
+    """The ONNX ModelProto at graph_path without its external data; `error` (a message naming the file) when it
+    is not a readable ONNX model (truncated, corrupt)."""
+    import onnx
+
+    try:
+        return onnx.load_model(str(graph_path), load_external_data=False)
+    except OSError as e:
+        raise error(f"{graph_path}: cannot be read ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and onnx's own errors share no base class
+        raise error(f"{graph_path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def external_data(graph_path: Path) -> list[str]:
     """Relative locations of the graph's external-data files."""
     import onnx
 
-    model = onnx.load_model(str(graph_path), load_external_data=False)
+    model = load_proto(graph_path)
     locations = set()
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -206,12 +219,10 @@ def _check_python_model(path: Path, cfg, version: Path) -> None:
 
 
 def _check_graph_model(path: Path, cfg, version: Path) -> None:
-    import onnx
-
     if cfg.max_batch_size != 0:
         _fail(path, f"max_batch_size must be 0 (the graph's batch dim is explicit), got {cfg.max_batch_size}")
     graph = version / (cfg.default_model_filename or "model.onnx")
-    model = onnx.load_model(str(graph), load_external_data=False)
+    model = load_proto(graph, RepositoryError)
     for loc in external_data(graph):
         if not (graph.parent / loc).is_file():
             _fail(path, f"external data file {graph.parent / loc} is missing")

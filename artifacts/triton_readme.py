@@ -98,9 +98,9 @@ for question, answer, (start, end), score in zip(questions, answers, spans, scor
 
 def graph_opsets(graph_path: Path) -> str:
     """"ai.onnx 18, com.microsoft 1": the opsets a graph imports (read without its external data)."""
-    import onnx
+    from artifacts.triton_check import load_proto
 
-    model = onnx.load_model(str(graph_path), load_external_data=False)
+    model = load_proto(graph_path)
     return ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
 
 

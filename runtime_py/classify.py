@@ -27,7 +27,7 @@ import numpy as np
 
 from artifacts.bundle import ArtifactError, open_artifact
 from runtime_py.memory import check_fits
-from runtime_py.session import check_graph_io, session_options
+from runtime_py.session import check_graph_io, open_session, session_options
 from runtime_py.tokenizer import Tokenizer
 
 ORT_LOWERINGS = ("reference", "ort", "trt-native")
@@ -85,8 +85,6 @@ def best_span(start_logits: np.ndarray, end_logits: np.ndarray, allowed: np.ndar
 class Classifier:
     def __init__(self, artifact: str | Path, threads: int | None = None, verify: bool = True,
                  check_memory: bool = True):
-        import onnxruntime as ort
-
         self.root = Path(artifact)
         self.manifest = open_artifact(self.root, verify=verify)
         self.task = self.manifest.task
@@ -108,7 +106,7 @@ class Classifier:
         options = session_options(threads)
         if check_memory:
             check_fits(self.manifest, batch=self.max_batch, where=self.root)
-        self.session = ort.InferenceSession(str(self.root / graph.file), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(self.root, graph.file, options)
         check_graph_io(self.session, graph, self.root)
 
     # -- inputs ---------------------------------------------------------------------------------------------

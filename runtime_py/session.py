@@ -79,6 +79,17 @@ def session_options(threads: int | None) -> "ort.SessionOptions":
     return options
 
 
+def open_session(root: Path, graph_file: str, options) -> "ort.InferenceSession":
+    """ONNX Runtime's CPU session over root/graph_file; ArtifactError when it cannot load the graph (a file the
+    manifest seals but that is truncated or corrupt, external data it refuses to read: outside the directory,
+    through a link, missing)."""
+    try:
+        return ort.InferenceSession(str(root / graph_file), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT's pybind errors (Fail, InvalidProtobuf, ...) share no useful base
+        raise ArtifactError(f"{root}: ONNX Runtime cannot load {graph_file}: {str(e)[:500]}; rebuild the "
+                            "artifact") from None
+
+
 def check_graph_io(session, graph, root: Path) -> None:
     """The graph ONNX Runtime loaded has the inputs and outputs the manifest lists (names, ranks, fixed dims);
     ArtifactError otherwise (a manifest edited by hand, or one beside the wrong graph: its checksum covers the
@@ -149,8 +160,7 @@ class OrtSession:
             raise ArtifactError(f"{self.root}: a batch of {batch} > the artifact's max batch {self.manifest.max_batch}")
         if check_memory:
             check_fits(self.manifest, batch=batch, where=self.root)
-        self.session = ort.InferenceSession(str(self.root / graph.file), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = open_session(self.root, graph.file, options)
         check_graph_io(self.session, graph, self.root)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.kv_in = [n for n in self.input_names if n.startswith("past_key_values.")]

@@ -339,6 +339,56 @@ def test_inspect_refuses_records_that_are_not_ours(edit, words, as_json, artifac
     assert words in err and "Traceback" not in err, err
 
 
+def _resealed(name: str, change):
+    """An edit for _tampered: file `name` changed by `change` (bytes -> bytes) and its checksum recomputed."""
+    def edit(m, art):
+        data = change((art / name).read_bytes())
+        (art / name).write_bytes(data)
+        m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return edit
+
+
+def _data_outside(m, art):
+    """The graph's external data moved out of the artifact, the graph pointing at it with '../'."""
+    import onnx
+
+    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../outside.bin"
+    (art / "model.onnx.data").rename(art.parent / "outside.bin")
+    del m["files"]["model.onnx.data"]
+    onnx.save(model, str(art / "model.onnx"))
+    _resealed("model.onnx", lambda b: b)(m, art)
+
+
+GEN = ("runtime_py", "generate", "ART", "--prompt-ids", "1,2,3", "--max-new-tokens", "2")
+TRITON = ("export", "triton", "ART", "--out", "REPO")
+
+
+@pytest.mark.parametrize("edit, argvs, words", [
+    (_resealed("model.onnx", lambda b: b[:5000]), [GEN, ("runtime_py", "score", "ART", "--ids", "1,2,3")],
+     "ONNX Runtime cannot load model.onnx"),
+    (_resealed("model.onnx", lambda b: b[:5000]), [TRITON], "not a readable ONNX model"),
+    (_resealed("model.onnx.data", lambda b: b[:1000]), [GEN], "ONNX Runtime cannot load model.onnx"),
+    (_data_outside, [GEN], "ONNX Runtime cannot load model.onnx"),
+    (lambda m, art: m["spec"].update(eos_token_ids=5), [GEN], "'eos_token_ids' must be list"),
+    (lambda m, art: m["spec"].update(pad_token_id=10**30), [GEN], "'pad_token_id' must hold token ids in [0, "),
+    (lambda m, art: m["spec"].update(eos_token_ids=[1, -4]), [GEN], "'eos_token_ids' must hold token ids"),
+], ids=["graph-truncated", "graph-truncated-triton", "data-truncated", "data-outside", "eos-int", "pad-huge",
+        "eos-negative"])
+def test_sealed_but_broken_artifact_is_a_clear_error(edit, argvs, words, artifacts, tmp_path):
+    """A manifest resealed around a broken file or field (its checksums match): exit 2 naming it, never a
+    traceback (ORT's InvalidProtobuf / Fail, protobuf's DecodeError, TypeError, OverflowError before)."""
+    art = _tampered(artifacts, tmp_path, edit)
+    for argv in argvs:
+        repo = tmp_path / "repo"
+        done = cli(*[str(art) if a == "ART" else str(repo) if a == "REPO" else a for a in argv])
+        assert_refused(done, words)
+        assert not repo.exists()
+
+
 def test_manifest_file_entry_leading_out_is_refused(artifacts, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("outside")
