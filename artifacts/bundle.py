@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -144,12 +145,42 @@ def _lock_path(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.lock")
 
 
+_LOCK_CONTENT = re.compile(rb"\d{0,20}")  # what a lock file of ours holds: its writer's pid (empty while being made)
+
+
+def _open_lock(path: Path) -> int:
+    """A file descriptor on the lock file: made here (O_EXCL), or one of ours already there (a single-link regular
+    file holding at most a pid: left by a writer that was killed, or held by one still running). Anything else at
+    that name is someone else's: refused, never truncated, written or removed."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK)
+    except OSError as e:  # a symlink (ELOOP), a directory, ...; gone meanwhile: the caller tries again
+        if isinstance(e, FileNotFoundError):
+            return -1
+        raise ArtifactError(f"{path}: exists and is not a lock file of ours ({e.strerror or e}); remove it or choose "
+                            "another --out") from None
+    st = os.fstat(fd)
+    if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= 20
+            and _LOCK_CONTENT.fullmatch(os.pread(fd, 21, 0).strip())):
+        os.close(fd)
+        raise ArtifactError(f"{path}: exists and is not a lock file of ours (a file of someone else's, or a link to "
+                            "one); remove it or choose another --out")
+    return fd
+
+
 @contextlib.contextmanager
 def _locked(dest: Path):
     """Hold an exclusive fcntl lock on a sibling lock file of `dest`; refuse at once if another writer holds it."""
     path = _lock_path(dest)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = _open_lock(path)
+        if fd < 0:
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -114,6 +114,37 @@ def test_overwrite_replaces_an_artifact_of_ours(ckpt, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", ckpt.name]  # no .old, .partial or .lock left
 
 
+@pytest.mark.parametrize("planted", ["hard link", "foreign file", "symlink", "directory"])
+def test_a_lock_file_name_holding_something_else_is_refused_untouched(planted, ckpt, tmp_path, capsys):
+    """.OUT.lock beside --out that the tool did not make is never truncated, written or removed: through a hard link
+    the linked file's contents were replaced by a pid before."""
+    victim, lock = tmp_path / "victim.txt", tmp_path / ".art.lock"
+    victim.write_text("precious user data")
+    {"hard link": lambda: os.link(victim, lock), "foreign file": lambda: lock.write_text("precious"),
+     "symlink": lambda: lock.symlink_to(victim), "directory": lock.mkdir}[planted]()
+    rc = main(build_argv(ckpt, tmp_path / "art")[1:])
+    err = capsys.readouterr().err
+    assert rc == 2 and ".art.lock: exists and is not a lock file of ours" in err, err
+    assert victim.read_text() == "precious user data" and os.path.lexists(lock)
+    assert planted == "directory" or lock.is_symlink() or lock.read_text() in ("precious", "precious user data")
+    assert not (tmp_path / "art").exists()
+
+
+def test_a_second_writer_of_the_same_out_is_refused_while_the_first_runs(ckpt, tmp_path):
+    from artifacts.bundle import _locked
+
+    with _locked(tmp_path / "art"):  # what a running build holds
+        done = cli(*build_argv(ckpt, tmp_path / "art"))
+    assert_refused(done, f"another process (pid {os.getpid()}) is writing it right now")
+    assert not os.path.lexists(tmp_path / ".art.lock") and not (tmp_path / "art").exists()
+
+
+def test_a_lock_file_left_by_a_killed_writer_is_taken_over(ckpt, tmp_path, capsys):
+    (tmp_path / ".art.lock").write_text("999999999")  # a pid, as a writer leaves it when it is SIGKILLed
+    assert main(build_argv(ckpt, tmp_path / "art")[1:]) == 0, capsys.readouterr().err
+    assert not (tmp_path / ".art.lock").exists() and open_artifact(tmp_path / "art")
+
+
 def test_out_symlink_is_refused(ckpt, tmp_path, capsys):
     real = tmp_path / "real"
     assert main(build_argv(ckpt, real)[1:]) == 0
