@@ -117,8 +117,9 @@ class Generator:
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        """A raw prompt's ids (Tokenizer.encode_prompt: the special tokens, one BOS however the text begins)."""
         self._need_tokenizer()
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_prompt(text)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         from runtime_py.chat import load_chat_template, render_chat

@@ -222,6 +222,17 @@ class Tokenizer:
         ids = self._tok.encode_batch([check_text(text)], add_special_tokens=add_special_tokens)[0].ids
         return [self.bos_id] + ids if add_special_tokens and self._prepend_bos else ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a raw prompt: encode(text) with the special tokens, less one BOS when the text already begins with
+        one (a chat template's rendering, as Triton's OpenAI frontend sends it; transformers would put two BOS in
+        front, which it warns about and models were not trained on)."""
+        ids = self.encode(text)
+        if self.bos_id is not None and ids[:2] == [self.bos_id, self.bos_id]:
+            plain = self.encode(text, add_special_tokens=False)
+            if plain[:1] == [self.bos_id] and len(plain) < len(ids):  # the second BOS is the text's own
+                return ids[1:]
+        return ids
+
     def encode_pair(self, first: str, second: str) -> tuple[list[int], list[int | None], list[tuple[int, int]]]:
         """A text pair as the post-processor joins it (a QA question and context): ids, which text each token
         came from (0, 1, None for a special token) and its character offsets in that text."""

@@ -17,7 +17,12 @@ get one error response (flagged FINAL); the model keeps serving. A cancelled req
 iteration.
 
 Inputs also take what Triton's OpenAI-compatible frontend sends to python models: ``text_input``, ``stream``,
-``max_tokens``, ``stop_words`` (like ``stop``), ``temperature``, ``top_p``, ``seed`` -> ``text_output``.
+``max_tokens``, ``stop_words`` (like ``stop``), ``temperature``, ``top_p``, ``seed`` -> ``text_output``, and what
+some of its releases add: ``frequency_penalty`` / ``presence_penalty`` (always sent from 2.60; refused unless 0),
+``return_num_input_tokens`` / ``return_num_output_tokens`` (2.63; the counts for its usage), ``random_seed`` (the
+seed's name before 2.59), ``exclude_input_in_output`` (2.64, OpenAI's echo: false puts the prompt first) and
+``guided_decoding_guide*`` (a forced tool call: refused). The frontend renders chat templates itself and sends the
+text: a BOS the text already starts with is not added twice (Tokenizer.encode_prompt).
 
 What it does not do: log-probs, or more than one sequence per request.
 
@@ -66,6 +71,12 @@ INPUTS: dict[str, tuple[str, list[int], bool]] = {
     "return_num_output_tokens": ("TYPE_BOOL", [1], True),
     "frequency_penalty": ("TYPE_FP32", [1], True),
     "presence_penalty": ("TYPE_FP32", [1], True),
+    # and, depending on its release: the seed under its name before Triton 2.59; OpenAI's echo (2.64 on, sent once
+    # the model declares it: false puts the prompt text first); a forced tool call (refused: no guided decoding)
+    "random_seed": ("TYPE_UINT64", [1], True),
+    "exclude_input_in_output": ("TYPE_BOOL", [1], True),
+    "guided_decoding_guide_type": ("TYPE_STRING", [1], True),
+    "guided_decoding_guide": ("TYPE_STRING", [1], True),
 }
 OUTPUTS: dict[str, tuple[str, list[int]]] = {
     "text_output": ("TYPE_STRING", [1]),  # one text delta per response
@@ -134,6 +145,13 @@ def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
         a = get(name)
         return () if a is None else tuple(_text(name, s) for s in np.asarray(a).reshape(-1))
 
+    for name in ("guided_decoding_guide_type", "guided_decoding_guide"):  # chat with tool_choice required/named
+        if get(name) is not None and _text(name, _one(name, get(name))):
+            raise RequestError(f"'{name}' is not supported by this model (no guided decoding: a tool_choice of "
+                               "'required' or a named function cannot be honoured); leave tool_choice out")
+    seed, random_seed = scalar("seed", int), scalar("random_seed", int)
+    if seed is not None and random_seed is not None and seed != random_seed:
+        raise RequestError(f"'seed' ({seed}) and 'random_seed' ({random_seed}) disagree; send one")
     for name in ("frequency_penalty", "presence_penalty"):  # OpenAI fields the frontend forwards when sent
         if scalar(name, float) not in (None, 0.0):
             raise RequestError(f"'{name}' is not supported by this model (use repetition_penalty); send 0 or leave "
@@ -148,11 +166,22 @@ def parse_request(get, default_max_tokens: int = DEFAULT_MAX_TOKENS):
         temperature, top_k, top_p = None, 0, None
     params = SamplingParams.from_options(
         temperature, top_k or 0, 1.0 if top_p is None else top_p,
-        repetition_penalty=1.0 if penalty is None else penalty, seed=scalar("seed", int),
+        repetition_penalty=1.0 if penalty is None else penalty, seed=random_seed if seed is None else seed,
         max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
         stop=strings("stop") + strings("stop_words"), ignore_eos=bool(scalar("ignore_eos", bool)))
     stream = scalar("stream", bool)
     return prompt, params, True if stream is None else stream
+
+
+def echo_of(get, prompt: tuple) -> str:
+    """The text that comes before the generated text: the prompt when 'exclude_input_in_output' is sent false
+    (OpenAI's echo, as Triton's OpenAI frontend forwards it), else nothing."""
+    exclude = get("exclude_input_in_output")
+    if exclude is None or bool(_one("exclude_input_in_output", exclude)):
+        return ""
+    if prompt[0] != "text":
+        raise RequestError("'exclude_input_in_output' false (echo) takes a 'text_input' prompt, not 'messages'")
+    return prompt[1]
 
 
 def _check_stub_numpy() -> None:
@@ -239,10 +268,11 @@ class TritonPythonModel:
 
             try:
                 (kind, value), params, stream = parse_request(get, self.default_max_tokens)
+                echo = echo_of(get, (kind, value))
                 ids = self.engine.encode(value) if kind == "text" else self.engine.encode_chat(value)
                 counts = {name: bool(np.asarray(a).reshape(-1)[:1].any()) for name in
                           ("return_num_input_tokens", "return_num_output_tokens") if (a := get(name)) is not None}
-                responder = _Responder(sender, stream, len(ids), counts)
+                responder = _Responder(sender, stream, len(ids), counts, echo)
                 responder.request = self.engine.submit(ids, params, responder)
             except Exception as e:  # noqa: BLE001 - every bad request becomes an error response
                 _fail(sender, e)
@@ -255,8 +285,8 @@ class TritonPythonModel:
 class _Responder:
     """The engine callback of one request (runs on the engine thread): text deltas to Triton, then FINAL."""
 
-    def __init__(self, sender, stream: bool, prompt_tokens: int = 0, counts: dict | None = None):
-        self.sender, self.stream, self.text = sender, stream, []
+    def __init__(self, sender, stream: bool, prompt_tokens: int = 0, counts: dict | None = None, echo: str = ""):
+        self.sender, self.stream, self.text = sender, stream, [echo] if echo else []  # the echo goes first
         self.cancelled = getattr(sender, "is_cancelled", lambda: False)
         self.request = None
         self.prompt_tokens, self.counts = prompt_tokens, counts or {}
@@ -274,12 +304,12 @@ class _Responder:
                 return
             self.tokens += len(update.tokens)
             if update.text:
+                self.text.append(update.text)
                 if self.stream:
-                    self._send(update.text)
-                else:
-                    self.text.append(update.text)
+                    self._send("".join(self.text))
+                    self.text = []
             if update.finish_reason is not None:
-                if not self.stream and self.text:
+                if self.text:  # the whole text, unstreamed; or an echo no generated text came after
                     self._send("".join(self.text))
                 # counts no text came with: tokens that made none (a stop, EOS first), or the prompt's count when
                 # nothing was generated into text at all

@@ -105,6 +105,25 @@ def test_tokenizer_json_post_processor_decides_like_transformers(tmp_path, add_b
     assert ours.encode("hi", add_special_tokens=False)[0] != ours.bos_id
 
 
+@pytest.mark.parametrize("by", ["post-processor", "add_bos_token"])
+def test_a_prompt_that_already_starts_with_bos_gets_one(tmp_path, by):
+    """A chat template's rendering sent as a raw prompt (Triton's OpenAI frontend does that) begins with the BOS
+    the tokenizer adds again: encode_prompt keeps one (transformers' encode gives two); texts without it are
+    encoded as encode does."""
+    d = _sentencepiece_style(tmp_path) if by == "post-processor" else \
+        _tiny(tmp_path, bos_token="<|endoftext|>", add_bos_token=True)
+    ours, hf = Tokenizer(d), _hf(d)
+    bos = ours.special_tokens["bos_token"]
+    rendered = f"{bos}Hello world"
+    assert ours.encode(rendered)[:2] == [ours.bos_id] * 2  # what encode (and transformers' tokenizer) give
+    assert ours.encode_prompt(rendered) == ours.encode(rendered, add_special_tokens=False) == \
+        hf.encode(rendered, add_special_tokens=False)
+    assert ours.encode_prompt(rendered).count(ours.bos_id) == 1
+    for text in ("Hello world", f"x{bos}y", f"{bos}{bos}twice"):  # only the one the tokenizer adds is dropped
+        want = ours.encode(text)
+        assert ours.encode_prompt(text) == (want[1:] if text.startswith(bos) else want), text
+
+
 def test_add_bos_token_prepends_when_tokenizer_json_does_not(tmp_path):
     # Deliberate difference from transformers 5 (which drops add_bos_token when tokenizer.json exists): a config
     # that asks for a BOS the post-processor does not add gets one (transformers 4's Llama/Gemma behaviour).

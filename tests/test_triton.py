@@ -24,7 +24,7 @@ from artifacts.triton_check import validate_repository
 from artifacts.triton_contract import RepositoryError
 from artifacts.triton_write import write_repository
 from runtime_py.sampling import SamplingParams
-from runtime_py.triton_model import INPUTS, RequestError, parse_request
+from runtime_py.triton_model import INPUTS, RequestError, echo_of, parse_request
 from tests.triton_helpers import (GREEDY, NAME, artifact, assert_broken_config_rejected,  # noqa: F401 - fixtures
                                   expected_deltas, generator, getter, repo, server, start_server, stop_server,
                                   stream, stream_results, stub_python)
@@ -266,10 +266,20 @@ def test_parse_request_follows_the_runtime_cli():
                        ({"text_input": b"a", "max_tokens": np.int32(0)}, "'max_tokens' must be >= 1, got 0"),
                        ({"text_input": b"a", "frequency_penalty": np.float32(0.5)}, "'frequency_penalty' is not"),
                        ({"text_input": b"a", "presence_penalty": np.float32(-1)}, "'presence_penalty' is not"),
-                       ({"text_input": b"a", "stop": [b""]}, "stop")]:
+                       ({"text_input": b"a", "stop": [b""]}, "stop"),
+                       ({"text_input": b"a", "seed": 1, "random_seed": 2}, "'seed' \\(1\\) and 'random_seed' \\(2\\)"),
+                       ({"text_input": b"a", "guided_decoding_guide_type": b"json_schema",
+                         "guided_decoding_guide": b"{}"}, "no guided decoding")]:
         with pytest.raises(ValueError, match=match):
             parse_request(getter(bad))
     assert issubclass(RequestError, ValueError)
+    # the seed under its pre-2.59 frontend name; an empty guide (what a plain chat request would carry) is no guide
+    assert parse_request(getter({"text_input": b"a", "random_seed": 9, "temperature": 0.5}))[1].seed == 9
+    assert parse_request(getter({"text_input": b"a", "guided_decoding_guide": b""}))[0] == ("text", "a")
+    assert echo_of(getter({"text_input": b"Hi", "exclude_input_in_output": False}), ("text", "Hi")) == "Hi"
+    assert echo_of(getter({"exclude_input_in_output": True}), ("text", "Hi")) == echo_of(getter({}), ("text", "x"))
+    with pytest.raises(RequestError, match="echo"):
+        echo_of(getter({"exclude_input_in_output": False}), ("messages", []))
 
 
 def test_graph_model_runs_with_plain_session_run(repo, artifact, generator):
@@ -397,6 +407,23 @@ def test_requests_shaped_as_the_openai_frontend_sends_them(server, generator):
                             max_new_tokens=20, stop=("zzz-never",))
     row = generator.generate([ids], params).rows[0]
     assert text == row.text and prompt_counts == {len(ids)} and output_tokens == len(row.tokens)
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_echo_and_older_frontend_inputs(server, generator, streamed):
+    """exclude_input_in_output false (the frontend's echo, 2.64 on) puts the prompt text first; random_seed (its
+    seed before 2.59) seeds like seed; a forced tool call's guide is refused with a reason (before: Triton refused
+    the requests as 'unexpected inference input')."""
+    request = {**SAMPLED, "stream": streamed, "exclude_input_in_output": False, "return_num_output_tokens": True}
+    del request["seed"]
+    deltas, error = stream(server, {**request, "random_seed": 1234})
+    assert error is None, error
+    want = "".join(expected_deltas(generator, SAMPLED))
+    assert "".join(deltas) == SAMPLED["text_input"] + want and deltas[0].startswith(SAMPLED["text_input"])
+    deltas, error = stream(server, {**request, "exclude_input_in_output": True, "seed": 1234})
+    assert error is None and "".join(deltas) == want
+    _, error = stream(server, {**SAMPLED, "guided_decoding_guide_type": "json", "guided_decoding_guide": "{}"})
+    assert error is not None and "no guided decoding" in error.message()
 
 
 def test_prompt_count_answered_when_no_text_is_generated(server, generator):

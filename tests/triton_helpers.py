@@ -50,7 +50,9 @@ TYPES = {"text_input": (np.object_, "BYTES"), "messages": (np.object_, "BYTES"),
          "temperature": (np.float32, "FP32"), "top_p": (np.float32, "FP32"),
          "repetition_penalty": (np.float32, "FP32"), "ignore_eos": (np.bool_, "BOOL"),
          "frequency_penalty": (np.float32, "FP32"), "presence_penalty": (np.float32, "FP32"),
-         "return_num_input_tokens": (np.bool_, "BOOL"), "return_num_output_tokens": (np.bool_, "BOOL")}
+         "return_num_input_tokens": (np.bool_, "BOOL"), "return_num_output_tokens": (np.bool_, "BOOL"),
+         "random_seed": (np.uint64, "UINT64"), "exclude_input_in_output": (np.bool_, "BOOL"),
+         "guided_decoding_guide_type": (np.object_, "BYTES"), "guided_decoding_guide": (np.object_, "BYTES")}
 
 
 def getter(values: dict):
