@@ -148,10 +148,11 @@ def _lock_path(dest: Path) -> Path:
 _LOCK_CONTENT = re.compile(rb"\d{0,20}")  # what a lock file of ours holds: its writer's pid (empty while being made)
 
 
-def _open_lock(path: Path) -> int:
+def open_lock(path: Path) -> int:
     """A file descriptor on the lock file: made here (O_EXCL), or one of ours already there (a single-link regular
     file holding at most a pid: left by a writer that was killed, or held by one still running). Anything else at
-    that name is someone else's: refused, never truncated, written or removed."""
+    that name is someone else's: refused, never truncated, written or removed. -1: it went away meanwhile (try
+    again)."""
     flags = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
         return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
@@ -178,7 +179,7 @@ def _locked(dest: Path):
     """Hold an exclusive fcntl lock on a sibling lock file of `dest`; refuse at once if another writer holds it."""
     path = _lock_path(dest)
     while True:
-        fd = _open_lock(path)
+        fd = open_lock(path)
         if fd < 0:
             continue
         try:

@@ -20,7 +20,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from artifacts.bundle import staging_dir
+from artifacts.bundle import ArtifactError, make_parents, open_lock, remove_empty_dirs, staging_dir
 from artifacts.paths import cache_root
 from artifacts.triton_write import publishable
 
@@ -50,24 +50,55 @@ def stub_env(dest: str | Path | None = None) -> Path:
     if numpy_major() < 2:
         return Path(sys.prefix)
     dest = Path(dest) if dest is not None else default_stub_env()
-    if (dest / ".complete").is_file():
+    if is_stub_env(dest):
         return dest
-    with _one_maker(dest):  # a second process (e.g. another pytest worker) waits for the first one's env
-        if not (dest / ".complete").is_file():
-            _make(dest)
+    if os.path.lexists(dest):  # an artifact, a user's directory or file: never replaced
+        raise ArtifactError(f"{dest} exists and is not a stub environment this tool made; refusing to replace it. "
+                            "Choose another DEST or remove it yourself")
+    try:
+        created = make_parents(dest)
+    except OSError as e:  # a parent that is a file, or not writable
+        raise ArtifactError(f"{dest}: cannot create its parent directory ({e.strerror or e}: "
+                            f"{e.filename or dest.parent})") from None
+    try:
+        with _one_maker(dest):  # a second process (e.g. another pytest worker) waits for the first one's env
+            if not is_stub_env(dest):
+                _make(dest)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
     return dest
+
+
+def is_stub_env(path: Path) -> bool:
+    """A finished environment of :func:`stub_env` (its marker is written last, inside the staging directory)."""
+    marker = Path(path) / ".complete"
+    return not Path(path).is_symlink() and marker.is_file() and not marker.is_symlink() and \
+        (Path(path) / "pyvenv.cfg").is_file()
 
 
 @contextlib.contextmanager
 def _one_maker(dest: Path):
     """A blocking fcntl lock on ``.<dest name>.wait`` beside `dest` (staging_dir's own lock refuses a second writer
     at once, which is right for a user's --out but not for a shared cache entry)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dest.with_name(f".{dest.name}.wait"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
+    path = dest.with_name(f".{dest.name}.wait")
+    while True:
+        fd = open_lock(path)  # made here, or an (empty) one of ours; never someone else's file
+        if fd < 0:
+            continue
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file while we waited: lock the new one
+            break
+        os.close(fd)
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         os.close(fd)
 
 
@@ -75,7 +106,7 @@ def _make(dest: Path) -> None:
     import site
     import venv
 
-    with staging_dir(dest, overwrite=True) as tmp:
+    with staging_dir(dest, owned=is_stub_env, what="DEST") as tmp:
         venv.EnvBuilder(with_pip=False, symlinks=True, clear=True).create(tmp)
         purelib = Path(sysconfig.get_path("purelib", vars={"base": str(tmp), "platbase": str(tmp)}))
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",

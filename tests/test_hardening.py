@@ -700,6 +700,36 @@ def test_stub_env_made_once_by_concurrent_processes(tmp_path):
     done = subprocess.run([str(dest / "bin" / "python"), "-c", "import numpy; print(numpy.__version__)"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("1."), (done.stdout, done.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stub-env"]  # its .stub-env.wait lock is gone
+
+
+@pytest.mark.parametrize("what", ["artifact", "user directory", "file"])
+def test_stub_env_never_replaces_what_it_did_not_make(what, artifacts, tmp_path):
+    """`python -m artifacts.triton stub-env DEST` replaced an artifact (a directory holding our manifest.json)
+    with a venv; a refusal left a .DEST.wait lock file and the parents it made."""
+    import shutil
+
+    from artifacts.triton_stub_env import numpy_major
+
+    if numpy_major() < 2:
+        pytest.skip("numpy 1.x here: stub_env uses this environment itself and writes nothing")
+    dest = tmp_path / "a" / "b" / "dest"
+    dest.parent.mkdir(parents=True)
+    if what == "artifact":
+        shutil.copytree(artifacts("qwen2_window"), dest)
+    elif what == "user directory":
+        dest.mkdir()
+        (dest / "notes.txt").write_text("mine")
+    else:
+        dest.write_text("mine")
+    before = tree_digest(dest) if dest.is_dir() else dest.read_text()
+    done = cli("artifacts.triton", "stub-env", str(dest))
+    assert_refused(done, str(dest), "is not a stub environment this tool made")
+    assert (tree_digest(dest) if dest.is_dir() else dest.read_text()) == before
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["dest"]
+    (tmp_path / "file.txt").write_text("mine")
+    done = cli("artifacts.triton", "stub-env", str(tmp_path / "file.txt" / "env"))  # a parent that is a file
+    assert_refused(done, "file.txt")
 
 
 def test_failed_build_leaves_no_parent_dirs_and_bad_out_names_are_refused(ckpt, tmp_path):
