@@ -23,6 +23,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+if __name__ == "__main__":  # a Ctrl-C during the imports below: exit 130, no traceback
+    from artifacts.cli import quiet_startup
+
+    quiet_startup()
+
 from artifacts.bundle import ArtifactError
 from artifacts.triton_check import validate_repository
 from artifacts.triton_contract import RepositoryError
@@ -59,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(ports.values())) < len(ports):  # tritonserver would print its whole usage text and exit 1
             parser.error("--grpc-port, --http-port and --metrics-port must differ, got "
                          + ", ".join(f"{k} {v}" for k, v in ports.items()))
+    from artifacts.cli import restore_interrupts
+
+    restore_interrupts()
     try:
         if args.command == "validate":
             print("\n".join(validate_repository(args.repo)))
@@ -74,4 +82,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from artifacts.cli import run
+
+    run(main)

@@ -7,6 +7,11 @@ import argparse
 import json
 import sys
 
+if __name__ == "__main__":  # a Ctrl-C during the imports (torch: seconds): exit 130, no traceback
+    from artifacts.cli import quiet_startup
+
+    quiet_startup()
+
 from export.options import (ACCURACY_LEVELS, BACKENDS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BACKEND, DEFAULT_GROUP_SIZE,
                             DEFAULT_KV_MODE, DEFAULT_LOGITS, DEFAULT_MAX_BATCH, DEFAULT_PRECISION,
                             DEFAULT_VERIFY_STEPS, EAGER_KV_MODE, KV_MODES, LOGITS, LOWERINGS, MAX_BATCH,
@@ -121,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     # After the imports: torch's C init (numpy's import inside it) swallowed a Terminated raised there, and the
     # command then ran to the end with exit 0. Until here a SIGTERM just ends the process: nothing has started.
     terminate_cleanly()
+    from artifacts.cli import restore_interrupts
+
+    restore_interrupts()
     try:
         if args.command == "verify":
             return _verify(args)
@@ -146,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("terminated (SIGTERM): nothing was written", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # standard output closed under us (| head): the work is done; artifacts.cli.run says
+        raise
     except errors as e:
         # OSError: a full disk, a permission denied, a file that vanished: the message names the path
         print(f"error: {e}", file=sys.stderr)
@@ -214,4 +224,6 @@ def _verify(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from artifacts.cli import run
+
+    run(main)

@@ -11,6 +11,11 @@ import argparse
 import json
 import sys
 
+if __name__ == "__main__":  # a Ctrl-C during the imports below: exit 130, no traceback
+    from artifacts.cli import quiet_startup
+
+    quiet_startup()
+
 from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS
 from runtime_py.tokenizer import check_text, parse_ids
 
@@ -174,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     from artifacts.bundle import ArtifactError
+    from artifacts.cli import restore_interrupts
 
+    restore_interrupts()
     try:
         _check_text_args(args)
         if args.command == "generate":
@@ -322,7 +329,7 @@ def _chat(args) -> int:
         try:
             line = input("you> ").strip()
             _utf8("the message read from stdin", line)
-        except EOFError:
+        except (EOFError, RuntimeError):  # RuntimeError: "lost sys.stdin" (stdin closed, <&-): the end too
             return 2 if failed else 0
         except (UnicodeDecodeError, ValueError) as e:  # ValueError: check_text's, which names the byte
             why = f"the message read from stdin is not valid UTF-8 ({e})" if isinstance(e, UnicodeDecodeError) else e
@@ -372,4 +379,6 @@ def _fit_chat(gen, messages: list[dict], params) -> list[int]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from artifacts.cli import run
+
+    run(main)

@@ -817,3 +817,55 @@ def test_runtime_bench_takes_what_generate_takes(artifacts):
     for argv in (["bench", str(art), "--prompt-len", "8", "--new-tokens", "2"], ["score", str(art), "--ids", "1,2,3"]):
         done = cli("runtime_py", *argv, "--skip-memory-check")  # as generate, chat, serve and classify take it
         assert done.returncode == 0, done.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the commands as processes: closed or full standard output, closed stdin, Ctrl-C while starting
+
+
+def _shell(command: str, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), **env}
+    full = {k: v for k, v in full.items() if v is not None}
+    return subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], cwd=REPO_ROOT, env=full,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("unbuffered", ["1", None])
+def test_closed_or_full_standard_output(artifacts, unbuffered):
+    """`| head` / `| true`: a quiet 141 (BrokenPipeError tracebacks and exit 1 or 120 before, and export printed
+    'error: [Errno 32] Broken pipe' with exit 2 after its work was done); `> /dev/full`: one error line, exit 2."""
+    art, py = artifacts("qwen2_window"), sys.executable
+    for command in (f"{py} -m runtime_py generate {art} --prompt Hello --max-new-tokens 100 --ignore-eos --stream "
+                    "| head -c 3",
+                    f"{py} -m runtime_py score {art} --ids 1,2,3,4 --json | true",
+                    f"{py} -m export inspect {art} | true"):
+        done = _shell(command, PYTHONUNBUFFERED=unbuffered)
+        assert done.returncode == 141 and done.stderr == "", (command, done.returncode, done.stderr[-2000:])
+    for command in (f"{py} -m runtime_py generate {art} --prompt-ids 1,2 --max-new-tokens 3 > /dev/full",
+                    f"{py} -m runtime_py generate {art} --prompt Hello --max-new-tokens 3 --stream > /dev/full"):
+        done = _shell(command, PYTHONUNBUFFERED=unbuffered)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == \
+            "error: cannot write the output (No space left on device)", (command, done.stderr[-2000:])
+
+
+def test_chat_with_stdin_closed_ends_like_end_of_input(artifacts):
+    done = _shell(f"{sys.executable} -m runtime_py chat {artifacts('qwen2_window')} <&-")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv", [["runtime_py", "generate", "ART", "--prompt", "Hi"],
+                                  ["export", "build", "--model", "tiny-qwen2", "--out", "OUT"]])
+def test_ctrl_c_while_the_command_starts_is_a_quiet_130(argv, artifacts, tmp_path):
+    """SIGINT to the process group during the imports (torch, onnxruntime: a KeyboardInterrupt traceback, or an
+    ImportError 'initialization failed', before) and after: exit 130, no traceback, nothing written."""
+    argv = [str(artifacts("qwen2_window")) if a == "ART" else str(tmp_path / "out") if a == "OUT" else a
+            for a in argv]
+    for delay in (0.05, 0.3, 1.0):
+        proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode in (130, 0) and "Traceback" not in err, (delay, proc.returncode, err[-2000:])
+        assert not (tmp_path / "out").exists() or proc.returncode == 0
