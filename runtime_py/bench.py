@@ -25,9 +25,10 @@ def bench(artifact, prompt_len: int, new_tokens: int, batch: int = 1, threads: i
     if prompt_len < 1 or new_tokens < 1 or batch < 1:
         raise ValueError("--prompt-len, --new-tokens and --batch must be >= 1")
     gen = generator or Generator(artifact, threads=threads, batch=batch, check_memory=check_memory, backend=backend)
+    params = SamplingParams(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
+    gen.check_length(0, prompt_len, params)  # before the prompts are made (--prompt-len 10**10: 75 GB of them)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, gen.session.vocab_size, prompt_len).tolist() for _ in range(batch)]
-    params = SamplingParams(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
     gen.check_context(prompts, params)  # refused in the user's own numbers, before the warm-up
     gen.generate(prompts, SamplingParams(greedy=True, max_new_tokens=min(2, new_tokens), ignore_eos=True))
     result = gen.generate(prompts, params)

@@ -148,15 +148,18 @@ class Generator:
         if params.stop:
             self._need_tokenizer("stop strings are matched against")
 
-    def check_context(self, prompts: list[list[int]], params: SamplingParams) -> None:
+    def check_length(self, i: int, n: int, params: SamplingParams) -> None:
+        """ContextLengthError unless prompt `i` of `n` tokens plus params.max_new_tokens fits the context."""
         limit = self.session.max_seq_len
+        if n + params.max_new_tokens > limit:
+            raise ContextLengthError(f"prompt {i} has {n} tokens; with max_new_tokens={params.max_new_tokens} that is "
+                                     f"{n + params.max_new_tokens} > the artifact's context length {limit}")
+
+    def check_context(self, prompts: list[list[int]], params: SamplingParams) -> None:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
-            if len(p) + params.max_new_tokens > limit:
-                raise ContextLengthError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} that is "
-                    f"{len(p) + params.max_new_tokens} > the artifact's context length {limit}")
+            self.check_length(i, len(p), params)
             bad = [t for t in p if not 0 <= t < self.session.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, "

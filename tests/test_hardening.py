@@ -811,6 +811,12 @@ def test_runtime_bench_takes_what_generate_takes(artifacts):
     assert r["decode_tok_s"] is None and r["ttft_s"] > 0 and r["new_tokens"] == 1
     assert_refused(cli("runtime_py", "bench", str(art), "--prompt-len", "127", "--new-tokens", "4"),
                    "with max_new_tokens=4 that is 131")
+    # said before the random prompts are made: 10**10 tokens of them were a MemoryError called a memory estimate's
+    for n in ("10000000000", str(10**20)):
+        t0 = time.monotonic()
+        assert_refused(cli("runtime_py", "bench", str(art), "--prompt-len", n, "--new-tokens", "4"),
+                       f"prompt 0 has {n} tokens", "context length 128")
+        assert time.monotonic() - t0 < 60
     # a batch past the artifact's is said as such (it was reported as a KV cache that does not fit in memory)
     assert_refused(cli("runtime_py", "bench", str(art), "--batch", "100000", "--prompt-len", "4", "--new-tokens", "2"),
                    "a batch of 100000 > the artifact's max batch")
