@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 if __name__ == "__main__":  # a Ctrl-C during the imports below: exit 130, no traceback
@@ -32,7 +33,37 @@ def _utf8(what: str, text: str | None) -> None:
         check_text(text, what)
 
 
+def _from_argv(text):
+    """An argument as UTF-8 whatever the locale: outside Python's UTF-8 mode (LC_ALL=POSIX with PYTHONUTF8=0)
+    argv is decoded as ASCII, and valid UTF-8 bytes arrive as surrogate escapes; bytes that are not UTF-8 stay
+    escaped, for check_text to name."""
+    if not isinstance(text, str) or _is_utf8(sys.getfilesystemencoding()):
+        return text
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:
+        return text
+
+
+def _is_utf8(encoding: str | None) -> bool:
+    return (encoding or "").lower().replace("-", "").replace("_", "") == "utf8"
+
+
+def _utf8_streams() -> None:
+    """stdin and stdout in UTF-8 when the locale would make them ASCII (and PYTHONIOENCODING does not ask for it):
+    prompts, chat messages and generated text are UTF-8 whatever the locale, as in Python's UTF-8 mode."""
+    if os.environ.get("PYTHONIOENCODING"):
+        return
+    for stream in (sys.stdin, sys.stdout):
+        if stream is not None and hasattr(stream, "reconfigure") and not _is_utf8(getattr(stream, "encoding", None)):
+            stream.reconfigure(encoding="utf-8")
+
+
 def _check_text_args(args) -> None:
+    for flag in ("prompt", "chat", "system", "text", "question", "context", "stop"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(args, flag, [_from_argv(v) for v in value] if isinstance(value, list) else _from_argv(value))
     for flag in ("prompt", "chat", "system"):
         _utf8(f"--{flag}", getattr(args, flag, None))
     for stop in getattr(args, "stop", None) or ():
@@ -183,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     restore_interrupts()
     try:
+        _utf8_streams()
         _check_text_args(args)
         if args.command == "generate":
             return _generate(args)

@@ -875,3 +875,17 @@ def test_ctrl_c_while_the_command_starts_is_a_quiet_130(argv, artifacts, tmp_pat
         _, err = proc.communicate(timeout=60)
         assert proc.returncode in (130, 0) and "Traceback" not in err, (delay, proc.returncode, err[-2000:])
         assert not (tmp_path / "out").exists() or proc.returncode == 0
+
+
+def test_utf8_arguments_and_chat_input_outside_python_utf8_mode(artifacts):
+    """LC_ALL=POSIX with PYTHONUTF8=0: Python decodes argv and stdin as ASCII, so valid UTF-8 was refused as 'not
+    valid UTF-8 (byte 0xc3)'; it is read as UTF-8 now, and bytes that are not UTF-8 are still refused by name."""
+    art, py = artifacts("qwen2_window"), sys.executable
+    env = {"LC_ALL": "POSIX", "LANG": None, "PYTHONUTF8": "0", "PYTHONIOENCODING": None}
+    ok = _shell(f"{py} -m runtime_py generate {art} --prompt 'h\u00e9llo' --max-new-tokens 2 --stop '\u00e9t\u00e9'",
+                **env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    chat = _shell(f"printf 'h\u00e9llo\\n' | {py} -m runtime_py chat {art} --max-new-tokens 2", **env)
+    assert chat.returncode == 0 and "error" not in chat.stderr, chat.stderr[-2000:]
+    bad = _shell(f"{py} -m runtime_py generate {art} --prompt $'\\xff' --max-new-tokens 2", **env)
+    assert_refused(bad, "--prompt is not valid UTF-8 (byte 0xff")
