@@ -195,7 +195,8 @@ def process_logits(logits: np.ndarray, params: SamplingParams,
         # shift-invariant): a temperature like 1e-38 then sends the others to -inf instead of making inf - inf NaNs.
         x = x.astype(np.float64)
         top = x.max(axis=1, keepdims=True)
-        x = (x - np.where(np.isfinite(top), top, 0.0)) / params.temperature
+        with np.errstate(over="ignore"):  # the overflow is the point: those go to -inf (no warning on stderr)
+            x = (x - np.where(np.isfinite(top), top, 0.0)) / params.temperature
     if params.top_k > 0:
         x = _top_k_mask(x, params.top_k)
     if params.top_p < 1.0:

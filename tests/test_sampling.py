@@ -233,3 +233,16 @@ def test_runtime_modules_import_no_torch():
             "bad = [m for m in ('torch', 'transformers', 'export') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_tiny_temperature_is_the_argmax_without_warnings():
+    """temperature 1e-320 overflows the division by design (everything but the max goes to -inf): no numpy
+    RuntimeWarning reaches the user's stderr, and the distribution is the argmax's."""
+    import warnings
+
+    logits = np.array([[1.0, 3.0, 2.0, 3.0 - 1e-3]], np.float32)
+    params = SamplingParams(greedy=False, temperature=1e-320)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = probabilities(logits, params)
+    assert p.tolist() == [[0.0, 1.0, 0.0, 0.0]]
