@@ -175,20 +175,20 @@ def open_lock(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _locked(dest: Path):
-    """Hold an exclusive fcntl lock on a sibling lock file of `dest`; refuse at once if another writer holds it."""
-    path = _lock_path(dest)
+def held_lock(path: Path, busy=None):
+    """An exclusive fcntl lock on the lock file `path` (open_lock: made here or one of ours), yielding its file
+    descriptor; the file is removed when the lock is released. `busy(holder)`: the exception to raise at once when
+    another process holds it (`holder`: what it wrote there); without it, wait for that process."""
     while True:
         fd = open_lock(path)
         if fd < 0:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise ArtifactError(f"{dest}: another process (pid {holder or '?'}) is writing it right now; wait for it "
-                                f"to finish or choose another --out") from None
+            raise busy(holder) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
         except FileNotFoundError:
@@ -197,13 +197,24 @@ def _locked(dest: Path):
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        yield fd
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(dest: Path):
+    """Hold an exclusive fcntl lock on a sibling lock file of `dest`; refuse at once if another writer holds it."""
+    def busy(holder: str) -> ArtifactError:
+        return ArtifactError(f"{dest}: another process (pid {holder or '?'}) is writing it right now; wait for it "
+                             f"to finish or choose another --out")
+
+    with held_lock(_lock_path(dest), busy) as fd:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
 
 
 def _alive(pid: int) -> bool:

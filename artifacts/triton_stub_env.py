@@ -13,14 +13,13 @@ this environment, or touch the network beyond that one pip install.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
-from artifacts.bundle import ArtifactError, make_parents, open_lock, remove_empty_dirs, staging_dir
+from artifacts.bundle import ArtifactError, held_lock, make_parents, remove_empty_dirs, staging_dir
 from artifacts.paths import cache_root
 from artifacts.triton_write import publishable
 
@@ -79,27 +78,10 @@ def is_stub_env(path: Path) -> bool:
 
 @contextlib.contextmanager
 def _one_maker(dest: Path):
-    """A blocking fcntl lock on ``.<dest name>.wait`` beside `dest` (staging_dir's own lock refuses a second writer
-    at once, which is right for a user's --out but not for a shared cache entry)."""
-    path = dest.with_name(f".{dest.name}.wait")
-    while True:
-        fd = open_lock(path)  # made here, or an (empty) one of ours; never someone else's file
-        if fd < 0:
-            continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:  # else the holder removed the file while we waited: lock the new one
-            break
-        os.close(fd)
-    try:
+    """A blocking lock on ``.<dest name>.wait`` beside `dest` (staging_dir's own lock refuses a second writer at
+    once, which is right for a user's --out but not for a shared cache entry)."""
+    with held_lock(dest.with_name(f".{dest.name}.wait")):
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        os.close(fd)
 
 
 def _make(dest: Path) -> None:

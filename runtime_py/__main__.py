@@ -8,6 +8,7 @@ bounds) ends with `error: ...` on stderr and exit status 2, no traceback."""
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import sys
@@ -46,7 +47,7 @@ def _from_argv(text):
 
 
 def _is_utf8(encoding: str | None) -> bool:
-    return (encoding or "").lower().replace("-", "").replace("_", "") == "utf8"
+    return codecs.lookup(encoding or "ascii").name == "utf-8"
 
 
 def _utf8_streams() -> None:

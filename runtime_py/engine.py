@@ -309,17 +309,21 @@ class Engine:
         """One iteration: drop cancelled, admit, prefill (up to one chunk budget), one decode call. Returns the
         number of model calls made."""
         calls = 0
+        self._drop_cancelled()
+        self._admit()
+        calls += self._prefill()
+        calls += self._decode()
+        self.iterations += 1
+        return calls
+
+    def _drop_cancelled(self) -> None:
+        """End every cancelled request, waiting or running, with finish_reason "cancelled" (its slot freed)."""
         with self._cv:
             for request in [r for r in self._waiting if r.cancelled]:
                 self._waiting.remove(request)
                 self._send(request, Update([], "", "cancelled", None, len(request.prompt), 0))
         for row in [r for r in self.rows if r.request.cancelled]:
             self._finish(row, "cancelled", None)
-        self._admit()
-        calls += self._prefill()
-        calls += self._decode()
-        self.iterations += 1
-        return calls
 
     def _admit(self) -> None:
         while len(self.rows) < self.slots:
@@ -495,16 +499,10 @@ class Engine:
                         break
                     pending.popleft()
                 self.step()
-        except BaseException:
-            self._withdraw(mine)
+        except BaseException:  # what was submitted is withdrawn at once, without a model call
+            for request in mine:
+                request.cancel()
+            self._drop_cancelled()
             raise
         return outputs
-
-    def _withdraw(self, requests: list[Request]) -> None:
-        """End `requests` as cancelled at once, waiting or running, without a model call."""
-        ids = {id(r) for r in requests}
-        with self._cv:
-            self._waiting = deque(r for r in self._waiting if id(r) not in ids)
-        for row in [r for r in self.rows if id(r.request) in ids]:
-            self._finish(row, "cancelled", None)
 

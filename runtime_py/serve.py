@@ -130,16 +130,10 @@ def _count(n: int) -> str:
 
 
 def check_fields(body: dict, endpoint: str) -> None:
-    """400 naming the first field `endpoint` ("completions" or "chat") does not know (see FIELDS), or a known one
-    asking for output this server cannot give (audio, web search)."""
+    """400 naming the first field `endpoint` ("completions" or "chat") does not know (see FIELDS)."""
     for name in body:
         if name not in FIELDS[endpoint]:
             raise _bad(f"Unrecognized request argument supplied: {json.dumps(name)[1:-1][:80]}", param=name[:80])
-    modalities = body.get("modalities")
-    if modalities is not None and modalities != ["text"]:
-        raise _bad("'modalities' other than [\"text\"] is not supported", param="modalities")
-    for name in ("audio", "web_search_options"):
-        _refuse(body, name)
 
 
 def parse_sampling(body: dict, prompt_len: int, context: int, prompt_param: str) -> SamplingParams:
@@ -147,11 +141,15 @@ def parse_sampling(body: dict, prompt_len: int, context: int, prompt_param: str)
     _get(body, "n", lambda v: _is_int(v) and v == 1, "1 (one choice per request)")
     for name in ("frequency_penalty", "presence_penalty"):
         _get(body, name, lambda v: _is_num(v) and v == 0, "0 (penalties are not supported; see repetition_penalty)")
-    for name in ("logit_bias", "tools", "functions", "tool_choice", "function_call", "suffix", "top_logprobs"):
+    for name in ("logit_bias", "tools", "functions", "tool_choice", "function_call", "suffix", "top_logprobs",
+                 "audio", "web_search_options"):
         _refuse(body, name)
     _refuse(body, "logprobs", (None, False))
     _refuse(body, "echo", (None, False))
     _refuse(body, "best_of", (None, 1))
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise _bad("'modalities' other than [\"text\"] is not supported", param="modalities")
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise _bad("'response_format' other than {\"type\": \"text\"} is not supported", param="response_format")

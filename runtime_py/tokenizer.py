@@ -47,14 +47,9 @@ MAX_REPLACE_CHARS = 16  # content of a Replace / Prepend normalizer or decoder
 MAX_TOKEN_CHARS = 4096  # one vocabulary or added token
 
 
-def check_tokenizer_json(path: Path) -> None:
-    """ValueError naming the file unless tokenizer.json parses as a tokenizer whose normalizers and decoders
-    replace with at most MAX_REPLACE_CHARS characters and whose tokens have at most MAX_TOKEN_CHARS."""
-    try:
-        data = json_loads(Path(path).read_text(encoding="utf-8"))
-    except ValueError as e:  # bad JSON, bad UTF-8, nested too deeply
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
+def check_tokenizer_limits(tok: "tokenizers.Tokenizer", vocab: dict[str, int], path: Path) -> None:
+    """ValueError naming the file unless the loaded tokenizer's normalizers and decoders replace with at most
+    MAX_REPLACE_CHARS characters and its tokens (`vocab`, with the added ones) have at most MAX_TOKEN_CHARS."""
     def walk(node, where: str) -> None:
         if isinstance(node, list):
             for i, item in enumerate(node):
@@ -69,16 +64,10 @@ def check_tokenizer_json(path: Path) -> None:
             for key in ("normalizers", "decoders"):
                 walk(node.get(key), f"{where}.{key}")
 
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: must be a JSON object, got {type(data).__name__}")
-    for section in ("normalizer", "decoder"):
-        walk(data.get(section), section)
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
-    vocab = model.get("vocab")
-    pieces = vocab.keys() if isinstance(vocab, dict) else \
-        (v[0] for v in vocab if isinstance(v, list) and v and isinstance(v[0], str)) if isinstance(vocab, list) else ()
-    added = (t.get("content") for t in data.get("added_tokens") or () if isinstance(t, dict))
-    longest = max((len(t) for t in (*pieces, *added) if isinstance(t, str)), default=0)
+    for section, component in (("normalizer", tok.normalizer), ("decoder", tok.decoder)):
+        if component is not None:  # its own JSON (what pickling uses), not the whole file parsed a second time
+            walk(json.loads(component.__getstate__()), section)
+    longest = max(map(len, vocab), default=0)
     if longest > MAX_TOKEN_CHARS:
         raise ValueError(f"{path}: a token has {longest:,} characters (at most {MAX_TOKEN_CHARS}): every time it is "
                          "generated the text would grow that much")
@@ -157,11 +146,12 @@ class Tokenizer:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: the runtime needs a fast-tokenizer tokenizer.json "
                                     "(save the tokenizer with transformers to produce one)")
-        check_tokenizer_json(path)
         try:
             tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for every parse error
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+        vocab = tok.get_vocab(with_added_tokens=True)
+        check_tokenizer_limits(tok, vocab, path)
         tok.no_truncation()  # ids must be exact; length limits are the generation loop's business
         tok.no_padding()
         self.config = load_tokenizer_config(d)
@@ -184,7 +174,7 @@ class Tokenizer:
         self._tok = tok
         self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
         # Byte-fallback pieces: the decoder joins a run of them before UTF-8 decoding (StreamDecoder needs to know).
-        self.byte_ids = frozenset(i for t, i in tok.get_vocab().items() if _BYTE_TOKEN.fullmatch(t)) \
+        self.byte_ids = frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t)) \
             if getattr(tok.model, "byte_fallback", False) else frozenset()
 
         where = d / "generation_config.json"
