@@ -10,7 +10,8 @@ the module runs as ``__main__``, never on import) makes a Ctrl-C during the impo
 :func:`restore_interrupts` where its own handling begins.
 
 What it does not do: the commands' own errors (each ``main`` prints those), or signals other than SIGINT and SIGPIPE
-(export/build.py's terminate_cleanly handles SIGTERM during a build).
+(export/build.py's terminate_cleanly handles SIGTERM during a build). Nor a Ctrl-C during the interpreter's own startup (site,
+runpy: the first tens of milliseconds, before the command's first line runs), which Python reports itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import errno
 import os
 import signal
 import sys
-from typing import Callable, NoReturn
 
 
 def _exit_130(signum, frame) -> None:
@@ -46,8 +46,9 @@ def _drop_stdout() -> None:
         pass
 
 
-def run(main: Callable[[], int]) -> NoReturn:
-    """sys.exit(main()), with standard output's failures and Ctrl-C handled as the module docstring says."""
+def run(main) -> None:  # no typing import here: this module is the first thing a command runs
+    """sys.exit(main()) (``main() -> int``, the exit status), with standard output's failures and Ctrl-C handled
+    as the module docstring says."""
     try:
         code = main()
         sys.stdout.flush()

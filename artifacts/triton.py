@@ -20,13 +20,13 @@ What it does not do: anything beyond parsing flags. It never imports export/ or 
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-if __name__ == "__main__":  # a Ctrl-C during the imports below: exit 130, no traceback
+if __name__ == "__main__":  # first, before any import: a Ctrl-C while the imports run exits 130, no traceback
     from artifacts.cli import quiet_startup
 
     quiet_startup()
+
+import argparse
+import sys
 
 from artifacts.bundle import ArtifactError
 from artifacts.triton_check import validate_repository

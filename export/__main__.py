@@ -3,14 +3,14 @@ come from export/options.py, where each is defined once."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
-if __name__ == "__main__":  # a Ctrl-C during the imports (torch: seconds): exit 130, no traceback
+if __name__ == "__main__":  # first, before any import: a Ctrl-C while the imports run exits 130, no traceback
     from artifacts.cli import quiet_startup
 
     quiet_startup()
+
+import argparse
+import json
+import sys
 
 from export.options import (ACCURACY_LEVELS, BACKENDS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BACKEND, DEFAULT_GROUP_SIZE,
                             DEFAULT_KV_MODE, DEFAULT_LOGITS, DEFAULT_MAX_BATCH, DEFAULT_PRECISION,

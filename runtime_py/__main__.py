@@ -7,16 +7,16 @@ bounds) ends with `error: ...` on stderr and exit status 2, no traceback."""
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before any import: a Ctrl-C while the imports run exits 130, no traceback
+    from artifacts.cli import quiet_startup
+
+    quiet_startup()
+
 import argparse
 import codecs
 import json
 import os
 import sys
-
-if __name__ == "__main__":  # a Ctrl-C during the imports below: exit 130, no traceback
-    from artifacts.cli import quiet_startup
-
-    quiet_startup()
 
 from runtime_py.sampling import DEFAULT_MAX_NEW_TOKENS
 from runtime_py.tokenizer import check_text, parse_ids

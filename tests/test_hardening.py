@@ -859,17 +859,35 @@ def test_chat_with_stdin_closed_ends_like_end_of_input(artifacts):
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
+def _wait_for_site_packages(proc, timeout: float = 60.0) -> None:
+    """Until the process has mapped a shared library from site-packages (or ended)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if "site-packages" in Path(f"/proc/{proc.pid}/maps").read_text():
+                return
+        except OSError:
+            return
+        time.sleep(0.002)
+
+
 @pytest.mark.parametrize("argv", [["runtime_py", "generate", "ART", "--prompt", "Hi"],
                                   ["export", "build", "--model", "tiny-qwen2", "--out", "OUT"]])
 def test_ctrl_c_while_the_command_starts_is_a_quiet_130(argv, artifacts, tmp_path):
     """SIGINT to the process group during the imports (torch, onnxruntime: a KeyboardInterrupt traceback, or an
-    ImportError 'initialization failed', before) and after: exit 130, no traceback, nothing written."""
+    ImportError 'initialization failed', before) and after: exit 130, no traceback, nothing written.
+
+    The signal is sent once the process has mapped its first library from site-packages (numpy, torch: imported
+    after the handler, which is each command's first statement), then after 0.3 s and 1 s more; a fixed delay from
+    the start could land in the interpreter's own startup, before any line of ours runs (CI: a traceback from
+    typing.py at 0.05 s, when the handler came after the first imports)."""
     argv = [str(artifacts("qwen2_window")) if a == "ART" else str(tmp_path / "out") if a == "OUT" else a
             for a in argv]
-    for delay in (0.05, 0.3, 1.0):
+    for delay in (0.0, 0.3, 1.0):
         proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        _wait_for_site_packages(proc)
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
