@@ -10,8 +10,8 @@ the module runs as ``__main__``, never on import) makes a Ctrl-C during the impo
 :func:`restore_interrupts` where its own handling begins.
 
 What it does not do: the commands' own errors (each ``main`` prints those), or signals other than SIGINT and SIGPIPE
-(export/build.py's terminate_cleanly handles SIGTERM during a build). Nor a Ctrl-C during the interpreter's own startup (site,
-runpy: the first tens of milliseconds, before the command's first line runs), which Python reports itself.
+(export/build.py's terminate_cleanly handles SIGTERM during a build), or a Ctrl-C during the interpreter's own
+startup (site, runpy: the first tens of milliseconds, before the command's first line runs), which Python reports.
 """
 
 from __future__ import annotations
