@@ -415,6 +415,10 @@ def create_app(engine: Engine, model_name: str):
                 if chat:
                     yield chunk(None, None, first=True)
                 while True:
+                    # A queued update is taken without a pause, and uvicorn's send does not pause either: without
+                    # this, a backlog of chunks went into a connection reset under it before uvicorn could hear of
+                    # it (asyncio's "socket.send() raised exception." from the fifth write on).
+                    await asyncio.sleep(0)
                     u = await queue.get()
                     if u.finish_reason is not None and u.finish_reason not in FINISH:
                         yield event(end_error(u).body())

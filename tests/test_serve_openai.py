@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -388,6 +389,32 @@ def test_client_gone_mid_body_is_dropped_quietly(server):
     assert _health(url)["status"] == "ok"
     added = log.read_text()[len(before):]
     assert "Traceback" not in added and "Exception in ASGI" not in added, added
+
+
+def test_stream_reset_by_its_client_logs_nothing(server):
+    """A streaming client that resets its connection (SO_LINGER 0) mid-answer: its request is cancelled without
+    asyncio's "socket.send() raised exception." in the log. The generator used to write the queued chunks in one
+    go without yielding to the event loop, so uvicorn learnt of the lost connection only after five or more
+    writes into it (a line per write after the fifth, ~3 per disconnect)."""
+    url, _, log = server
+    port = urllib.parse.urlsplit(url).port
+    before = log.read_text()
+    body = json.dumps({"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 120, "temperature": 0, "stream": True,
+                       "ignore_eos": True}).encode()
+    for _ in range(10):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.3)  # the answer goes on into the reset connection
+    for _ in range(250):
+        if _health(url)["running"] == 0:
+            break
+        time.sleep(0.02)
+    assert _health(url)["running"] == 0
+    added = log.read_text()[len(before):]
+    assert "socket.send() raised exception" not in added and "Traceback" not in added, added
 
 
 def test_connections_that_send_no_request_are_closed(server):
