@@ -52,6 +52,9 @@ def server(artifacts, tmp_path_factory):
             break
         except OSError:
             time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"the server did not answer /health: {log.read_text()[-2000:]}")
     yield url, path, log
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)

@@ -196,7 +196,7 @@ def test_ctrl_c_with_an_open_grpc_stream(serve):
     text = s.text()
     assert rc == 0 and "Traceback" not in text, text[-3000:]
     assert "warning: tritonserver was killed" in text, text[-3000:]
-    assert took < SERVER_EXIT_TIMEOUT_S + STOP_GRACE_S + 5, took
+    assert took < SERVER_EXIT_TIMEOUT_S + STOP_GRACE_S + 10, took  # killed at timeout + grace (15.2 s seen under load)
     assert s.left() == []
 
 
