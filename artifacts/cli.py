@@ -7,7 +7,10 @@ traceback and Python's "Exception ignored" at exit; standard output that cannot 
 ``> /dev/full``) is one ``error:`` line and exit 2; Ctrl-C is 130. :func:`quiet_startup` (called first thing when
 the module runs as ``__main__``, never on import) makes a Ctrl-C during the imports and argument parsing, before
 ``main`` has started anything, end the process at once with 130 and no traceback; ``main`` calls
-:func:`restore_interrupts` where its own handling begins.
+:func:`restore_interrupts` where its own handling begins, after importing the pybind11 extensions its command
+needs (onnxruntime, onnx): a KeyboardInterrupt raised inside their init is reported by the extension itself, a
+printed traceback and "ImportError: import numpy failed", or an ImportError "initialization failed" caused by it
+(CI, 0.3 s into `runtime_py generate`). :func:`run` takes the latter for a Ctrl-C (130) wherever it comes from.
 
 What it does not do: the commands' own errors (each ``main`` prints those), or signals other than SIGINT and SIGPIPE
 (export/build.py's terminate_cleanly handles SIGTERM during a build), or a Ctrl-C during the interpreter's own
@@ -54,6 +57,10 @@ def run(main) -> None:  # no typing import here: this module is the first thing 
         sys.stdout.flush()
     except KeyboardInterrupt:
         code = 130
+    except ImportError as e:
+        if not isinstance(e.__cause__, KeyboardInterrupt):
+            raise
+        code = 130  # a Ctrl-C inside an extension's init, as pybind11 re-raises it
     except BrokenPipeError:
         _drop_stdout()
         code = 141

@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         from export.spec import UnsupportedConfigError
 
         errors += (CheckpointError, UnsupportedConfigError, EngineError)
+        import onnx  # noqa: F401 - these two under quiet_startup's handler (artifacts/cli.py says why)
+        import onnxruntime  # noqa: F401
     # After the imports: torch's C init (numpy's import inside it) swallowed a Terminated raised there, and the
     # command then ran to the end with exit 0. Until here a SIGTERM just ends the process: nothing has started.
     terminate_cleanly()

@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     _session_flags(v)
 
     args = parser.parse_args(argv)
+    import onnxruntime  # noqa: F401 - under quiet_startup's handler (artifacts/cli.py says why)
+
     from artifacts.bundle import ArtifactError
     from artifacts.cli import restore_interrupts
 
