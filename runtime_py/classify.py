@@ -72,14 +72,24 @@ def best_span(start_logits: np.ndarray, end_logits: np.ndarray, allowed: np.ndar
               max_answer_len: int = MAX_ANSWER_LEN) -> tuple[int, int, float] | None:
     """transformers' QA rule (pipelines' select_starts_ends + decode_spans, top 1): tokens not `allowed` get
     -10000, softmax each, score(s, e) = p_start[s] * p_end[e] over s <= e < s + max_answer_len; the best pair, or
-    None when it falls outside the allowed tokens."""
+    None when it falls outside the allowed tokens. (The pipeline also zeroes position 0, BERT's CLS; an encoded
+    (question, context) pair never allows it, while `--ids` input allows every token, 0 included.)
+
+    The pipeline takes the argmax of the whole L x L outer product (8 GiB of float64 for a 32k context, three times
+    over); here only its band is made, as [L, K] with K = min(max_answer_len, L) and band[s, d] = score(s, s + d)
+    (0 past the end). Row-major order over (s, d) is row-major order over (s, e) within the band, and every entry
+    outside it is 0, so the first maximum, ties included, is the same pair."""
     start = softmax(np.where(allowed, start_logits, -10000.0).astype(np.float64))
     end = softmax(np.where(allowed, end_logits, -10000.0).astype(np.float64))
-    candidates = np.tril(np.triu(np.outer(start, end)), max_answer_len - 1)
-    s, e = np.unravel_index(int(np.argmax(candidates)), candidates.shape)
+    n = len(start)
+    k = max(1, min(max_answer_len, n))
+    shifted = np.lib.stride_tricks.sliding_window_view(np.concatenate([end, np.zeros(k - 1)]), k)  # [s, d]: end[s+d]
+    band = start[:, None] * shifted
+    s, d = np.unravel_index(int(np.argmax(band)), band.shape)
+    e = s + d
     if not (allowed[s] and allowed[e]):
         return None
-    return int(s), int(e), float(candidates[s, e])
+    return int(s), int(e), float(band[s, d])
 
 
 class Classifier:

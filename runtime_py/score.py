@@ -9,7 +9,9 @@ on the graph, and the result says which (``mode``):
 * ``stepwise``: a ``--logits last`` graph (the default build) returns only the last position's, so the runtime feeds
   the tokens one call per position through the KV cache, as a decode loop does.
 
-Both give the same numbers up to float rounding (tests/test_score.py checks it). Users compare a quantized artifact
+Both give the same numbers up to float rounding (tests/test_score.py checks it). Logits that are not finite (an
+fp16 artifact's activations overflowing) are an error naming the positions, not a NaN in the output; a finite
+``nll`` over 709.78 gives ``ppl`` inf (printed by ``--json`` as ``Infinity``, as Python's json writes it). Users compare a quantized artifact
 with its fp32 twin this way.
 
 What it does not do: batch several sequences, or sample (generate.py does).
@@ -24,6 +26,8 @@ import numpy as np
 
 from runtime_py.sampling import logprobs_of
 from runtime_py.tokenizer import check_text
+
+_EXP_MAX = math.log(np.finfo(np.float64).max)
 
 
 def score(artifact: str | Path, ids: list[int], threads: int | None = None, generator=None) -> dict:
@@ -54,9 +58,17 @@ def score(artifact: str | Path, ids: list[int], threads: int | None = None, gene
             out = session.forward(tokens[:, i:i + 1], np.array([[i]], dtype=np.int64), mask, cache)
             rows.append(out[0, -1])
         logits = np.stack(rows)
+    bad_rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+    if bad_rows.size:  # a NaN/inf log-prob would print as NaN (not JSON) and poison nll; say where instead
+        precision = session.manifest.precision
+        why = (f"its {precision} activations overflowed; build it with --precision fp32 to score it"
+               if precision != "fp32" else "its activations left float32's range (are the weights sane?)")
+        raise ValueError(f"the artifact's logits are not finite (NaN or inf) after position(s) "
+                         f"{[int(i) for i in bad_rows[:5]]}{' ...' if bad_rows.size > 5 else ''} of {S}: {why}")
     lps = logprobs_of(logits, tokens[0, 1:])
     nll = float(-lps.mean())
-    return {"logprobs": [float(x) for x in lps], "nll": nll, "ppl": math.exp(nll), "mode": mode, "tokens": S}
+    ppl = math.exp(nll) if nll < _EXP_MAX else math.inf  # exp(>709.78) overflows a float: the ppl is inf
+    return {"logprobs": [float(x) for x in lps], "nll": nll, "ppl": ppl, "mode": mode, "tokens": S}
 
 
 def _text_ids(gen, text: str, what: str) -> list[int]:

@@ -79,3 +79,35 @@ def test_bad_utf8_file(artifacts, tmp_path, capsys):
     f.write_bytes(b"ok \xff\xfe bad")
     assert main(["score", str(artifacts("qwen2_window")), "--file", str(f)]) == 2
     assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_huge_and_overflowing_logits(tmp_path, capsys):
+    """An LM head scaled x2e4: in fp32 the nll (thousands of nats, checked against HF) makes exp() overflow, so ppl
+    is inf (written as Infinity, which json reads back) instead of an OverflowError. Then layer 0's down_proj x3e4
+    in fp16: its output overflows fp16 and the logits turn NaN, an exit-2 error naming where and why instead of NaN
+    in the output (ORT's CPU fp16 MatMul accumulates in fp32, so the LM head alone would not overflow)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from export.build import build
+    from tests.conftest import CASES, save_hf_checkpoint
+
+    ckpt = save_hf_checkpoint(*CASES["qwen2_window"], tmp_path / "ckpt")
+    weights = load_file(ckpt / "model.safetensors")
+    weights["lm_head.weight"] *= 2e4  # std 3000, largest entry well inside fp16's 65504
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager",
+                                              local_files_only=True).eval()
+    want = _hf_logprobs(hf, IDS)
+    fp32 = build(str(ckpt), out=tmp_path / "fp32", max_seq_len=64, progress=False)
+    assert main(["score", str(fp32), "--ids", ",".join(map(str, IDS)), "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert obj["nll"] > 710 and obj["ppl"] == math.inf
+    np.testing.assert_allclose(obj["logprobs"], want, rtol=1e-4)
+    weights["model.layers.0.mlp.down_proj.weight"] *= 3e4  # largest entry ~17000: fits fp16, its output does not
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    fp16 = build(str(ckpt), out=tmp_path / "fp16", precision="fp16", max_seq_len=64, progress=False)
+    assert main(["score", str(fp16), "--ids", ",".join(map(str, IDS)), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert "logits are not finite" in captured.err and "--precision fp32" in captured.err, captured.err
+    assert "Traceback" not in captured.err and captured.out == ""

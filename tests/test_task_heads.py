@@ -194,6 +194,49 @@ def test_qa_span_is_the_pipeline_rule(task_ckpt, task_artifact):
         assert all(seq[i] == 1 for i in range(answer["start"], answer["end"] + 1))  # inside the context
 
 
+def test_best_span_is_select_starts_ends_in_a_band():
+    """best_span against transformers' select_starts_ends (top 1) on random logits: lengths 2-300, answer lengths
+    1 to past the input, masks with a few or most tokens allowed, quantized logits full of ties; and its memory is
+    the [L, K] band's, not the L x L product's (8192 tokens: 0.5 GiB of float64 each time in the pipeline's rule)."""
+    import tracemalloc
+
+    from transformers.pipelines.document_question_answering import select_starts_ends
+
+    from runtime_py.classify import best_span
+
+    rng = np.random.default_rng(0)
+    compared = 0
+    for trial in range(300):
+        n = int(rng.integers(2, 300))
+        k = int(rng.choice([1, 2, 15, 40, n + 5]))
+        start, end = (rng.normal(size=n).astype(np.float32) for _ in range(2))
+        if trial % 3 == 0:  # ties everywhere
+            start, end = np.round(start), np.round(end)
+        allowed = rng.random(n) < (0.2 if trial % 2 else 0.9)
+        allowed[rng.integers(1, n)] = True
+        allowed[0] = False  # the pipeline zeroes position 0 (BERT's CLS); a (question, context) pair never allows it
+        p_mask = (~allowed).astype(np.int64)[None]
+        # in float64, as best_span computes: the pipeline's float32 products break exact ties (a + c == b + d) by
+        # rounding, so a float32 oracle picks either pair at random
+        starts, ends, scores, _ = select_starts_ends(start[None].astype(np.float64), end[None].astype(np.float64),
+                                                     p_mask, np.ones_like(p_mask), max_answer_len=k)
+        got = best_span(start, end, allowed, k)
+        if len(starts) == 0:
+            assert got is None
+            continue
+        assert got is not None and got[:2] == (int(starts[0]), int(ends[0])), (trial, n, k, got, starts, ends)
+        assert got[2] == pytest.approx(float(scores[0]), rel=1e-5)
+        compared += 1
+    assert compared > 200
+    n = 8192
+    logits = rng.normal(size=n)
+    tracemalloc.start()
+    best_span(logits, logits[::-1].copy(), np.ones(n, dtype=bool))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * n * 15 * 4, peak  # a few [L, 15] float64 arrays; the L x L product is 537 MB
+
+
 def test_seq_cls_without_pad_token(tmp_path):
     """No pad_token_id: one input pools its last token (as HF); a batch of two is refused with HF's words."""
     from export.build import build
