@@ -81,8 +81,7 @@ def best_span(start_logits: np.ndarray, end_logits: np.ndarray, allowed: np.ndar
     outside it is 0, so the first maximum, ties included, is the same pair."""
     start = softmax(np.where(allowed, start_logits, -10000.0).astype(np.float64))
     end = softmax(np.where(allowed, end_logits, -10000.0).astype(np.float64))
-    n = len(start)
-    k = max(1, min(max_answer_len, n))
+    k = min(max_answer_len, len(start))
     shifted = np.lib.stride_tricks.sliding_window_view(np.concatenate([end, np.zeros(k - 1)]), k)  # [s, d]: end[s+d]
     band = start[:, None] * shifted
     s, d = np.unravel_index(int(np.argmax(band)), band.shape)

@@ -11,8 +11,8 @@ on the graph, and the result says which (``mode``):
 
 Both give the same numbers up to float rounding (tests/test_score.py checks it). Logits that are not finite (an
 fp16 artifact's activations overflowing) are an error naming the positions, not a NaN in the output; a finite
-``nll`` over 709.78 gives ``ppl`` inf (printed by ``--json`` as ``Infinity``, as Python's json writes it). Users compare a quantized artifact
-with its fp32 twin this way.
+``nll`` over 709.78 gives ``ppl`` inf (printed by ``--json`` as ``Infinity``, as Python's json writes it). Users
+compare a quantized artifact with its fp32 twin this way.
 
 What it does not do: batch several sequences, or sample (generate.py does).
 """
