@@ -26,7 +26,8 @@ rest is dropped unread up to 4x the limit so the client reads the 413, larger on
 ``--max-queue`` requests already wait for a slot (the queue never grows past it), 503 while the engine is stopping
 or after it failed, 500 when a model call fails (that request only; the others go on), 408 for a body that has not
 arrived BODY_TIMEOUT_S after its headers. A client that disconnects cancels its request; the engine frees its slot
-at its next iteration. A connection that sends no request headers for REQUEST_TIMEOUT_S is closed. SIGTERM ends the
+at its next iteration. A connection that sends no request headers for REQUEST_TIMEOUT_S is closed, and so is one
+whose client reads nothing of its answer for WRITE_STALL_S (its request is cancelled). SIGTERM ends the
 pending requests as cancelled (503, or an SSE error event) before uvicorn's graceful shutdown.
 
 What it does not do: authentication, TLS, several models, ``n`` > 1, ``echo``, log-probs, tools / function
@@ -53,6 +54,10 @@ from runtime_py.tokenizer import MIN_TEXT_BYTES, TEXT_BYTES_PER_TOKEN, text_byte
 
 BODY_TIMEOUT_S = 10.0  # seconds a request's body has to arrive once its headers have (1 MiB: 100 KB/s at least)
 REQUEST_TIMEOUT_S = 10.0  # seconds a connection has to send a request's headers (after opening, after a response)
+# seconds a connection may go without its client reading anything while its answer waits to be sent (the socket's
+# and the transport's buffers full), before it is dropped: nginx's send_timeout. A client that stops reading a long
+# stream otherwise held its connection, its handler and the answer's queued chunks for as long as it stayed connected.
+WRITE_STALL_S = 30.0
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -490,10 +495,15 @@ def create_app(engine: Engine, model_name: str):
 
 
 def _http_protocol():
-    """uvicorn's h11 protocol, plus a bound on connections that send no complete request: one is closed
-    REQUEST_TIMEOUT_S after it opened (or after its last response) unless a request arrived meanwhile. uvicorn times
-    out only keep-alive connections idle after a response, so connections that sent nothing, or dribbled a header a
-    byte at a time, each held a file descriptor for ever, until the process ran out of them."""
+    """uvicorn's h11 protocol, plus two bounds uvicorn lacks:
+
+    - a connection that sends no complete request is closed REQUEST_TIMEOUT_S after it opened (or after its last
+      response) unless a request arrived meanwhile. uvicorn times out only keep-alive connections idle after a
+      response, so connections that sent nothing, or dribbled a header a byte at a time, each held a file
+      descriptor for ever, until the process ran out of them;
+    - a connection whose writes stay paused (asyncio's pause_writing: the kernel's socket buffers and the
+      transport's are full because the client reads nothing) for WRITE_STALL_S is aborted; uvicorn then reports the
+      disconnect to the handler, which cancels the request. uvicorn's send waited for the client for ever."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
@@ -513,6 +523,19 @@ def _http_protocol():
                 if idle and not self.transport.is_closing():
                     self.transport.close()
             self.loop.call_later(REQUEST_TIMEOUT_S, check)
+
+        def pause_writing(self):
+            super().pause_writing()
+            self._stall = stall = object()  # this pause; a resume (or a later pause) replaces it
+
+            def check():
+                if self._stall is stall and not self.transport.is_closing():
+                    self.transport.abort()
+            self.loop.call_later(WRITE_STALL_S, check)
+
+        def resume_writing(self):
+            self._stall = None
+            super().resume_writing()
 
     return Protocol
 

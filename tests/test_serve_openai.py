@@ -8,6 +8,7 @@ single-request ones bit for bit on this artifact, see tests/test_engine_batching
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -548,31 +549,43 @@ def test_hostile_values(server, client, gen):
     assert _health(url)["running"] == 0
 
 
-def test_non_streamed_request_whose_client_left_is_cancelled(artifacts, monkeypatch):
-    """A non-streamed request whose client closed its connection is cancelled within about DISCONNECT_POLL_S even
-    while its tokens keep coming. The disconnect check used to run only when no token came for 0.25 s, so with a
-    real model's token rate the dead request held its slot to the end. In-process, on a model slowed to 50 ms a
-    step (a 0.5B model on a CPU), so that the generation outlasts the check."""
+@contextlib.contextmanager
+def _serving(engine, http):
+    """An in-process uvicorn server on `engine` with the protocol class `http`, on a free loopback port; its URL."""
     import uvicorn
 
-    from runtime_py.engine import Engine
-    from runtime_py.serve import DISCONNECT_POLL_S, _http_protocol, create_app
+    from runtime_py.serve import create_app
 
-    decode = Engine._decode
-    monkeypatch.setattr(Engine, "_decode", lambda self: (time.sleep(0.05), decode(self))[1])
-    engine = Engine(artifacts("qwen2_window"), slots=2, threads=1)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(8)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL), log_level="error", access_log=False,
-                                           http=_http_protocol()))
+                                           http=http))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         while not server.started:
             time.sleep(0.02)
-        url = f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.stop()
+
+
+def test_non_streamed_request_whose_client_left_is_cancelled(artifacts, monkeypatch):
+    """A non-streamed request whose client closed its connection is cancelled within about DISCONNECT_POLL_S even
+    while its tokens keep coming. The disconnect check used to run only when no token came for 0.25 s, so with a
+    real model's token rate the dead request held its slot to the end. In-process, on a model slowed to 50 ms a
+    step (a 0.5B model on a CPU), so that the generation outlasts the check."""
+    from runtime_py.engine import Engine
+    from runtime_py.serve import DISCONNECT_POLL_S, _http_protocol
+
+    decode = Engine._decode
+    monkeypatch.setattr(Engine, "_decode", lambda self: (time.sleep(0.05), decode(self))[1])
+    with _serving(Engine(artifacts("qwen2_window"), slots=2, threads=1), _http_protocol()) as url:
+        port = urllib.parse.urlsplit(url).port
         conn = socket.create_connection(("127.0.0.1", port))
         body = json.dumps({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 100, "ignore_eos": True}).encode()
         conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -586,6 +599,61 @@ def test_non_streamed_request_whose_client_left_is_cancelled(artifacts, monkeypa
             time.sleep(0.02)
         assert h["running"] == 0 and h["finished"] == {"cancelled": 1}, h
         assert time.monotonic() - t0 < DISCONNECT_POLL_S + 1
-    finally:
-        server.should_exit = True
-        thread.join(10)
+
+
+def test_a_client_that_stops_reading_is_dropped_and_a_slow_one_is_not(artifacts, monkeypatch):
+    """A streaming client that reads nothing of its answer is disconnected WRITE_STALL_S after its writes paused,
+    and its request is cancelled while it still decodes; a client that reads slowly but steadily gets its whole
+    answer. uvicorn's send waited for a client that stopped reading for as long as it stayed connected, holding the
+    connection, its handler and the queued chunks. In-process, with WRITE_STALL_S at 2 s, a model slowed to 40 ms
+    a step, and the socket's and transport's buffers made small (SO_SNDBUF / SO_RCVBUF 1024, which Linux raises to
+    its minimum of a few KB, a 1 KB high-water mark) so that a tiny model's 100-token stream overflows them."""
+    from runtime_py import serve
+    from runtime_py.engine import Engine
+
+    monkeypatch.setattr(serve, "WRITE_STALL_S", 2.0)
+    decode = Engine._decode
+    monkeypatch.setattr(Engine, "_decode", lambda self: (time.sleep(0.04), decode(self))[1])
+
+    class SmallBuffers(serve._http_protocol()):
+        def connection_made(self, transport):
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1024)
+            transport.set_write_buffer_limits(high=1024)
+            super().connection_made(transport)
+
+    def open_stream(port: int) -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        s.connect(("127.0.0.1", port))
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100,
+                           "ignore_eos": True, "stream": True}).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        return s
+
+    with _serving(Engine(artifacts("qwen2_window"), slots=2, threads=1), SmallBuffers) as url:
+        port = urllib.parse.urlsplit(url).port
+        with open_stream(port) as slow:  # 4 KB every 0.3 s: the writes pause and resume, never for 2 s
+            slow.settimeout(30)
+            answer = b""
+            while chunk := (time.sleep(0.3), slow.recv(4096))[1]:
+                answer += chunk
+                if b"data: [DONE]" in answer:
+                    break
+        assert b"data: [DONE]" in answer and answer.count(b"chat.completion.chunk") >= 100, answer[-300:]
+        assert _health(url)["finished"] == {"length": 1}
+
+        with open_stream(port) as stalled:  # reads nothing
+            t0 = time.monotonic()
+            while not (h := _health(url))["finished"].get("cancelled") and time.monotonic() - t0 < 20:
+                time.sleep(0.05)
+            waited = time.monotonic() - t0
+            assert h["finished"] == {"length": 1, "cancelled": 1} and h["running"] == 0, h
+            assert waited >= 2.0, waited  # not before the stall bound ("cancelled" above: before its 100 steps)
+            stalled.settimeout(10)
+            try:  # what the buffers held, then the end of the aborted connection (a timeout fails the test)
+                while stalled.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+        assert _health(url)["status"] == "ok"
