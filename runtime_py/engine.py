@@ -54,7 +54,7 @@ from typing import Callable
 import numpy as np
 
 from artifacts.bundle import read_manifest
-from runtime_py.sampling import SamplingParams, find_stop, make_rng, sample
+from runtime_py.sampling import SamplingParams, find_stop, make_rng, sample, stop_holdback
 
 DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_MAX_QUEUE = 64
@@ -124,7 +124,6 @@ class _Row:
         self.decoder = decoder
         self.text = ""
         self.sent = 0  # characters of text already sent
-        self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
         self.finish: str | None = None
         self.cache = None  # concat mode: this row's own KVCache
 
@@ -439,7 +438,7 @@ class Engine:
             self._finish(row, "length", None, [tok])
             return
         row.pending = tok
-        end = max(len(row.text) - row.holdback, row.sent)
+        end = max(len(row.text) - stop_holdback(row.text, params.stop), row.sent)
         self._emit(row, [tok], end, None, None)
 
     def _emit(self, row: _Row, tokens: list[int], end: int, reason: str | None, error: str | None) -> None:

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from artifacts.bundle import ArtifactError
-from runtime_py.sampling import SamplingParams, find_stop, logprobs_of, make_rng, sample
+from runtime_py.sampling import SamplingParams, find_stop, logprobs_of, make_rng, sample, stop_holdback
 from runtime_py.session import OrtSession
 
 
@@ -270,12 +270,10 @@ class Generator:
         """Text deltas of one prompt as they are produced; "".join(...) equals generate(...).texts[0]."""
         self._need_tokenizer("streamed text is decoded with (without streaming, generate returns the token ids)")
         sent = 0
-        # Hold back the last few characters while they could still be the start of a stop string, which
-        # would be cut from the final text.
-        holdback = max((len(s) for s in params.stop), default=1) - 1
         for rows, _ in self.steps([prompt], params):
             row = rows[0]
-            end = len(row.text) if row.finish_reason is not None else max(len(row.text) - holdback, 0)
+            # hold back the end while it could still be the start of a stop string (cut from the final text)
+            end = len(row.text) - (0 if row.finish_reason is not None else stop_holdback(row.text, params.stop))
             if end > sent:
                 yield row.text[sent:end]
                 sent = end

@@ -23,8 +23,8 @@ import numpy as np
 
 
 DEFAULT_MAX_NEW_TOKENS = 32  # the CLI's --max-new-tokens, the Triton model's and the server's max_tokens default
-# Stop strings are checked against the text after every token and held back until they cannot match: bounded, for
-# requests from the network (the HTTP server and the Triton model take them from clients).
+# Stop strings are checked against the text after every token, and a stream holds back what could still start one
+# (stop_holdback): bounded, for requests from the network (the HTTP server and the Triton model take them from clients).
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
 
@@ -109,6 +109,24 @@ def find_stop(text: str, stops: Sequence[str], new_from: int) -> int:
     text before `new_from` was checked on earlier tokens."""
     hits = [at for stop in stops if (at := text.find(stop, max(0, new_from - len(stop) + 1))) >= 0]
     return min(hits, default=-1)
+
+
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` a stream must hold back: the longest suffix that is the start (a
+    proper prefix) of some stop string, since the next tokens could complete it into a stop that is cut from the
+    text. Anything before that suffix can be in no later match (find_stop has checked the completed ones), so it is
+    sent. 0 when no stop string could begin in what is there, however long the stop strings are. At most
+    MAX_STOP_STRINGS x MAX_STOP_CHARS^2 character comparisons a token (a stop like 'aaa...ab' after 'aaa...a')."""
+    held = 0
+    for stop in stops:
+        tail = text[len(text) - min(len(stop) - 1, len(text)):]  # a longer suffix would hold the whole stop
+        i = tail.find(stop[0])
+        while 0 <= i and len(tail) - i > held:  # earliest start first: the first hit is this stop's longest
+            if stop.startswith(tail[i:]):
+                held = len(tail) - i
+                break
+            i = tail.find(stop[0], i + 1)
+    return held
 
 
 def _is_int(x) -> bool:

@@ -145,6 +145,44 @@ def test_stop_strings_and_holdback(artifacts):
         assert not any(stops[i][0] in u.text for u in deltas[i])
 
 
+def test_streams_hold_back_only_what_could_start_a_stop(artifacts):
+    """Stop strings that never complete: after every token the engine and Generator.stream have sent all of the
+    text but its longest suffix that is the start of a stop string (sampling.stop_holdback's definition, computed
+    here by brute force), not the last max(len(stop)) - 1 characters (with a 100-character stop nothing streamed
+    until the end)."""
+    path = artifacts("qwen2_window")
+    gen = Generator(path, threads=2)
+    engine = Engine(path, slots=2, threads=2)
+    prompt = _prompts(3)[1]
+    free = gen.generate([prompt], SamplingParams(max_new_tokens=25, ignore_eos=True)).rows[0].text
+    assert len(free) > 20, free
+    for stops in (("z" * 100,), (free[4:7] + "\x01", free[-3:] + "\x01" * 50, " \x01")):
+        params = SamplingParams(max_new_tokens=25, ignore_eos=True, stop=stops)
+        plain = SamplingParams(max_new_tokens=25, ignore_eos=True)
+        updates = {}
+        for key, q in (("stop", params), ("plain", plain)):
+            updates[key] = []
+            engine.submit(prompt, q, updates[key].append)
+        while engine.busy:
+            engine.step()
+        assert [u.finish_reason for u in updates["stop"]] == [u.finish_reason for u in updates["plain"]]
+        sent = available = ""
+        for with_stop, without in zip(updates["stop"], updates["plain"]):
+            sent, available = sent + with_stop.text, available + without.text
+            if without.finish_reason is None:
+                assert sent == available[:len(available) - _holdback(available, stops)], (stops, sent, available)
+        assert sent == available == free
+        assert "".join(gen.stream(prompt, params)) == free
+        streamed = list(gen.stream(prompt, params))
+        if stops == ("z" * 100,):  # nothing to hold: a delta a token, as without stop strings
+            assert streamed == list(gen.stream(prompt, plain)) and len(streamed) > 10
+
+
+def _holdback(text: str, stops) -> int:
+    return max((k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])),
+               default=0)
+
+
 def test_two_stops_completed_by_one_token_cut_at_the_earlier(artifacts):
     # OpenAI's rule: the returned text holds no stop string, whatever order the stops were given in
     path = artifacts("qwen2_window")

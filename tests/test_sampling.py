@@ -25,6 +25,7 @@ from runtime_py.sampling import (
     probabilities,
     process_logits,
     sample,
+    stop_holdback,
 )
 
 
@@ -246,3 +247,23 @@ def test_a_tiny_temperature_is_the_argmax_without_warnings():
         warnings.simplefilter("error")
         p = probabilities(logits, params)
     assert p.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+def _holdback_brute(text: str, stops) -> int:
+    """The definition: the longest suffix of text that is a proper prefix of a stop string."""
+    return max((k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])),
+               default=0)
+
+
+def test_stop_holdback_is_the_longest_suffix_that_could_start_a_stop():
+    rng = np.random.default_rng(0)
+    for trial in range(3000):
+        alphabet = "ab" if trial % 2 else "abcé😀"
+        text = "".join(rng.choice(list(alphabet), rng.integers(0, 12)))
+        stops = ["".join(rng.choice(list(alphabet), rng.integers(1, 9))) for _ in range(rng.integers(1, 4))]
+        assert stop_holdback(text, stops) == _holdback_brute(text, stops), (text, stops)
+    assert stop_holdback("Hello! How", ["z" * 1000]) == 0  # a long stop that cannot begin here holds nothing
+    assert stop_holdback("Hello! How", ["Howdy", "o! Hoy"]) == 3  # "How" (and "o! Ho" is not a suffix)
+    assert stop_holdback("abc", ["c"]) == 0  # a one-character stop is either completed or not started
+    assert stop_holdback("", ["ab"]) == 0 and stop_holdback("ab", []) == 0
+    assert stop_holdback("a" * 1023, ["a" * 1023 + "b"]) == 1023  # the worst case, still exact
