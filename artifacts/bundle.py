@@ -30,13 +30,14 @@ import tempfile
 from pathlib import Path
 
 from artifacts.manifest import FORMAT, FORMAT_VERSION, MANIFEST, ArtifactError, Manifest
-from artifacts.paths import UnsafePathError, check_name, inside, json_loads
+from artifacts.paths import UnsafePathError, check_name, inside, json_loads, read_regular
 
 # What a build copies from the checkpoint beside the graph, and what the runtime reads from an artifact, with
 # runtime_py.chat's additional_chat_templates/*.jinja (copied too, each listed in the manifest: named_templates).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is KBs (MBs for a many-expert MoE's tensor schemes)
 
 
 def named_templates(files) -> list[str]:
@@ -54,8 +55,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def is_artifact(path: Path) -> bool:
     """True when `path` is a directory holding one of our manifests (the only kind of directory a build replaces)."""
-    try:
-        return json_loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    try:  # a manifest.json that is a symlink (to a real one), a FIFO or a device does not make a directory ours
+        return json_loads(read_regular(Path(path) / MANIFEST, MAX_MANIFEST_BYTES)).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -367,11 +368,13 @@ def read_manifest(root: Path) -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"{path}: not a regular file; not an artifact")
     try:
-        manifest = json_loads(path.read_text())
+        data = read_regular(path, MAX_MANIFEST_BYTES)
+    except (OSError, ValueError) as e:  # replaced by a link, a FIFO or something huge since the checks above
+        raise ArtifactError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        manifest = json_loads(data)
     except ValueError as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise ArtifactError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not an {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -11,7 +11,9 @@ some roots (for files that may legitimately be links, such as an HF cache snapsh
 And :func:`cache_root`: the one directory llm-export caches in (``$LLM_EXPORT_CACHE``, else
 ``$XDG_CACHE_HOME/llm-export``, else ``~/.cache/llm-export``). And :func:`json_loads`: ``json.loads`` for untrusted
 text, where nesting deeper than Python's recursion limit is a ValueError like any other bad JSON, not a
-RecursionError that escapes every ``except ValueError``.
+RecursionError that escapes every ``except ValueError``. And :func:`read_regular`: a small file's bytes, refused
+unless it is a regular file reached without a symlink at its last component and under a size bound (a FIFO, a
+device or a link to /dev/zero in its place would block or never end).
 
 What it does not do: decide which names a format lists (artifacts/bundle.py, artifacts/edge.py do).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path, PurePosixPath
 
 
@@ -134,3 +137,18 @@ def json_loads(data: str | bytes):
     except RecursionError:
         raise ValueError("nested too deeply to parse (arrays or objects inside each other past Python's "
                          "recursion limit)") from None
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """The bytes of `path`, at most `limit` of them. ValueError when it is not a regular file (a FIFO, a device, a
+    directory) or is larger; OSError when it cannot be opened, also when it is a symlink (``O_NOFOLLOW``; opening
+    with ``O_NONBLOCK`` keeps a FIFO from blocking the open, fstat then refuses it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit:,} bytes")
+    return data

@@ -38,7 +38,7 @@ from pathlib import Path
 from artifacts.bundle import MANIFEST, ArtifactError, open_artifact, staging_dir
 from artifacts.triton_check import external_data, validate_repository
 from artifacts.manifest import DTYPES
-from artifacts.paths import json_loads
+from artifacts.paths import json_loads, read_regular
 from artifacts.triton_contract import (CLASSIFY_MODEL_SOURCE, MODEL_SOURCE, PACKAGE_ROOT, RepositoryError,
                                        model_constants, num_labels, protobuf, row_dims, triton_dims)
 from artifacts.triton_readme import TASK_NAMES, classify_readme, graph_opsets, repository_readme
@@ -51,8 +51,8 @@ REPOSITORY_FORMAT = "llm-export-triton-repository"
 
 def is_repository(path: Path) -> bool:
     """True when `path` is a model repository this module wrote (its marker file names our format)."""
-    try:
-        return json_loads((Path(path) / REPOSITORY_MARKER).read_text()).get("format") == REPOSITORY_FORMAT
+    try:  # a marker that is a symlink (to a real one), a FIFO or a device does not make a directory ours
+        return json_loads(read_regular(Path(path) / REPOSITORY_MARKER, 1 << 20)).get("format") == REPOSITORY_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

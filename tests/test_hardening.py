@@ -174,6 +174,34 @@ def test_triton_out_rules(artifacts, tmp_path, capsys):
     assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == ["README.md", "other", "other_graph"]
 
 
+@pytest.mark.parametrize("planted", ["symlink to ours", "fifo", "/dev/zero"])
+@pytest.mark.parametrize("command", ["build", "triton"])
+def test_a_planted_marker_does_not_make_a_user_directory_ours(command, planted, ckpt, artifacts, tmp_path):
+    """--out is replaced only when it holds our marker (an artifact's manifest.json, a repository's
+    .llm-export-repository.json) as a regular file: a symlink to a real one made the user's directory count as ours
+    (--overwrite deleted it), a FIFO in its place hung the command, /dev/zero read without end."""
+    art = artifacts("qwen2_window")
+    repo = tmp_path / "repo"
+    assert main(["triton", str(art), "--out", str(repo)]) == 0
+    marker, ours = {"build": ("manifest.json", art), "triton": (".llm-export-repository.json", repo)}[command]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "precious.txt").write_text("years of work")
+    if planted == "fifo":
+        os.mkfifo(user / marker)
+    else:
+        (user / marker).symlink_to(ours / marker if planted == "symlink to ours" else "/dev/zero")
+    before = tree_digest(user) if planted != "fifo" else None
+    argv = build_argv(ckpt, user, "--overwrite") if command == "build" else \
+        ["export", "triton", str(art), "--out", str(user), "--overwrite"]
+    done = cli(*argv, timeout=120)  # a hang fails here
+    assert_refused(done, "refusing to replace")
+    assert (user / "precious.txt").read_text() == "years of work"
+    assert sorted(p.name for p in user.iterdir()) == sorted(["precious.txt", marker])
+    if before is not None:
+        assert tree_digest(user) == before
+
+
 def test_engine_out_refuses_a_user_directory(artifacts, tmp_path):
     pytest.importorskip("tensorrt_rtx_bindings", reason="export engine needs TensorRT-RTX (installed by .[dev])")
     from artifacts.edge import pack
