@@ -188,9 +188,11 @@ def _top_p_mask(x: np.ndarray, top_p: float) -> np.ndarray:
         order = live[np.argsort(x[b, live], kind="stable")]  # ascending, like HF
         v = x[b, order].astype(np.float64)
         p = np.exp(v - v[-1])
-        # float32 probabilities, summed and compared in float32 as HF does (its 1 - top_p becomes a float32 too): at
-        # exact ties on the boundary (uniform logits, top_p 0.9 of 10) float64 would keep one token more
-        cum = np.cumsum((p / p.sum()).astype(np.float32), dtype=np.float32)
+        # float32 probabilities, summed as torch's CPU cumsum sums them (a float64 accumulator, each partial sum
+        # rounded to float32) and compared in float32 (HF's 1 - top_p becomes a float32 too): at exact ties on the
+        # boundary, float64 sums kept one token more (uniform logits, top_p 0.9 of 10), and so did float32 sums
+        # (160 tied survivors: 16 x float32(1/160) summed in float32 is 0.10000002 > float32(0.1))
+        cum = np.cumsum((p / p.sum()).astype(np.float32), dtype=np.float64).astype(np.float32)
         remove = cum <= np.float32(1.0 - top_p)
         remove[-1] = False
         out[b, order[remove]] = -np.inf

@@ -181,6 +181,18 @@ def test_top_p_keeps_as_many_as_hf_at_exact_ties(vocab, top_p):
     assert np.isfinite(process_logits(logits, p)).sum() == torch.isfinite(ref).sum().item()
 
 
+@pytest.mark.parametrize("top_p", [0.1, 0.25, 0.5, 0.6, 0.75, 0.8, 0.9, 0.95])
+def test_top_p_keeps_as_many_as_hf_at_exact_ties_among_survivors(top_p):
+    # n tied finite logits among -inf (what top_k leaves, keeping its ties): the cut lands on ties for many n, where
+    # the sum's rounding decides; 16 x float32(1/160) summed in float32 is 0.10000002 and kept a token more than HF
+    p = SamplingParams(greedy=False, top_p=top_p)
+    for n in range(2, 256):
+        logits = np.full((1, 256), -np.inf, np.float32)
+        logits[0, :n] = 2.0
+        ref = _hf_scores(logits, p, np.zeros((1, 1), np.int64))
+        assert np.isfinite(process_logits(logits, p)).sum() == torch.isfinite(ref).sum().item(), n
+
+
 def test_nan_logits_raise():
     logits = _logits()
     logits[1, 4] = np.nan
