@@ -178,6 +178,31 @@ class Graph:
         return self.kv_inputs[0].dtype
 
 
+def _check_against_spec(graph: Graph, spec: dict, kv_mode: str, task: str, where: str) -> None:
+    """The graph's listed I/O agrees with the spec and kv_mode the runtimes size their buffers from: the logits'
+    vocabulary, every KV tensor [B, num_kv_heads, T, head_dim] in one dtype, an attention_mask input exactly in
+    concat mode. A hand-edited field otherwise surfaced as ONNX Runtime's shape or type error mid-run."""
+    if task != "causal-lm":
+        return
+    vocab = next(t for t in graph.outputs if t.name == "logits").shape[2]
+    if isinstance(vocab, int) and vocab != spec["vocab_size"]:
+        _fail(where, f"the logits output has {vocab} entries a position, but spec.vocab_size is {spec['vocab_size']}")
+    kv = [t for t in graph.inputs + graph.outputs if t.name.startswith(("past_key_values.", "present."))]
+    for t in kv:
+        dims = dict(zip(("num_kv_heads", "head_dim"), (t.shape[1], t.shape[3]))) if len(t.shape) == 4 else None
+        if dims is None:
+            _fail(f"{where} {t.name}", f"a KV tensor is [batch, kv_heads, length, head_dim], got {list(t.shape)}")
+        for key, dim in dims.items():
+            if isinstance(dim, int) and dim != spec[key]:
+                _fail(f"{where} {t.name}", f"shape {list(t.shape)} does not match spec.{key} {spec[key]}")
+        if t.dtype != kv[0].dtype:
+            _fail(f"{where} {t.name}", f"dtype {t.dtype} differs from {kv[0].name}'s {kv[0].dtype}")
+    has_mask = any(t.name == "attention_mask" for t in graph.inputs)
+    if has_mask != (kv_mode == "concat"):
+        _fail(where, f"kv_mode is {kv_mode!r}, but the graph {'has' if has_mask else 'has no'} attention_mask input "
+                     "(concat graphs take one, static graphs do not)")
+
+
 @dataclass(frozen=True)
 class Engine:
     """What export/engine.py recorded about the TensorRT engine; I/O dtypes in TensorRT's names."""
@@ -256,11 +281,13 @@ class Manifest:
         _token_ids(spec, f"{where} spec")
         task = _choice(spec, "task", TASKS, f"{where} spec", default="causal-lm")
         engine = d.get("engine")
+        built = {name: Graph.from_dict(g, f"{where} graphs.{name}", kv_mode, task) for name, g in graphs.items()}
+        for name, graph in built.items():
+            _check_against_spec(graph, spec, kv_mode, task, f"{where} graphs.{name}")
         return cls(model=_get(d, "model", dict, where), spec=spec, backend=_choice(d, "backend", BACKENDS, where),
                    precision=_get(d, "precision", str, where), kv_mode=kv_mode,
                    max_seq_len=_positive(d, "max_seq_len", where), max_batch=_positive(d, "max_batch", where),
-                   graphs={name: Graph.from_dict(g, f"{where} graphs.{name}", kv_mode, task)
-                           for name, g in graphs.items()},
+                   graphs=built,
                    files=_get(d, "files", dict, where), quantization=_get(d, "quantization", dict, where, None),
                    engine=None if engine is None else Engine.from_dict(engine, f"{where} engine"),
                    versions=_get(d, "versions", dict, where, {}), build=_get(d, "build", dict, where, {}),

@@ -94,7 +94,10 @@ class Generator:
         self.eos_ids = eos
         pad = manifest.pad_token_id
         if pad is None and self.tokenizer is not None:
-            pad = self.tokenizer.pad_id
+            pad = self.tokenizer.pad_id  # tokenizer_config's pad token, else generation_config's pad or EOS id
+        if pad is not None and not 0 <= pad < manifest.vocab_size:  # it is fed to the graph's embedding Gather
+            raise ArtifactError(f"{self.root}: the pad token id {pad} (from the tokenizer files or "
+                                f"generation_config.json) is outside the vocabulary [0, {manifest.vocab_size})")
         self.pad_id = 0 if pad is None else pad  # pad slots are masked (or overwritten), so any valid id works
 
     def _open(self, backend: str, threads: int | None, batch: int, check_memory: bool):

@@ -90,20 +90,39 @@ def open_session(root: Path, graph_file: str, options) -> "ort.InferenceSession"
                             "artifact") from None
 
 
-def check_graph_io(session, graph, root: Path) -> None:
-    """The graph ONNX Runtime loaded has the inputs and outputs the manifest lists (names, ranks, fixed dims);
-    ArtifactError otherwise (a manifest edited by hand, or one beside the wrong graph: its checksum covers the
-    graph file, not what the manifest says about it)."""
+def check_graph_io(session, graph, root: Path, spec: dict | None = None) -> None:
+    """The graph ONNX Runtime loaded has the inputs and outputs the manifest lists (names, ranks, fixed dims,
+    dtypes) and, given the manifest's `spec`, the vocabulary and KV head count / head size the session sizes its
+    buffers from; ArtifactError otherwise (a manifest edited by hand, or one beside the wrong graph: its checksum
+    covers the graph file, not what the manifest says about it)."""
     for kind, listed, actual in (("input", graph.inputs, session.get_inputs()),
                                  ("output", graph.outputs, session.get_outputs())):
-        shapes = {t.name: t.shape for t in actual}
+        found = {t.name: t for t in actual}
         for t in listed:
-            shape = shapes.get(t.name)
+            got = found.get(t.name)
+            shape = None if got is None else got.shape
             if shape is None or len(shape) != len(t.shape) or any(
-                    isinstance(want, int) and want != got for want, got in zip(t.shape, shape)):
+                    isinstance(want, int) and want != dim for want, dim in zip(t.shape, shape)):
                 raise ArtifactError(f"{root}: the manifest lists {kind} {t.name} {list(t.shape)}, but {graph.file} "
                                     f"has {'no such ' + kind if shape is None else list(shape)}; the manifest does "
                                     "not describe this graph (rebuild the artifact)")
+            if got.type != _ORT_TYPES.get(t.dtype, f"tensor({t.dtype})"):
+                raise ArtifactError(f"{root}: the manifest lists {kind} {t.name} as {t.dtype}, but {graph.file} has "
+                                    f"{got.type}; the manifest does not describe this graph (rebuild the artifact)")
+    if spec is None:
+        return
+    wanted = {"logits": {2: ("vocab_size", spec["vocab_size"])}}
+    kv_dims = {1: ("num_kv_heads", spec["num_kv_heads"]), 3: ("head_dim", spec["head_dim"])}
+    for t in session.get_inputs() + session.get_outputs():
+        for axis, (key, value) in (kv_dims if t.name.startswith(("past_key_values.", "present."))
+                                   else wanted.get(t.name, {})).items():
+            if axis < len(t.shape) and isinstance(t.shape[axis], int) and t.shape[axis] != value:
+                raise ArtifactError(f"{root}: {graph.file}'s {t.name} is {t.shape}, but the manifest's "
+                                    f"spec.{key} is {value}; the manifest does not describe this graph (rebuild "
+                                    "the artifact)")
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "float64": "tensor(double)"}  # else ORT writes the ONNX name: tensor(int64)
 
 
 class KVCache:
@@ -161,7 +180,7 @@ class OrtSession:
         if check_memory:
             check_fits(self.manifest, batch=batch, where=self.root)
         self.session = open_session(self.root, graph.file, options)
-        check_graph_io(self.session, graph, self.root)
+        check_graph_io(self.session, graph, self.root, self.manifest.spec)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.kv_in = [n for n in self.input_names if n.startswith("past_key_values.")]
         self.kv_out = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]

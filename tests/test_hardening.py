@@ -784,7 +784,8 @@ def test_failed_build_leaves_no_parent_dirs_and_bad_out_names_are_refused(ckpt, 
 
 
 @pytest.mark.parametrize("case", ["manifest_is_a_dir", "logits_all_on_a_last_graph", "max_batch_0",
-                                  "output_shape_edited", "max_seq_len_huge"])
+                                  "output_shape_edited", "max_seq_len_huge", "vocab_size", "num_kv_heads",
+                                  "head_dim", "kv_rank", "kv_dtype", "kv_mode", "vocab_size_and_symbolic_logits"])
 def test_manifest_that_does_not_describe_the_graph_is_refused(artifacts, tmp_path, case):
     """The manifest's checksums cover the files it lists, not itself: a hand-edited manifest must still be refused
     with a clear message, not an ONNX Runtime traceback at the first call."""
@@ -798,6 +799,20 @@ def test_manifest_that_does_not_describe_the_graph_is_refused(artifacts, tmp_pat
         elif case == "output_shape_edited":
             logits = next(t for t in m["graphs"]["decoder"]["outputs"] if t["name"] == "logits")
             logits["shape"][2] += 1
+            m["spec"]["vocab_size"] += 1  # the manifest agrees with itself: only the graph disagrees
+        elif case in ("vocab_size", "num_kv_heads", "head_dim"):  # the spec the session sizes its buffers from
+            m["spec"][case] += 1
+        elif case == "kv_rank":
+            m["graphs"]["decoder"]["inputs"][2]["shape"].append(1)
+        elif case == "kv_dtype":  # every KV tensor, so that the manifest agrees with itself, not with the graph
+            for t in m["graphs"]["decoder"]["inputs"] + m["graphs"]["decoder"]["outputs"]:
+                if t["name"].startswith(("past_key_values.", "present.")):
+                    t["dtype"] = "float16"
+        elif case == "kv_mode":
+            m["kv_mode"] = "concat"
+        elif case == "vocab_size_and_symbolic_logits":  # nothing listed to compare: the graph itself is checked
+            next(t for t in m["graphs"]["decoder"]["outputs"] if t["name"] == "logits")["shape"][2] = "vocab"
+            m["spec"]["vocab_size"] += 1
 
     art = _tampered(artifacts, tmp_path, edit)
     if case == "manifest_is_a_dir":
@@ -805,9 +820,35 @@ def test_manifest_that_does_not_describe_the_graph_is_refused(artifacts, tmp_pat
         (art / "manifest.json").mkdir()
     words = {"manifest_is_a_dir": "not a regular file", "logits_all_on_a_last_graph": "'logits' is 'all'",
              "max_batch_0": "'max_batch' must be in [1, 2^40], got 0", "output_shape_edited": "does not describe this graph",
-             "max_seq_len_huge": "'max_seq_len' must be in [1, 2^40]"}[case]
+             "max_seq_len_huge": "'max_seq_len' must be in [1, 2^40]",
+             "vocab_size": "but spec.vocab_size is", "num_kv_heads": "does not match spec.num_kv_heads",
+             "head_dim": "does not match spec.head_dim", "kv_rank": "a KV tensor is [batch, kv_heads, length, head_dim]",
+             "kv_dtype": "as float16, but", "kv_mode": "kv_mode is 'concat', but the graph has no attention_mask",
+             "vocab_size_and_symbolic_logits": "the manifest's spec.vocab_size is"}[case]
     assert_refused(cli("runtime_py", "score", str(art), "--ids", "1,2,3", "--json"), words)
     assert_refused(cli("runtime_py", "generate", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"), words)
+
+
+@pytest.mark.parametrize("pad", [10 ** 30, 100_000])
+def test_a_pad_id_outside_the_vocabulary_is_refused(artifacts, tmp_path, pad):
+    """generation_config.json's pad_token_id (used when tokenizer_config.json names no pad token) is fed to the
+    embedding for padded rows: 10**30 was an OverflowError traceback in the padding, and in the server it killed
+    the engine thread; an id past the vocabulary failed the second request of a batch in ONNX Runtime's Gather."""
+    def edit(m, art):
+        config = json.loads((art / "tokenizer_config.json").read_text())
+        config.pop("pad_token", None)
+        gen = json.loads((art / "generation_config.json").read_text()) if (art / "generation_config.json").exists() \
+            else {}
+        gen["pad_token_id"] = pad
+        for name, value in (("tokenizer_config.json", config), ("generation_config.json", gen)):
+            data = json.dumps(value).encode()
+            (art / name).write_bytes(data)
+            m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        m["spec"]["pad_token_id"] = None
+
+    art = _tampered(artifacts, tmp_path, edit)
+    assert_refused(cli("runtime_py", "generate", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"),
+                   f"the pad token id {pad}", "outside the vocabulary")
 
 
 def test_allocation_failure_after_the_memory_check_is_an_error_line(artifacts):
