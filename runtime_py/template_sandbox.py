@@ -452,6 +452,11 @@ def _filter_urlize(a):
     _ensure_fits(3 * len(s) + (len(s) // 4 + 1) * extra, "|urlize")
 
 
+# Filters that turn a string into a list of its characters (or words) before working on it: a 4M-character string
+# was a list of 4M str objects, ~50 bytes each, and one C-level sort of it ran 2 s past MAX_RENDER_SECONDS.
+_ITEMIZING = frozenset({"sort", "batch", "slice", "list", "unique", "join", "map", "select", "reject", "selectattr",
+                        "rejectattr", "groupby", "title", "wordcount", "sum"})
+
 _FILTER_CHECKS = {
     "center": _filter_center, "indent": _filter_indent, "wordwrap": _filter_wordwrap, "replace": _filter_replace,
     "join": _filter_join, "format": _filter_format, "batch": _filter_batch, "slice": _filter_slice,
@@ -477,6 +482,9 @@ def _bounded_filter(name: str, func):
     @jinja2.pass_context
     def bounded(context, *args, **kwargs):
         _tick()
+        if name in _ITEMIZING and args and isinstance(args[0], str):  # one Python object an item, before it is built
+            _ensure_fits(9 * len(args[0]), f"|{name} of a string of {len(args[0]):,} characters (an item a "
+                                           "character or word)")
         if check is not None:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()

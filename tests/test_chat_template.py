@@ -425,6 +425,10 @@ SIZE_DECIDING = [  # (template, bound, what the message names): each checked bef
     ("{% set l = [[[[[[[[[[1]]]]]]]]]] %}{{ ([l] * 1000)|tojson(indent=10000) }}", "MAX_VALUE_SIZE", "|tojson"),
     ("{{ lipsum(10000000) }}", "MAX_VALUE_SIZE", "lipsum()"),
     ("{{ strftime_now('%Y' * 100000) }}", "MAX_VALUE_SIZE", "strftime_now"),
+    ("{{ ('xy' * 2000000)|sort(reverse=true)|length }}", "MAX_VALUE_SIZE", "|sort of a string"),  # 3.9 s, 670 MB
+    ("{{ ('x' * 4000000)|batch(1)|list|length }}", "MAX_VALUE_SIZE", "|batch of a string"),  # 440 MB
+    ("{{ ('a ' * 2000000)|title|length }}", "MAX_VALUE_SIZE", "|title of a string"),  # 350 MB
+    ("{{ ('x' * 4000000)|list|length }}", "MAX_VALUE_SIZE", "|list of a string"),
 ]
 
 
