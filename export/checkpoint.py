@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,29 +225,55 @@ class Checkpoint:
         return sum(f.stat().st_size for f in self.files)
 
 
+def _hf_cache_blobs(model_dir: Path) -> tuple[Path | None, str]:
+    """The blobs/ an HF hub cache snapshot's files may link into (None if `model_dir` is no snapshot or its blobs/
+    is not trusted) and, when it looks like a snapshot but its blobs/ is not trusted, why.
+
+    Worked out from the snapshot's real location, where the kernel resolves its ``../../blobs/`` links: the real
+    directory must be ``models--ORG--NAME/snapshots/REV`` and ``blobs`` a real directory, not a symlink, directly in
+    that (real) ``models--`` directory. Everything under ``models--ORG--NAME`` is as untrusted as the checkpoint
+    (the hub itself makes blobs/ and snapshots/ plain directories; only the snapshot's files are links): a blobs/
+    that is a link would widen the allowed area to wherever it points (``blobs -> /``: any file)."""
+    real = Path(os.path.realpath(model_dir))
+    repo = real.parent.parent
+    if real.parent.name != "snapshots" or not repo.name.startswith("models--"):
+        return None, ""
+    blobs = repo / "blobs"
+    try:
+        mode = os.lstat(blobs).st_mode
+    except OSError:
+        return None, ""  # no blobs/: a snapshot of plain files
+    if stat.S_ISLNK(mode):
+        return None, (f"{blobs} is itself a symlink (to {os.readlink(blobs)}), not the HF cache's blobs directory "
+                      "inside its models-- directory")
+    if not stat.S_ISDIR(mode) or Path(os.path.realpath(blobs)) != blobs:
+        return None, f"{blobs} is not a directory inside {repo}"
+    return blobs, ""
+
+
 def allowed_roots(model_dir: Path) -> list[Path]:
     """Where the files of `model_dir` may really live: the directory itself and, for an HF cache snapshot
-    (``models--ORG--NAME/snapshots/REV``, whose files are symlinks into the repository's ``blobs/``), that blobs/."""
+    (``models--ORG--NAME/snapshots/REV``, whose files are symlinks into the repository's ``blobs/``), that blobs/,
+    when it is a real directory (no symlink) in the real ``models--ORG--NAME`` directory (:func:`_hf_cache_blobs`)."""
     model_dir = Path(model_dir)
-    roots = [model_dir]
-    if model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--"):
-        blobs = model_dir.parent.parent / "blobs"
-        if blobs.is_dir():
-            roots.append(blobs)
-    return roots
+    blobs, _ = _hf_cache_blobs(model_dir)
+    return [model_dir] if blobs is None else [model_dir, blobs]
 
 
 def checkpoint_file(model_dir: Path, name: str) -> Path | None:
     """`model_dir/name` if it exists as a regular file whose real location is inside :func:`allowed_roots`;
-    None if absent; CheckpointError if it is a link (or a path) leading anywhere else."""
+    None if absent; CheckpointError if it is a link (or a path) leading anywhere else, or not a regular file (a FIFO,
+    a device: checked on the resolved file, so also for a blob reached through the snapshot's link)."""
     from artifacts.paths import real_inside
 
     path = Path(model_dir) / name
     if not path.exists() and not path.is_symlink():
         return None
     if not real_inside(path, allowed_roots(model_dir)):
+        _, why = _hf_cache_blobs(Path(model_dir))
         raise CheckpointError(f"{path}: it is a symlink to {os.path.realpath(path)}, outside the checkpoint "
-                              "directory; refusing to read it (copy the file into the checkpoint instead)")
+                              "directory" + (f" ({why})" if why else "") + "; refusing to read it (copy the file "
+                              "into the checkpoint instead)")
     if not path.is_file():
         dangling = path.is_symlink() and not path.exists()
         raise CheckpointError(f"{path}: " + ("a link to a file that does not exist (an unfinished download?)"

@@ -13,6 +13,7 @@ build` subprocess (exit 2, `error:`, no traceback) and extra tensors (a warning 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -609,10 +610,10 @@ def test_negative_max_position_embeddings_names_the_field_not_the_flag(copy_chec
     assert "--max-seq-len" not in err and not out.exists()
 
 
-def _build_subprocess(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _build_subprocess(model: Path, out: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "export", "build", "--model", str(model), "--out", str(out),
-                           "--no-progress", *extra], env=env, capture_output=True, text=True, timeout=300,
+                           "--no-progress", *extra], env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=out.parent)
 
 
@@ -743,3 +744,113 @@ def test_index_and_single_file_follow_transformers(copy_checkpoint, capsys):
     rc, err = run_cli(capsys, "--model", str(path), "--steps", "2")
     assert rc == 0, err
     assert "holds both model.safetensors and model.safetensors.index.json; using model.safetensors" in err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HF hub cache snapshots: their files may link into the model's blobs/, and nowhere else
+
+def hf_cache_snapshot(repo: Path, files_from: Path) -> Path:
+    """`files_from` laid out as the HF hub cache stores it under `repo` (``models--ORG--NAME``): each file in
+    blobs/<sha256>, the snapshot's files relative symlinks to ``../../blobs/<sha256>``. Returns the snapshot."""
+    snap = repo / "snapshots" / SNAPSHOT
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in files_from.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    return snap
+
+
+def _build(capsys, model: Path, out: Path) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(["build", "--model", str(model), "--out", str(out), "--no-progress", "--max-seq-len", "64"])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("via", ["plain", "repo dir behind a symlink"])
+def test_hf_cache_snapshot_linking_into_its_blobs_builds(via, checkpoints, tmp_path, capsys):
+    """The layout the hub writes (plain blobs/ and snapshots/, snapshot files linking into ../../blobs/) builds,
+    also when models--ORG--NAME itself was moved to another disk and linked back."""
+    real_repo = (tmp_path / "disk2" if via != "plain" else tmp_path / "hub") / "models--acme--tiny"
+    snap = hf_cache_snapshot(real_repo, checkpoints("qwen2_window"))
+    if via != "plain":
+        (tmp_path / "hub").mkdir()
+        (tmp_path / "hub" / real_repo.name).symlink_to(real_repo)
+        snap = tmp_path / "hub" / real_repo.name / "snapshots" / SNAPSHOT
+    out = tmp_path / "art"
+    rc, err = _build(capsys, snap, out)
+    assert rc == 0, err
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.json").is_symlink()
+
+
+@pytest.mark.parametrize("linked", ["one file", "every file"])
+def test_hf_cache_blobs_that_is_a_symlink_out_is_refused(linked, checkpoints, tmp_path, capsys):
+    """A snapshot's blobs/ that is itself a symlink (here to a directory outside, holding a secret) is not the HF
+    cache's blobs: trusting it let ``chat_template.jinja -> ../../blobs/id_rsa`` copy the secret into the
+    artifact (and ``blobs -> /`` any file). Refused, exit 2, naming the file and the blobs link; nothing written."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("SECRET-KEY-MATERIAL")
+    repo = tmp_path / "hub" / "models--evil--m"
+    if linked == "one file":  # the probe: plain copies, one file linking to the secret through blobs -> outside
+        snap = fake_hf_cache(tmp_path / "hub", "evil/m", files_from=checkpoints("qwen2_window"))
+        (snap / "chat_template.jinja").symlink_to(Path("..", "..", "blobs", "id_rsa"))
+        (repo / "blobs").symlink_to(secret)
+        named = "chat_template.jinja"
+    else:  # the hub layout, every file a link into blobs/, but blobs/ moved outside and linked back
+        snap = hf_cache_snapshot(repo, checkpoints("qwen2_window"))
+        for f in (repo / "blobs").iterdir():
+            f.rename(secret / f.name)
+        (repo / "blobs").rmdir()
+        (repo / "blobs").symlink_to(secret)
+        (snap / "chat_template.jinja").symlink_to(Path("..", "..", "blobs", "id_rsa"))
+        named = "config.json"  # the first file read
+    out = tmp_path / "art"
+    rc, err = _build(capsys, snap, out)
+    assert rc == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert f"{snap / named}: it is a symlink to" in err and "outside the checkpoint directory" in err, err
+    assert f"{repo / 'blobs'} is itself a symlink" in err, err
+    assert not out.exists() and "SECRET" not in err
+
+
+@pytest.mark.parametrize("target", ["file outside", "snapshot of another model"])
+def test_hf_cache_blob_that_links_on_out_is_refused(target, checkpoints, tmp_path, capsys):
+    """A second hop: the snapshot file links into a plain blobs/, and that blob is itself a link leading out
+    (every link resolved, the file's real location decides)."""
+    repo = tmp_path / "hub" / "models--evil--m"
+    snap = hf_cache_snapshot(repo, checkpoints("qwen2_window"))
+    if target == "file outside":
+        outside = tmp_path / "secret.txt"
+        outside.write_text("SECRET-KEY-MATERIAL")
+    else:  # inside the same HF cache, but not this model's blobs/
+        outside = hf_cache_snapshot(tmp_path / "hub" / "models--other--m", checkpoints("qwen2_window")) / "config.json"
+    (repo / "blobs" / "hop").symlink_to(outside)
+    (snap / "chat_template.jinja").symlink_to(Path("..", "..", "blobs", "hop"))
+    out = tmp_path / "art"
+    rc, err = _build(capsys, snap, out)
+    assert rc == 2, err
+    assert f"{snap / 'chat_template.jinja'}: it is a symlink to {os.path.realpath(outside)}, outside" in err, err
+    assert not out.exists() and "SECRET" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, blob", [("config.json", "fifo"), ("model.safetensors", "fifo"),
+                                        ("tokenizer.json", "fifo"), ("tokenizer.json", "/dev/zero")])
+def test_hf_cache_blob_that_is_not_a_regular_file_is_refused(name, blob, checkpoints, tmp_path):
+    """A snapshot file linking to a blob that is a FIFO (reading would block) or a link to /dev/zero (reading
+    would never end) is refused before it is opened: the real `python -m export build`, under a timeout."""
+    repo = tmp_path / "hub" / "models--evil--m"
+    snap = hf_cache_snapshot(repo, checkpoints("qwen2_window"))
+    (snap / name).unlink()
+    if blob == "fifo":
+        os.mkfifo(repo / "blobs" / "odd")
+    else:
+        (repo / "blobs" / "odd").symlink_to(blob)
+    (snap / name).symlink_to(Path("..", "..", "blobs", "odd"))
+    out = tmp_path / "art"
+    r = _build_subprocess(snap, out, "--max-seq-len", "64", timeout=120)  # a hang fails here
+    assert r.returncode == 2, r.stderr
+    words = "not a regular file" if blob == "fifo" else "outside the checkpoint directory"
+    assert f"error: {snap / name}: " in r.stderr and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists()
