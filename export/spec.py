@@ -8,7 +8,10 @@ switches. One small adapter per ``model_type`` fills it; each config field is re
 Every field an adapter reads is validated where it is read, by type and range (small typed readers: ``_int``,
 ``_float``, ``_bool``, ``_str``, ``_dict``, ``_int_list``, ``_token_ids``), plus the cross-field checks the maths
 needs (heads divisible by kv heads, hidden size by heads when head_dim is absent, top-k <= experts, layer_types
-length and values, mlp_only_layers in range, token ids inside the vocabulary). JSON types are taken literally:
+length and values, mlp_only_layers in range, token ids inside the vocabulary), plus sanity ranges where a value of
+the right type would only overflow later or turn to inf/NaN in fp32 (positions and windows within int32, even
+head_dim, rope_theta > 1, yarn parameters giving a finite correction range, softcaps and scales fp32 can hold;
+see ``_within``). JSON types are taken literally:
 ``true`` is not an integer, ``2.0`` is not an integer, ``"false"`` is not a boolean, NaN/Infinity are not numbers;
 an integer is accepted where a float is wanted. A bad value raises one :class:`UnsupportedConfigError` naming the
 field and the value, e.g. ``config.json: field 'num_hidden_layers' must be an integer >= 1, got '2' (str)``.
@@ -61,22 +64,9 @@ class RopeSpec:
         if self.rope_type == "linear":
             return extrap / self.factor, 1.0
         assert self.rope_type == "yarn", self.rope_type
-        factor, orig = self.factor, self.original_max_position_embeddings
-
-        def get_mscale(scale: float, m: float = 1.0) -> float:
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-        scale = self.attention_factor
-        if scale is None:
-            if self.mscale and self.mscale_all_dim:
-                scale = get_mscale(factor, self.mscale) / get_mscale(factor, self.mscale_all_dim)
-            else:
-                scale = get_mscale(factor)
-
-        def correction_dim(rot: float) -> float:
-            return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(self.theta))
-
-        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        factor = self.factor
+        scale = self.yarn_scale()
+        low, high = self.correction_dim(self.beta_fast, dim), self.correction_dim(self.beta_slow, dim)
         if self.truncate:
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, dim - 1)
@@ -86,6 +76,25 @@ class RopeSpec:
         extrap_factor = 1 - ramp
         interp = 1.0 / (factor * pos_freqs)
         return interp * (1 - extrap_factor) + extrap * extrap_factor, float(scale)
+
+    def yarn_scale(self) -> float:
+        """yarn's cos/sin scale: attention_factor, else derived from factor (and mscale / mscale_all_dim)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return get_mscale(self.factor, self.mscale) / get_mscale(self.factor, self.mscale_all_dim)
+        return get_mscale(self.factor)
+
+    def correction_dim(self, rot: float, dim: int) -> float:
+        """transformers' find_correction_dim: the dimension whose wavelength fits `rot` rotations into the original
+        context (yarn's ramp runs between those of beta_fast and beta_slow). May raise ValueError / OverflowError /
+        ZeroDivisionError on values spec_from_config refuses."""
+        orig = self.original_max_position_embeddings
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(self.theta))
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,20 @@ MAX_LAYERS = 1024
 MAX_EXPERTS = 1024
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 MAX_LABELS = 1 << 20  # a head of more labels than any vocabulary: num_labels alone must not size a tuple past that
+# Positions (max_position_embeddings, original_max_position_embeddings, sliding_window) and tensor sizes: an int32.
+# Far above any real model (10M-token contexts, 256k vocabularies), and what the graphs can carry (TensorRT plugin
+# INT attributes such as the window are int32); a bigger value means nothing and only overflowed later (float(),
+# torch.export's int64). --max-seq-len (build.py, MAX_SEQ_LEN) is a separate, smaller cap on what is built.
+MAX_POSITIONS = (1 << 31) - 1
+MAX_DIM = (1 << 31) - 1
+# fp32 sanity ranges for floats used as divisors / multipliers in the graph (real models: softcaps 50 / 30,
+# query_pre_attn_scalar 144 / 256, rope factors 2..64, yarn cos/sin scales ~1..1.5).
+SOFTCAP_RANGE = (1e-3, 1e6)
+QUERY_SCALAR_RANGE = (1e-3, 1e9)
+ROPE_FACTOR_RANGE = (1e-3, 1e6)
+ROPE_SCALE_RANGE = (1e-3, 1e2)
+MAX_CORRECTION_DIM = float(1 << 53)  # yarn's floor/ceil of it must stay an exact int64 and a finite fp32
+MIN_EPS = float(torch.finfo(torch.float32).tiny)  # the smallest normal fp32
 
 
 def _show(value: Any) -> str:
@@ -263,6 +286,36 @@ def _float(f: _Fields, key: str, default: Any = _REQUIRED, *, gt: float | None =
         bound = f" > {gt}" if gt is not None else f" >= {ge}" if ge is not None else ""
         raise _bad(f, key, "a finite number" + bound + (" or null" if nullable else ""), value)
     return float(value)
+
+
+def _within(f: _Fields, key: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+            why: str) -> Any:
+    """A sanity range on a value its typed reader already accepted (None passes through): a value of the right type
+    that would overflow later or turn to inf/NaN in fp32 is refused naming the field, the value and `why`. Kept
+    apart from the readers so their messages for wrong types and signs stay as they are."""
+    if value is None or ((lo is None or value >= lo) and (hi is None or value <= hi)):
+        return value
+    bound = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+    raise _bad(f, key, f"{bound} ({why})", value)
+
+
+_POS_WHY = "a position count; larger than any context, and past int32"
+_DIM_WHY = "a tensor dimension; past int32"
+# transformers masks a key only when q - k >= sliding_window, so any window at or past the context already means
+# full attention: every meaningful window fits MAX_POSITIONS. A larger one is refused rather than clamped (no
+# checkpoint ships one, and it overflowed torch.export / the int32 plugin attribute instead of meaning anything).
+_WINDOW_WHY = "a window in tokens; one >= max_position_embeddings already masks nothing, and past int32 overflows"
+
+
+def _dim(f: _Fields, key: str, default: Any = _REQUIRED, *, min: int = 1, nullable: bool = False) -> int | None:
+    """A tensor size: an integer >= min, at most MAX_DIM."""
+    return _within(f, key, _int(f, key, default, min=min, nullable=nullable), hi=MAX_DIM, why=_DIM_WHY)
+
+
+def _window(f: _Fields, min: int) -> int | None:
+    """sliding_window (default 4096 as transformers), read and range-checked even where it is unused."""
+    return _within(f, "sliding_window", _int(f, "sliding_window", 4096, min=min, nullable=True), hi=MAX_POSITIONS,
+                   why=_WINDOW_WHY)
 
 
 def _bool(f: _Fields, key: str, default: Any = _REQUIRED) -> bool:
@@ -319,19 +372,23 @@ def _token_ids(f: _Fields, key: str, vocab: int, many: bool = False) -> tuple[in
     raise _bad(f, key, f"null or an integer in [0, {vocab - 1}] (vocab_size {vocab})", value)
 
 
-def _rope(f: _Fields, max_position_embeddings: int) -> RopeSpec:
+def _rope(f: _Fields, max_position_embeddings: int, head_dim: int) -> RopeSpec:
     """RoPE from either layout: v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`.
 
     Precedence is transformers v5's: a non-empty `rope_scaling` replaces `rope_parameters` wholesale (it is not
-    merged into it), then `rope_theta` comes from that dict, else the top-level field, else 10000."""
+    merged into it), then `rope_theta` comes from that dict, else the top-level field, else 10000.
+
+    rope_theta must be > 1 for every type: yarn divides by log(theta) (transformers raises ZeroDivisionError at 1),
+    theta <= 1 has no meaning as a RoPE base (frequencies all 1, or rising with the dimension), and one that rounds
+    to 0 in fp32 makes inv_freq inf and cos(0 * inf) NaN at position 0 (in transformers too)."""
     params = _dict(f, "rope_parameters")
     scaling = _dict(f, "rope_scaling")
-    top_theta = _float(f, "rope_theta", None, gt=0, nullable=True)
+    top_theta = _float(f, "rope_theta", None, gt=1, nullable=True)
     if scaling is not None and scaling.config:
         params = scaling
     if params is None:
         params = _Fields({}, prefix="rope_parameters.")
-    theta = _float(params, "rope_theta", None, gt=0, nullable=True)
+    theta = _float(params, "rope_theta", None, gt=1, nullable=True)
     theta = theta if theta is not None else top_theta if top_theta is not None else 10000.0
     rope_type = (_str(params, "rope_type", None, nullable=True) or _str(params, "type", None, nullable=True)
                  or "default")
@@ -345,7 +402,9 @@ def _rope(f: _Fields, max_position_embeddings: int) -> RopeSpec:
     spec = RopeSpec(theta=theta, rope_type=rope_type)
     if rope_type == "default":
         return spec
-    factor = _float(params, "factor", None, gt=0, nullable=True)
+    # fp32: inv_freq / factor, so a factor that rounds to 0 (or whose inverse overflows) is inf, and 0 * inf = NaN
+    factor = _within(params, "factor", _float(params, "factor", None, gt=0, nullable=True), *ROPE_FACTOR_RANGE,
+                     why="the RoPE frequencies are divided by it in fp32; outside this they overflow to inf / NaN")
     if rope_type == "linear":
         if factor is None:
             raise UnsupportedConfigError("config.json: linear rope scaling needs 'factor'")
@@ -354,12 +413,23 @@ def _rope(f: _Fields, max_position_embeddings: int) -> RopeSpec:
         raise UnsupportedConfigError("config.json: yarn rope scaling needs 'factor' (transformers refuses a yarn "
                                      "rope_parameters / rope_scaling without one)")
     # transformers gives a top-level `original_max_position_embeddings` priority over the one in the rope dict.
-    orig = (_int(f, "original_max_position_embeddings", None, min=1, nullable=True)
-            or _int(params, "original_max_position_embeddings", None, min=1, nullable=True)
-            or max_position_embeddings)
-    return dataclasses.replace(
+    def orig_field(g: _Fields) -> int | None:
+        return _within(g, "original_max_position_embeddings",
+                       _int(g, "original_max_position_embeddings", None, min=1, nullable=True), hi=MAX_POSITIONS,
+                       why=_POS_WHY)
+
+    orig = orig_field(f) or orig_field(params) or max_position_embeddings
+    if factor is None:
+        factor = max_position_embeddings / orig
+        lo, hi = ROPE_FACTOR_RANGE
+        if not lo <= factor <= hi:
+            raise UnsupportedConfigError(
+                f"config.json: yarn factor derived as max_position_embeddings {max_position_embeddings} / "
+                f"original_max_position_embeddings {orig} = {factor:g} (field '{params.prefix}factor' is null) must "
+                f"be in [{lo}, {hi}] (the RoPE frequencies are divided by it in fp32)")
+    spec = dataclasses.replace(
         spec,
-        factor=factor if factor is not None else max_position_embeddings / orig,
+        factor=factor,
         original_max_position_embeddings=orig,
         beta_fast=_float(params, "beta_fast", None, gt=0, nullable=True) or 32.0,
         beta_slow=_float(params, "beta_slow", None, gt=0, nullable=True) or 1.0,
@@ -368,6 +438,38 @@ def _rope(f: _Fields, max_position_embeddings: int) -> RopeSpec:
         mscale_all_dim=_float(params, "mscale_all_dim", None, ge=0, nullable=True),
         truncate=_bool(params, "truncate", True),
     )
+    _check_yarn(params, spec, head_dim)
+    return spec
+
+
+def _check_yarn(params: _Fields, spec: RopeSpec, head_dim: int) -> None:
+    """What RopeSpec.inv_freq_and_scale will compute from the yarn fields must be finite: each beta's correction
+    dimension (floor/ceil'd into an int64, then used in fp32; a beta that underflows or overflows 2*pi*beta gave
+    OverflowError or 'math domain error') and the cos/sin scale (cos and sin are multiplied by it)."""
+    for key, beta in (("beta_fast", spec.beta_fast), ("beta_slow", spec.beta_slow)):
+        try:
+            d = spec.correction_dim(beta, head_dim)
+        except (ValueError, OverflowError, ZeroDivisionError):
+            d = math.nan
+        if not (math.isfinite(d) and abs(d) <= MAX_CORRECTION_DIM):
+            raise _bad(params, key, "a number whose yarn correction dimension head_dim * ln(original_max_position_"
+                       f"embeddings / (2*pi*{key})) / (2 * ln(rope_theta)) is finite, within +-2**53 (here head_dim "
+                       f"{head_dim}, original_max_position_embeddings {spec.original_max_position_embeddings}, "
+                       f"rope_theta {spec.theta!r}: {d!r})", beta)
+    try:
+        scale = spec.yarn_scale()
+    except (ValueError, OverflowError, ZeroDivisionError):
+        scale = math.nan
+    lo, hi = ROPE_SCALE_RANGE
+    if math.isfinite(scale) and lo <= scale <= hi:
+        return
+    why = "cos and sin are multiplied by it: outside this q and k overflow fp16 or vanish"
+    if spec.attention_factor is not None:
+        raise _bad(params, "attention_factor", f"in [{lo}, {hi}] ({why})", spec.attention_factor)
+    raise UnsupportedConfigError(
+        f"config.json: yarn cos/sin scale get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) = "
+        f"{scale!r} from fields '{params.prefix}mscale' = {spec.mscale!r}, '{params.prefix}mscale_all_dim' = "
+        f"{spec.mscale_all_dim!r} (factor {spec.factor!r}) must be finite and in [{lo}, {hi}] ({why})")
 
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -419,30 +521,42 @@ def _same_or_absent(f: _Fields, key: str, value: Any, used: str) -> None:
 
 def _common(f: _Fields, default_head_dim: int | None = None, default_tie: bool = False) -> dict[str, Any]:
     """The fields every family reads, with the cross-field checks the attention maths needs."""
-    heads = _int(f, "num_attention_heads", min=1)
-    hidden = _int(f, "hidden_size", min=1)
-    kv = _int(f, "num_key_value_heads", None, min=1, nullable=True) or heads  # null: MHA, as transformers
+    heads = _dim(f, "num_attention_heads")
+    hidden = _dim(f, "hidden_size")
+    kv = _dim(f, "num_key_value_heads", None, nullable=True) or heads  # null: MHA, as transformers
     if heads % kv:
         raise UnsupportedConfigError(f"config.json: num_attention_heads {heads} not a multiple of kv heads {kv} "
                                      "(fields 'num_attention_heads', 'num_key_value_heads')")
-    head_dim = _int(f, "head_dim", default_head_dim, min=1, nullable=True)
+    head_dim = _dim(f, "head_dim", default_head_dim, nullable=True)
+    # RoPE rotates pairs of dimensions (rotate_half splits head_dim in halves): an odd head_dim cannot be rotated
+    # (transformers fails too; here torch.export did, after the weights were read).
     if head_dim is None:
         if hidden % heads:
             raise UnsupportedConfigError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads "
                                          f"{heads} and field 'head_dim' is not set (head_dim = hidden_size / "
                                          "num_attention_heads)")
         head_dim = hidden // heads
-    vocab = _int(f, "vocab_size", min=1)
-    max_pos = _int(f, "max_position_embeddings", min=2)
+        if head_dim % 2:
+            raise UnsupportedConfigError(
+                f"config.json: head_dim = hidden_size {hidden} / num_attention_heads {heads} = {head_dim} is odd "
+                "(fields 'hidden_size', 'num_attention_heads'; 'head_dim' is not set); RoPE rotates pairs of "
+                "dimensions, so head_dim must be even")
+    elif head_dim % 2:
+        raise _bad(f, "head_dim", "an even integer (RoPE rotates pairs of dimensions)", head_dim)
+    vocab = _dim(f, "vocab_size")
+    max_pos = _within(f, "max_position_embeddings", _int(f, "max_position_embeddings", min=2), hi=MAX_POSITIONS,
+                      why=_POS_WHY)
     return dict(
         vocab_size=vocab,
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv,
         head_dim=head_dim,
-        intermediate_size=_int(f, "intermediate_size", min=1),
-        rms_norm_eps=_float(f, "rms_norm_eps", 1e-6, gt=0),
-        rope=_rope(f, max_pos),
+        intermediate_size=_dim(f, "intermediate_size"),
+        rms_norm_eps=_within(f, "rms_norm_eps", _float(f, "rms_norm_eps", 1e-6, gt=0), MIN_EPS,
+                             why="the smallest normal fp32: rms_norm adds it in fp32, and a smaller one rounds to 0 "
+                                 "or a subnormal (flushed to 0 on GPUs), so an all-zero row gives 0 * inf = NaN"),
+        rope=_rope(f, max_pos, head_dim),
         max_position_embeddings=max_pos,
         tie_embeddings=_bool(f, "tie_word_embeddings", default_tie),
         bos_token_id=_token_ids(f, "bos_token_id", vocab),
@@ -462,7 +576,7 @@ def _qwen2(f: _Fields) -> ModelSpec:
     # Defaults are transformers' Qwen2Config ones (sliding_window 4096, max_window_layers 28): a config that turns
     # the window on without naming its size or first layer gets what transformers runs. An unused window may be 0.
     use_window = _bool(f, "use_sliding_window", False)
-    window = _int(f, "sliding_window", 4096, min=1 if use_window else 0, nullable=True)
+    window = _window(f, min=1 if use_window else 0)
     window = window if use_window else None
     mwl = _int(f, "max_window_layers", 28, min=0, nullable=True)
     if window and mwl is None:
@@ -478,6 +592,13 @@ def _qwen2(f: _Fields) -> ModelSpec:
     )
 
 
+def _softcap(f: _Fields, key: str, default: float) -> float | None:
+    """tanh(x / cap) * cap in fp32: a cap that rounds to 0 gives tanh(inf) * 0 = NaN (a tiny one sends x / cap to
+    inf), one past fp32 gives tanh(0) * inf = NaN; Gemma2 ships 50 and 30. Null turns the cap off."""
+    return _within(f, key, _float(f, key, default, gt=0, nullable=True), *SOFTCAP_RANGE,
+                   why="logits / cap is computed in fp32: a smaller cap sends it to inf and NaN, a larger one to 0")
+
+
 def _gemma2(f: _Fields) -> ModelSpec:
     # Gemma2Config defaults head_dim to 256 (not hidden // heads) and ties the embeddings unless told otherwise.
     c = _common(f, default_head_dim=256, default_tie=True)
@@ -488,7 +609,7 @@ def _gemma2(f: _Fields) -> ModelSpec:
     # when they agree and refused when they would say something different.
     act = _str(f, "hidden_activation", "gelu_pytorch_tanh")
     _same_or_absent(f, "hidden_act", act, "hidden_activation")
-    sliding = _int(f, "sliding_window", 4096, min=1, nullable=True)
+    sliding = _window(f, min=1)
     _same_or_absent(f, "sliding_window_size", sliding, "sliding_window")
     windows = _layer_windows(f, n, sliding, default_types)
     if _bool(f, "attention_bias", False):
@@ -497,13 +618,14 @@ def _gemma2(f: _Fields) -> ModelSpec:
         model_type="gemma2", **c,
         layers=tuple(LayerSpec(w, "dense") for w in windows),
         hidden_act=_act(act, "hidden_activation"),
-        attn_scale=_float(f, "query_pre_attn_scalar", gt=0) ** -0.5,
+        attn_scale=_within(f, "query_pre_attn_scalar", _float(f, "query_pre_attn_scalar", gt=0),
+                           *QUERY_SCALAR_RANGE, why="the attention scale is its ** -0.5, applied in fp32") ** -0.5,
         sandwich_norm=True,
         norm_offset=1.0,
         embed_scale=float(c["hidden_size"]) ** 0.5,
         # transformers' defaults when absent; an explicit null turns a cap off
-        attn_softcap=_float(f, "attn_logit_softcapping", 50.0, gt=0, nullable=True),
-        final_softcap=_float(f, "final_logit_softcapping", 30.0, gt=0, nullable=True),
+        attn_softcap=_softcap(f, "attn_logit_softcapping", 50.0),
+        final_softcap=_softcap(f, "final_logit_softcapping", 30.0),
     )
 
 
@@ -513,7 +635,7 @@ def _qwen3_moe(f: _Fields) -> ModelSpec:
     # transformers v5 applies the window to every layer when use_sliding_window is set (max_window_layers unused).
     _int(f, "max_window_layers", None, min=0, nullable=True)
     use_window = _bool(f, "use_sliding_window", False)
-    window = _int(f, "sliding_window", 4096, min=1 if use_window else 0, nullable=True)
+    window = _window(f, min=1 if use_window else 0)
     window = window if use_window else None
     experts_v4 = _int(f, "num_experts", None, min=0, max=MAX_EXPERTS, nullable=True)
     experts_v5 = _int(f, "num_local_experts", None, min=0, max=MAX_EXPERTS, nullable=True)  # v5 renamed the field
@@ -529,7 +651,7 @@ def _qwen3_moe(f: _Fields) -> ModelSpec:
         if top_k > experts:
             raise UnsupportedConfigError(f"config.json: field 'num_experts_per_tok' = {top_k} exceeds the number of "
                                          f"experts {experts} (num_experts / num_local_experts)")
-        moe_size = _int(f, "moe_intermediate_size", min=1)
+        moe_size = _dim(f, "moe_intermediate_size")
     else:  # no MoE layer: the expert fields are moot (type-checked, and read so they are not reported as unknown)
         _int(f, "num_experts_per_tok", None, min=0, nullable=True)
         _int(f, "moe_intermediate_size", None, min=0, nullable=True)

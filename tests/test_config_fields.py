@@ -10,7 +10,9 @@ coverage test checks that every field an adapter reads is covered here or in tes
 
 Wrong types and ranges (BAD): for every field each family's adapter reads (a coverage test enforces it), a string
 for an int, a float or a bool for an int, "false" for a bool, a list for an object and vice versa, zero or negative
-sizes, indivisible heads, top-k above the expert count, bad layer_types, null where required, NaN/Inf in a float:
+sizes, indivisible heads, top-k above the expert count, bad layer_types, null where required, NaN/Inf in a float,
+and values of the right type that crashed later or turned to inf/NaN in fp32 (rope_theta <= 1, yarn betas whose
+correction range is not finite, positions / windows past int32, odd head_dim, softcaps and scales fp32 cannot hold):
 load_spec raises one UnsupportedConfigError naming the field and the value, and the CLI prints it and exits 2.
 """
 
@@ -193,6 +195,17 @@ _REQUIRED = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, max_pos
     ("qwen3_moe", dict(num_experts_per_tok=2, moe_intermediate_size=32)),  # 128 experts, no window
     ("qwen3_moe", dict(num_experts_per_tok=2, moe_intermediate_size=32, use_sliding_window=True,
                        num_experts=8, decoder_sparse_step=2, mlp_only_layers=[1])),
+    # real-model values next to the sanity ranges (BAD, end): usual yarn, Gemma2 9B / 27B scalars, shipped windows
+    ("qwen2", dict(max_position_embeddings=131072, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 1e6,
+        "original_max_position_embeddings": 32768})),
+    ("gemma2", dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    ("gemma2", dict(query_pre_attn_scalar=144, head_dim=128, attn_logit_softcapping=50.0,
+                    final_logit_softcapping=30.0, sliding_window=4096)),
+    ("qwen2", dict(use_sliding_window=False, sliding_window=4096)),
+    ("qwen2", dict(use_sliding_window=False, sliding_window=32768, max_position_embeddings=32768)),
+    ("qwen2", dict(use_sliding_window=False, sliding_window=131072, max_position_embeddings=131072)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=2 ** 31 - 1, max_window_layers=0)),  # = no window
 ])
 def test_spec_agrees_with_transformers_config(family, fields):
     """Defaults and derived values that only bite beyond a tiny model (windows of 4096, layer 28 on, head_dim
@@ -409,8 +422,9 @@ def _bad(case: str, field: str, value, *expect: str, edit=None):
             edit = lambda c: c.setdefault(outer, {}).update({key: value})  # noqa: E731
         else:
             edit = _set(**{field: value})
+    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:12]}...({len(repr(value))}_chars)"
     return pytest.param(case, field, edit, expect or (f"field '{field}' must be", f"got {_shown(value)}"),
-                        id=f"{case}-{field}={value!r}")
+                        id=f"{case}-{field}={shown}")
 
 
 BAD = [
@@ -592,6 +606,53 @@ BAD = [
     _bad("qwen3_moe_mixed", "bos_token_id", True),
     _bad("qwen3_moe_mixed", "eos_token_id", 1e9),
     _bad("qwen3_moe_mixed", "pad_token_id", -1),
+    # --- values of the right type that would crash later or turn to inf/NaN in fp32: refused by name up front
+    # RoPE: theta must be > 1 (yarn divides by log(theta); theta <= 1 has no meaning, and one that rounds to 0 in
+    # fp32 gives 0 * inf = NaN at position 0)
+    _bad("qwen2_yarn", "rope_parameters.rope_theta", 1.0),
+    _bad("qwen2_window", "rope_parameters.rope_theta", 1e-50),
+    _bad("qwen2_window", "rope_theta", 0.5),
+    _bad("qwen2_yarn", "rope_parameters.beta_fast", 5e-324),
+    _bad("qwen2_yarn", "rope_parameters.beta_fast", 1e308),
+    _bad("qwen2_yarn", "rope_parameters.beta_slow", 1e308),
+    _bad("qwen2_yarn", "rope_parameters.attention_factor", 1e300),
+    _bad("qwen2_yarn", "rope_parameters.mscale", 1.7e308, "'rope_parameters.mscale' = 1.7e+308",
+         "'rope_parameters.mscale_all_dim' = 1.0", edit=_rope(mscale=1.7e308, mscale_all_dim=1.0)),
+    _bad("qwen2_yarn", "rope_parameters.factor", 1e-46),
+    _bad("qwen2_mqa_tied_linear", "rope_parameters.factor", 1e-46),
+    _bad("qwen2_yarn", "rope_parameters.factor", None, "yarn factor derived as max_position_embeddings 256 / "
+         "original_max_position_embeddings 2147483647", edit=_rope(factor=None,
+                                                                   original_max_position_embeddings=2 ** 31 - 1)),
+    _bad("qwen2_yarn", "rope_parameters.original_max_position_embeddings", 10 ** 400,
+         "field 'rope_parameters.original_max_position_embeddings' must be", "got 1000000000"),
+    _bad("qwen2_yarn", "original_max_position_embeddings", 10 ** 400,
+         "field 'original_max_position_embeddings' must be", "got 1000000000"),
+    _bad("qwen2_yarn", "max_position_embeddings", 10 ** 400, "field 'max_position_embeddings' must be",
+         "got 1000000000", edit=_drop(max_position_embeddings=10 ** 400, rope_parameters={
+             "rope_type": "yarn", "factor": None, "original_max_position_embeddings": 1, "rope_theta": 1e4})),
+    # windows: any value >= 2**63 overflowed torch.export; int32 plugin attributes need < 2**31
+    _bad("gemma2", "sliding_window", 2 ** 70),
+    _bad("qwen2_window", "sliding_window", 2 ** 64, edit=_drop("layer_types", use_sliding_window=True,
+                                                               sliding_window=2 ** 64, max_window_layers=0)),
+    _bad("qwen2_window", "sliding_window", 2 ** 40, edit=_drop("layer_types", use_sliding_window=False,
+                                                               sliding_window=2 ** 40)),  # unused, but sane
+    _bad("qwen3_moe_mixed", "sliding_window", 2 ** 63, edit=_set(use_sliding_window=True, sliding_window=2 ** 63)),
+    # head_dim: RoPE's rotate_half needs an even one; sizes past int32 (float(hidden) / head_dim ** -0.5 overflow)
+    _bad("qwen2_window", "head_dim", 7),
+    _bad("qwen3_moe_mixed", "head_dim", 15),
+    _bad("qwen2_window", "hidden_size", 28, "head_dim = hidden_size 28 / num_attention_heads 4 = 7",
+         edit=_set(hidden_size=28)),
+    _bad("qwen2_window", "head_dim", 2 ** 64),
+    _bad("gemma2", "hidden_size", 10 ** 400, "field 'hidden_size' must be", "got 1000000000"),
+    # fp32 ranges: a cap that rounds to 0 gives tanh(x / 0) * 0 = NaN, one past fp32 gives 0 * inf; the Gemma2
+    # attention scale query_pre_attn_scalar ** -0.5; an rms_norm_eps that rounds to 0 gives NaN on a zero row
+    _bad("gemma2", "attn_logit_softcapping", 1e-46),
+    _bad("gemma2", "final_logit_softcapping", 1e-46),
+    _bad("gemma2", "final_logit_softcapping", 1e40),
+    _bad("gemma2", "query_pre_attn_scalar", 1e-46),
+    _bad("gemma2", "query_pre_attn_scalar", 1e300),
+    _bad("qwen2_window", "rms_norm_eps", 1e-46),
+    _bad("gemma2", "rms_norm_eps", 1e-40),
 ]
 
 
@@ -641,3 +702,40 @@ def test_valid_edge_values_are_accepted(checkpoints):
     assert (spec.rms_norm_eps, spec.num_kv_heads, spec.eos_token_ids, spec.bos_token_id) == (1.0, 4, (0, 255), 255)
     assert all(layer.window is None for layer in spec.layers) and spec.rope.theta == 10000.0
     assert isinstance(spec.rms_norm_eps, float) and isinstance(spec.rope.theta, float)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 1e6,
+     "original_max_position_embeddings": 32768},  # Qwen2.5 / Qwen3 long context
+    {"rope_type": "yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+     "rope_theta": 1e4, "original_max_position_embeddings": 4096},  # DeepSeek-style mscale
+    {"rope_type": "yarn", "factor": 8.0, "attention_factor": 1.2, "rope_theta": 5e5, "truncate": False,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "yarn", "factor": None, "rope_theta": 1e6, "original_max_position_embeddings": 32768},
+    {"rope_type": "linear", "factor": 0.5, "rope_theta": 1e4},
+])
+def test_usual_rope_values_pass_the_ranges_and_match_transformers(rope):
+    """The sanity ranges refuse none of the usual RoPE settings, and the frequencies and cos/sin scale still equal
+    transformers' own computation for them (head_dim 128, 131072 positions)."""
+    from transformers import Qwen2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    fields = dict(_REQUIRED, hidden_size=512, max_position_embeddings=131072, rope_parameters=dict(rope))
+    spec = spec_from_config(dict(fields, model_type="qwen2"))
+    cfg = Qwen2Config(**fields)
+    hf_freq, hf_scale = ROPE_INIT_FUNCTIONS[cfg.rope_parameters["rope_type"]](cfg, "cpu")
+    freq, scale = spec.rope.inv_freq_and_scale(spec.head_dim)
+    assert spec.head_dim == 128 and torch.isfinite(freq).all()
+    assert torch.equal(freq, hf_freq.float()) and scale == hf_scale
+
+
+def test_real_model_values_pass_the_ranges():
+    """Values shipped by real checkpoints sit inside the new bounds: long contexts (10M positions), vocabularies,
+    eps values, Gemma2's scalars and caps."""
+    big = spec_from_config(dict(_REQUIRED, model_type="qwen2", max_position_embeddings=10485760, vocab_size=262144,
+                                rms_norm_eps=1e-12, use_sliding_window=True, sliding_window=10485760,
+                                max_window_layers=0, rope_theta=5e8))
+    assert big.max_position_embeddings == 10485760 and {layer.window for layer in big.layers} == {10485760}
+    gemma = spec_from_config(dict(_REQUIRED, model_type="gemma2", query_pre_attn_scalar=224,
+                                  attn_logit_softcapping=1e-3, final_logit_softcapping=1e6))
+    assert (gemma.attn_softcap, gemma.final_softcap, gemma.attn_scale) == (1e-3, 1e6, 224 ** -0.5)
