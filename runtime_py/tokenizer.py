@@ -159,6 +159,10 @@ class Tokenizer:
 
         # transformers adds named special tokens the vocabulary lacks (new ids at the end); do the same so ids agree.
         missing = [t for t in self.special_tokens.values() if tok.token_to_id(t) is None]
+        for t in missing:  # a token like any other once added: the vocabulary's bound applies to it too
+            if len(t) > MAX_TOKEN_CHARS:
+                raise ValueError(f"{d / 'tokenizer_config.json'}: a special token has {len(t):,} characters (at most "
+                                 f"{MAX_TOKEN_CHARS}): every time it is generated the text would grow that much")
         if missing:
             tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
         tok.encode_special_tokens = bool(self.config.get("split_special_tokens", False))

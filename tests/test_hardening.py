@@ -677,6 +677,18 @@ def test_tokenizer_that_would_blow_up_a_text_is_refused(edit, words, ckpt, artif
     assert_refused(done, "tokenizer.json", words)
 
 
+def test_a_special_token_too_long_is_refused(ckpt, tmp_path, capsys):
+    """A named special token tokenizer_config.json adds to the vocabulary is bounded like the vocabulary's own (a
+    200,000-character pad_token was added as a token and built)."""
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    config["pad_token"] = "p" * 200_000
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    rc = main(build_argv(ckpt, tmp_path / "built")[1:])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tokenizer_config.json: a special token has 200,000 characters (at most 4096)" in err, err
+    assert not (tmp_path / "built").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 11. out-of-range values
 
