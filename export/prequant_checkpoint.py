@@ -86,6 +86,10 @@ class PreQuantCheckpoint(Checkpoint):
                 continue
             parts = [n for n in pq.tensor_names(prequant, prefix) + pq.optional_tensor_names(prequant, prefix)
                      if n in names]
+            if prefix in markers and scheme.method != "fp8" and f"{prefix}.weight" in names:  # fp8's is quantized
+                raise pq.PreQuantError(f"'{prefix}' has both a float tensor '{prefix}.weight' and its "
+                                       f"{scheme.method.upper()} tensors ({', '.join(parts)}); a checkpoint holds "
+                                       "one or the other, so which one is meant is unknown")
             shape = self._stored_shape(prefix, scheme)
             for n in parts:
                 del self.tensors[n]

@@ -196,6 +196,9 @@ def test_conflicting_quantize_is_refused(written, tmp_path, capsys):
     ("config:bits=3", "quantization_config.bits"),
     ("config:quant_method=hqq", "not a supported pre-quantized format"),
     ("shape:model.layers.0.mlp.up_proj.scales", "model.layers.0.mlp.up_proj.scales"),
+    # a float weight beside the integers: the integers silently won before
+    ("float:model.layers.0.self_attn.q_proj.weight",
+     "has both a float tensor 'model.layers.0.self_attn.q_proj.weight'"),
 ])
 def test_bad_quantized_checkpoints_are_refused(breakage, message, written, tmp_path, capsys):
     bad = tmp_path / "bad"
@@ -210,6 +213,8 @@ def test_bad_quantized_checkpoints_are_refused(breakage, message, written, tmp_p
         tensors = load_file(bad / "model.safetensors")
         if kind == "drop":
             del tensors[what]
+        elif kind == "float":
+            tensors[what] = torch.zeros(4, 4)
         else:
             tensors[what] = tensors[what][:-1].clone()
         save_file(tensors, bad / "model.safetensors")
