@@ -834,7 +834,8 @@ def test_manifest_that_does_not_describe_the_graph_is_refused(artifacts, tmp_pat
              "max_batch_0": "'max_batch' must be in [1, 2^40], got 0", "output_shape_edited": "does not describe this graph",
              "max_seq_len_huge": "'max_seq_len' must be in [1, 2^40]",
              "vocab_size": "but spec.vocab_size is", "num_kv_heads": "does not match spec.num_kv_heads",
-             "head_dim": "does not match spec.head_dim", "kv_rank": "a KV tensor is [batch, kv_heads, length, head_dim]",
+             "head_dim": "does not match spec.head_dim",
+             "kv_rank": "a KV tensor is [batch, kv_heads, length, head_dim]",
              "kv_dtype": "as float16, but", "kv_mode": "kv_mode is 'concat', but the graph has no attention_mask",
              "vocab_size_and_symbolic_logits": "the manifest's spec.vocab_size is"}[case]
     assert_refused(cli("runtime_py", "score", str(art), "--ids", "1,2,3", "--json"), words)
